@@ -1,0 +1,514 @@
+"""marsadm: the admin command line.
+
+It edits the metadata tree under ``/mars`` and asks the local marsd over its control
+socket. Every verb accepts ``--json``, ``--timeout`` and ``--dry-run``. Exit codes: 0 ok,
+1 refused (the message says what to do), 2 usage error, 3 timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from marslib import __version__, control
+from marslib.device import probe_size
+from marslib.errors import DeviceError, MarsError, Refused, TimedOut, UsageError
+from marslib.layout import MarsPaths, check_host_name, check_resource_name
+from marslib.meta import MetaStore
+from marslib.position import LogPosition
+from marslib.sizes import format_size, parse_size
+
+
+@dataclass
+class Ctx:
+    """What every verb gets: parsed arguments, paths, the metadata tree, output."""
+
+    args: argparse.Namespace
+    paths: MarsPaths
+    host: str
+    meta: MetaStore
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def dry_run(self) -> bool:
+        return bool(self.args.dry_run)
+
+    @property
+    def timeout(self) -> float:
+        return float(self.args.timeout)
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+
+    def rkey(self, resource: str, name: str) -> str:
+        return f"resource-{resource}/{name}"
+
+    def daemon(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        return control.request(self.paths.control_socket, cmd, timeout=self.timeout, **kw)
+
+    def daemon_status(self) -> dict[str, Any] | None:
+        try:
+            return self.daemon("status")
+        except control.DaemonNotRunning:
+            return None
+
+    def require_cluster(self) -> None:
+        if self.meta.get("uuid") is None:
+            raise Refused(f"{self.paths.root} holds no cluster: run 'marsadm create-cluster' first")
+
+    def require_resource(self, resource: str) -> None:
+        check_resource_name(resource)
+        self.require_cluster()
+        if not self.paths.resource_dir(resource).is_dir() or \
+                self.meta.get(self.rkey(resource, "size")) is None:
+            known = ", ".join(self.paths.resources()) or "none"
+            raise Refused(f"resource {resource!r} does not exist (resources here: {known})")
+
+
+Verb = Callable[[Ctx], dict[str, Any]]
+VERBS: dict[str, tuple[Verb, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def verb(name: str, help_text: str,
+         add_args: Callable[[argparse.ArgumentParser], None] = lambda p: None
+         ) -> Callable[[Verb], Verb]:
+    def register(fn: Verb) -> Verb:
+        VERBS[name] = (fn, add_args, help_text)
+        return fn
+    return register
+
+
+def _resource_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+
+
+# ----------------------------------------------------------------- cluster
+def _create_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ip", default="127.0.0.1", help="address other hosts reach this one at")
+
+
+@verb("create-cluster", "start a new cluster with this host as its first member",
+      _create_cluster_args)
+def create_cluster(ctx: Ctx) -> dict[str, Any]:
+    if ctx.meta.get("uuid") is not None:
+        raise Refused(f"{ctx.paths.root} already belongs to cluster {ctx.meta.get('uuid')}; "
+                      "use 'marsadm leave-cluster' first or another --root")
+    cluster = str(uuid.uuid4())
+    if ctx.dry_run:
+        ctx.say(f"would create cluster in {ctx.paths.root} with host {ctx.host}")
+        return {"changed": True, "dry_run": True}
+    ctx.paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(ctx.paths.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    ctx.meta.set(f"ips/ip-{ctx.host}", ctx.args.ip)
+    ctx.meta.set(f"version-{ctx.host}", __version__)
+    ctx.meta.set("uuid", cluster, durable=True)
+    ctx.say(f"created cluster {cluster} in {ctx.paths.root}; this host is {ctx.host}")
+    return {"changed": True, "uuid": cluster, "host": ctx.host}
+
+
+# ---------------------------------------------------------------- resource
+def _create_resource_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("device", help="data device (an LV, a loop device, or a file)")
+    p.add_argument("--size", help="use only this much of the device (default: all of it)")
+    p.add_argument("--buffered", action="store_true",
+                   help="no O_DIRECT (for filesystems that refuse it; tests only)")
+    p.add_argument("--wait", action="store_true", help="wait until marsd serves it")
+
+
+@verb("create-resource", "create a resource with this host as its primary",
+      _create_resource_args)
+def create_resource(ctx: Ctx) -> dict[str, Any]:
+    name = check_resource_name(ctx.args.resource)
+    ctx.require_cluster()
+    if ctx.meta.get(ctx.rkey(name, "size")) is not None:
+        raise Refused(f"resource {name} already exists; 'marsadm view {name}' shows it")
+    dev = os.path.abspath(ctx.args.device)
+    if not os.path.exists(dev):
+        raise Refused(f"data device {dev} does not exist: create the LV (or file) first")
+    dev_size = probe_size(dev)
+    size = parse_size(ctx.args.size) if ctx.args.size else dev_size
+    if size > dev_size:
+        raise Refused(f"--size {format_size(size)} is larger than {dev} "
+                      f"({format_size(dev_size)})")
+    if size <= 0 or size % 4096:
+        raise Refused(f"resource size must be a positive multiple of 4 KiB, not {size}")
+    for other in ctx.paths.resources():
+        if ctx.meta.get(ctx.rkey(other, f"data-{ctx.host}")) == dev:
+            raise Refused(f"{dev} is already the data device of resource {other}")
+    if ctx.dry_run:
+        ctx.say(f"would create resource {name} on {dev} ({format_size(size)})")
+        return {"changed": True, "dry_run": True}
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    ctx.meta.set(r(f"data-{ctx.host}"), dev)
+    if ctx.args.buffered:
+        ctx.meta.set(r(f"buffered-{ctx.host}"), "1")
+    for switch in ("attach", "fetch", "replay", "sync"):
+        ctx.meta.set(r(f"todo-{ctx.host}/{switch}"), "1")
+    ctx.meta.set(r(f"replay-{ctx.host}"), LogPosition(1, 0, 0, ctx.host).encode())
+    ctx.meta.set(r("primary"), ctx.host)
+    ctx.meta.set(r("size"), str(size), durable=True)
+    ctx.say(f"created resource {name} on {dev} ({format_size(size)}), primary {ctx.host}")
+    result: dict[str, Any] = {"changed": True, "resource": name, "device": dev, "size": size}
+    if ctx.args.wait:
+        result.update(_bring_up(ctx, name))
+    else:
+        _poke(ctx)
+    return result
+
+
+def _poke(ctx: Ctx) -> bool:
+    try:
+        ctx.daemon("reconcile")
+        return True
+    except control.DaemonNotRunning:
+        ctx.say("note: marsd is not running here; it will start the resource when it starts")
+        return False
+
+
+def _wait_for(ctx: Ctx, what: str, check: Callable[[], str | None | bool]) -> None:
+    """Poll ``check`` until it returns True; a string is an error to report."""
+    deadline = time.monotonic() + ctx.timeout
+    while True:
+        outcome = check()
+        if outcome is True:
+            return
+        if isinstance(outcome, str):
+            raise Refused(outcome)
+        if time.monotonic() >= deadline:
+            raise TimedOut(f"timed out after {ctx.timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _bring_up(ctx: Ctx, name: str) -> dict[str, Any]:
+    ctx.daemon("reconcile")
+    is_primary = ctx.meta.get(ctx.rkey(name, "primary")) == ctx.host
+
+    def up() -> str | bool:
+        st = ctx.daemon("status")
+        if name in st["resources"] or not is_primary:
+            return True
+        return st["failures"].get(name) or False
+
+    _wait_for(ctx, f"resource {name} to come up", up)
+    st = ctx.daemon("status")["resources"].get(name, {})
+    if st:
+        ctx.say(f"{name} is up on {ctx.host}: NBD export at {st['nbd_socket']}")
+        rec = st.get("recovery") or {}
+        if rec.get("records_replayed"):
+            ctx.say(f"recovery replayed {rec['records_replayed']} records "
+                    f"({rec['bytes_replayed']} bytes) in {rec['seconds']}s")
+        if rec.get("torn_tail"):
+            ctx.say(f"recovery cut a torn tail: {rec['torn_tail']}")
+    return {"status": st}
+
+
+@verb("up", "attach the resource on this host (primary: serve it over NBD)", _resource_arg)
+def up(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    key = ctx.rkey(name, f"todo-{ctx.host}/attach")
+    if ctx.meta.get(ctx.rkey(name, f"data-{ctx.host}")) is None:
+        raise Refused(f"this host ({ctx.host}) is not a member of resource {name}")
+    changed = ctx.meta.get(key) != "1"
+    if ctx.dry_run:
+        ctx.say(f"would {'bring up' if changed else 'leave up'} {name}")
+        return {"changed": changed, "dry_run": True}
+    ctx.meta.set(key, "1")
+    result = _bring_up(ctx, name)
+    return {"changed": changed, **result}
+
+
+def _down_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("--force", action="store_true", help="even if NBD clients are connected")
+
+
+@verb("down", "stop serving the resource on this host (writes back everything first)",
+      _down_args)
+def down(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    key = ctx.rkey(name, f"todo-{ctx.host}/attach")
+    st = ctx.daemon_status()
+    running = st is not None and name in st["resources"]
+    if running and st is not None and st["resources"][name]["open_count"] and not ctx.args.force:
+        n = st["resources"][name]["open_count"]
+        raise Refused(f"resource {name} is in use by {n} NBD client(s): stop the application "
+                      "(umount, disconnect) first, or use --force")
+    changed = ctx.meta.get(key) != "0" or running
+    if ctx.dry_run:
+        ctx.say(f"would {'take down' if changed else 'leave down'} {name}")
+        return {"changed": changed, "dry_run": True}
+    ctx.meta.set(key, "0")
+    if st is not None:
+        ctx.daemon("reconcile")
+        _wait_for(ctx, f"resource {name} to go down",
+                  lambda: name not in ctx.daemon("status")["resources"])
+    ctx.say(f"{name} is down on {ctx.host}")
+    return {"changed": changed}
+
+
+# -------------------------------------------------------------------- view
+def _view_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource", nargs="?")
+
+
+def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything about one resource as known here: tree values plus marsd's status."""
+    m = ctx.meta
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    members = sorted(
+        mv.key.rsplit("/data-", 1)[1]
+        for mv in m.items(f"resource-{name}")
+        if "/data-" in mv.key and mv.value is not None
+    )
+    primary = m.get(r("primary"))
+    logfiles = ctx.paths.logfiles(name)
+    view: dict[str, Any] = {
+        "resource": name,
+        "size": int(m.get(r("size")) or 0),
+        "primary": primary,
+        "members": {},
+        "logfiles": [p.name for _, _, p in logfiles],
+        "log_bytes": sum(p.stat().st_size for _, _, p in logfiles),
+    }
+    for host in members:
+        info: dict[str, Any] = {
+            "device": m.get(r(f"data-{host}")),
+            "role": "primary" if host == primary else "secondary",
+            "attach": m.get(r(f"todo-{host}/attach")) == "1",
+            "is_primary": m.get(r(f"actual-{host}/is-primary")) == "1",
+            "open_count": int(m.get(r(f"actual-{host}/open-count")) or 0),
+            "replay": m.get(r(f"replay-{host}")),
+            "error": m.get(r(f"actual-{host}/error")),
+        }
+        if host == ctx.host and daemon is not None:
+            live = daemon["resources"].get(name)
+            info["running"] = live is not None
+            if live:
+                info.update({k: live[k] for k in (
+                    "logfile", "log_end", "applied", "pending_bytes", "open_count",
+                    "writes", "commits", "writes_per_commit") if k in live})
+            if name in daemon.get("failures", {}):
+                info["error"] = daemon["failures"][name]
+        info["state"] = _state(info)
+        view["members"][host] = info
+    return view
+
+
+def _state(info: dict[str, Any]) -> str:
+    if info.get("error"):
+        return "Error"
+    if not info["attach"]:
+        return "Detached"
+    if info["role"] == "primary":
+        return "Primary" if info.get("running", info["is_primary"]) else "PrimaryDown"
+    return "Secondary"
+
+
+@verb("view", "show resources, members, roles, log positions", _view_args)
+def view(ctx: Ctx) -> dict[str, Any]:
+    ctx.require_cluster()
+    names = [ctx.args.resource] if ctx.args.resource else ctx.paths.resources()
+    if ctx.args.resource:
+        ctx.require_resource(ctx.args.resource)
+    daemon = ctx.daemon_status()
+    views = [resource_view(ctx, n, daemon) for n in names]
+    ctx.say(f"cluster {ctx.meta.get('uuid')}  host {ctx.host}  marsd "
+            f"{'running' if daemon else 'NOT running'}")
+    header = ("RESOURCE", "HOST", "ROLE", "STATE", "SIZE", "LOG-END", "APPLIED", "PENDING",
+              "OPEN", "DEVICE")
+    rows = [header]
+    errors = []
+    for v in views:
+        for host, info in v["members"].items():
+            rows.append((
+                v["resource"], host, info["role"], info["state"], format_size(v["size"]),
+                _short_pos(info.get("log_end")), _short_pos(info.get("applied") or
+                                                           info.get("replay")),
+                format_size(info.get("pending_bytes", 0)), str(info["open_count"]),
+                info["device"] or "-",
+            ))
+            if info.get("error"):
+                errors.append(f"{v['resource']}@{host}: {info['error']}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        ctx.say("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for err in errors:
+        ctx.say(f"error: {err}")
+    return {"cluster": ctx.meta.get("uuid"), "host": ctx.host, "marsd": daemon is not None,
+            "resources": {v["resource"]: v for v in views}}
+
+
+def _short_pos(value: str | None) -> str:
+    if not value:
+        return "-"
+    try:
+        pos = LogPosition.decode(value)
+    except ValueError:
+        return value
+    return f"{pos.number}:{pos.offset}"
+
+
+# --------------------------------------------------------------------- logs
+@verb("log-rotate", "start the next logfile of a resource (on its primary)", _resource_arg)
+def log_rotate(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    if ctx.dry_run:
+        ctx.say(f"would rotate the logfile of {name}")
+        return {"changed": True, "dry_run": True}
+    reply = ctx.daemon("log-rotate", resource=name)
+    ctx.say(f"{name}: now logging to {reply['logfile']}")
+    return {"changed": True, "logfile": reply["logfile"]}
+
+
+def deletable_logfiles(ctx: Ctx, name: str) -> list[str]:
+    """Logfiles every member has applied: older than the oldest replay position, never
+    the newest logfile."""
+    positions = []
+    for mv in ctx.meta.items(f"resource-{name}"):
+        tail = mv.key.rsplit("/", 1)[-1]
+        if tail.startswith("replay-") and mv.value:
+            try:
+                positions.append(LogPosition.decode(mv.value))
+            except ValueError:
+                continue
+    if not positions:
+        return []
+    oldest = min(p.number for p in positions)
+    files = ctx.paths.logfiles(name)
+    newest = files[-1][0] if files else 0
+    return [p.name for number, _, p in files if number < oldest and number < newest]
+
+
+@verb("log-delete", "delete logfiles that every member has applied", _resource_arg)
+def log_delete(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    doomed = deletable_logfiles(ctx, name)
+    if ctx.dry_run:
+        ctx.say(f"would delete {len(doomed)} logfile(s) of {name}: {' '.join(doomed) or '-'}")
+        return {"changed": bool(doomed), "deleted": doomed, "dry_run": True}
+    freed = 0
+    for fname in doomed:
+        path = ctx.paths.resource_dir(name) / fname
+        freed += path.stat().st_size
+        path.unlink()
+    ctx.say(f"{name}: deleted {len(doomed)} logfile(s), {format_size(freed)} freed")
+    return {"changed": bool(doomed), "deleted": doomed, "bytes_freed": freed}
+
+
+def _cron_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rotate-size", default="256M", help="rotate a logfile at this size")
+    p.add_argument("--rotate-age", type=float, default=3600.0,
+                   help="rotate a logfile older than this many seconds")
+
+
+@verb("cron", "housekeeping: rotate old or big logfiles, delete applied ones", _cron_args)
+def cron(ctx: Ctx) -> dict[str, Any]:
+    ctx.require_cluster()
+    rotate_size = parse_size(ctx.args.rotate_size)
+    st = ctx.daemon_status()
+    actions: dict[str, Any] = {}
+    for name in ctx.paths.resources():
+        done: dict[str, Any] = {}
+        live = (st or {}).get("resources", {}).get(name)
+        if live and live.get("log_end"):
+            pos = LogPosition.decode(live["log_end"])
+            path = ctx.paths.logfile(name, pos.number, pos.host)
+            age = time.time() - path.stat().st_ctime if path.exists() else 0.0
+            if pos.offset > 0 and (pos.offset >= rotate_size or age >= ctx.args.rotate_age):
+                if not ctx.dry_run:
+                    done["rotated_to"] = ctx.daemon("log-rotate", resource=name)["logfile"]
+                else:
+                    done["would_rotate"] = pos.logfile
+        doomed = deletable_logfiles(ctx, name)
+        if doomed:
+            if not ctx.dry_run:
+                for fname in doomed:
+                    (ctx.paths.resource_dir(name) / fname).unlink()
+            done["deleted"] = doomed
+        if done:
+            actions[name] = done
+            ctx.say(f"{name}: {json.dumps(done)}")
+    if not actions:
+        ctx.say("nothing to do")
+    return {"changed": bool(actions) and not ctx.dry_run, "actions": actions}
+
+
+# --------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait at most")
+    common.add_argument("--dry-run", action="store_true", help="say what would be done")
+    common.add_argument("--root", help="state root (default $MARS_ROOT or /mars)")
+    common.add_argument("--run-dir", help="marsd sockets (default $MARS_RUN_DIR or /run/mars)")
+    common.add_argument("--host", help="this host's name (default $MARS_HOST or hostname)")
+    parser = argparse.ArgumentParser(prog="marsadm", description="marslib administration",
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"marsadm {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (_, add_args, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, parents=[common])
+        add_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    want_json = "--json" in argv
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        if want_json and exc.code not in (0, None):
+            print(json.dumps({"ok": False, "error": "usage error (see marsadm --help)",
+                              "code": 2}))
+        return int(exc.code or 0)
+    if not args.verb:
+        parser.print_help(sys.stderr)
+        return 2
+    code = 0
+    ctx: Ctx | None = None
+    try:
+        host = check_host_name(args.host or os.environ.get("MARS_HOST") or socket.gethostname())
+        paths = MarsPaths.from_env(args.root, args.run_dir)
+        ctx = Ctx(args, paths, host, MetaStore(paths.root))
+        result = VERBS[args.verb][0](ctx)
+        out: dict[str, Any] = {"ok": True, **result}
+    except UsageError as exc:
+        code, out = 2, {"ok": False, "error": str(exc), "code": 2}
+    except TimedOut as exc:
+        code, out = 3, {"ok": False, "error": str(exc), "code": 3}
+    except (Refused, DeviceError) as exc:
+        code, out = 1, {"ok": False, "error": str(exc), "code": 1}
+    except MarsError as exc:
+        code, out = 1, {"ok": False, "error": str(exc), "code": 1}
+    except OSError as exc:
+        code, out = 1, {"ok": False, "error": f"{exc.filename or ''}: {exc.strerror}", "code": 1}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        for line in ctx.lines if ctx else []:
+            print(line)
+        if not out["ok"]:
+            print(f"marsadm {args.verb}: {out['error']}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

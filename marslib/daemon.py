@@ -1,0 +1,215 @@
+"""marsd: the per-host daemon. It follows the metadata tree and runs each resource's bricks.
+
+One asyncio loop. For every resource whose designated primary is this host and whose
+``todo-HOST/attach`` switch is on, it runs a PrimaryResource (logger, writeback, NBD
+export); otherwise it stops it. marsadm talks to it over the control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from marslib import __version__
+from marslib.errors import MarsError, UsageError
+from marslib.layout import MarsPaths, check_host_name
+from marslib.logger import LoggerConfig
+from marslib.logsetup import setup_logging
+from marslib.meta import MetaStore
+from marslib.resource import PrimaryResource
+from marslib.sizes import parse_size
+
+log = logging.getLogger("marslib.daemon")
+
+RETRY_FAILED_AFTER = 10.0
+
+
+class Marsd:
+    """The daemon of one host."""
+
+    def __init__(self, paths: MarsPaths, host: str, config: LoggerConfig) -> None:
+        self.paths = paths
+        self.host = host
+        self.config = config
+        self.meta = MetaStore(paths.root)
+        self.primaries: dict[str, PrimaryResource] = {}
+        self.failures: dict[str, tuple[float, str]] = {}
+        self._lock = asyncio.Lock()
+        self._poke = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._control: asyncio.AbstractServer | None = None
+
+    # --------------------------------------------------------------- control
+    async def run(self) -> None:
+        if not (self.paths.root / "uuid").is_symlink():
+            raise MarsError(f"{self.paths.root} holds no cluster: run 'marsadm create-cluster'")
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        sock = self.paths.control_socket
+        if sock.exists():
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(str(sock))
+                s.close()
+                raise MarsError(f"another marsd is already running on {sock}")
+            except ConnectionRefusedError:
+                sock.unlink()
+        self._control = await asyncio.start_unix_server(self._client, path=str(sock))
+        os.chmod(sock, 0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.meta.set(f"version-{self.host}", __version__)
+        log.info("marsd %s started on %s (root %s)", __version__, self.host, self.paths.root)
+        try:
+            while not self._stop.is_set():
+                await self.reconcile()
+                self.meta.set(f"alive-{self.host}", str(int(time.time())))
+                try:
+                    await asyncio.wait_for(self._wait_poke_or_stop(), timeout=2.0)
+                except TimeoutError:
+                    pass
+        finally:
+            self._control.close()
+            async with self._lock:
+                for name in list(self.primaries):
+                    await self._stop_resource(name)
+            try:
+                sock.unlink()
+            except FileNotFoundError:
+                pass
+            log.info("marsd stopped")
+
+    async def _wait_poke_or_stop(self) -> None:
+        poke = asyncio.create_task(self._poke.wait())
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({poke, stop}, return_when=asyncio.FIRST_COMPLETED)
+        poke.cancel()
+        stop.cancel()
+        self._poke.clear()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
+                reply = await self._handle(req)
+            except (ValueError, UsageError) as exc:
+                reply = {"ok": False, "error": f"bad control request: {exc}", "code": 2}
+            except MarsError as exc:
+                reply = {"ok": False, "error": str(exc), "code": 1}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.warning("control client went away: %s", exc)
+        finally:
+            writer.close()
+
+    async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "ping":
+            return {"ok": True, "host": self.host, "version": __version__, "pid": os.getpid()}
+        if cmd == "reconcile":
+            await self.reconcile()
+            return {"ok": True, **self.status()}
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "log-rotate":
+            name = str(req.get("resource"))
+            res = self.primaries.get(name)
+            if res is None or res.logger is None:
+                raise MarsError(f"resource {name} is not running as primary on {self.host}")
+            return {"ok": True, "logfile": await res.logger.rotate()}
+        raise UsageError(f"unknown command {cmd!r}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "resources": {name: res.status() for name, res in self.primaries.items()},
+            "failures": {name: msg for name, (_, msg) in self.failures.items()},
+        }
+
+    # ------------------------------------------------------------- reconcile
+    def _wants_primary(self, name: str) -> bool:
+        m = self.meta
+        r = f"resource-{name}"
+        return (
+            m.get(f"{r}/primary") == self.host
+            and m.get(f"{r}/todo-{self.host}/attach") == "1"
+            and m.get(f"{r}/data-{self.host}") is not None
+        )
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            names = set(self.paths.resources()) | set(self.primaries)
+            for name in sorted(names):
+                want = self._wants_primary(name)
+                if want and name not in self.primaries:
+                    failed = self.failures.get(name)
+                    if failed and time.monotonic() - failed[0] < RETRY_FAILED_AFTER:
+                        continue
+                    await self._start_resource(name)
+                elif not want and name in self.primaries:
+                    await self._stop_resource(name)
+
+    async def _start_resource(self, name: str) -> None:
+        res = PrimaryResource(name, self.host, self.paths, self.meta, self.config)
+        try:
+            await res.start()
+        except (MarsError, OSError, RuntimeError) as exc:
+            msg = f"cannot start resource {name}: {exc}"
+            log.error(msg, extra={"resource": name})
+            self.failures[name] = (time.monotonic(), msg)
+            self.meta.set(f"resource-{name}/actual-{self.host}/error", msg[:1000])
+            return
+        self.failures.pop(name, None)
+        self.primaries[name] = res
+
+    async def _stop_resource(self, name: str) -> None:
+        res = self.primaries.pop(name)
+        await res.stop()
+
+    def poke(self) -> None:
+        self._poke.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="marsd", description="marslib replication daemon")
+    parser.add_argument("--root", help="state root (default $MARS_ROOT or /mars)")
+    parser.add_argument("--run-dir", help="sockets (default $MARS_RUN_DIR or /run/mars)")
+    parser.add_argument("--host", help="this host's name (default $MARS_HOST or hostname)")
+    parser.add_argument("--log-level", default=os.environ.get("MARS_LOG_LEVEL", "INFO"))
+    parser.add_argument("--max-logfile-size", default="256M", help="rotate logfiles at this size")
+    parser.add_argument("--memory-limit", default="128M",
+                        help="acknowledged data held in memory until written back")
+    parser.add_argument("--compress", type=int, default=None, metavar="LEVEL",
+                        help="zstd-compress log records at LEVEL where that shrinks them")
+    parser.add_argument("--writeback-order", choices=["sorted", "arrival"], default="sorted")
+    args = parser.parse_args(argv)
+    host = check_host_name(args.host or os.environ.get("MARS_HOST") or socket.gethostname())
+    setup_logging(host, args.log_level)
+    config = LoggerConfig(
+        max_logfile_size=parse_size(args.max_logfile_size),
+        memory_limit=parse_size(args.memory_limit),
+        compress_level=args.compress,
+        writeback_order=args.writeback_order,
+    )
+    daemon = Marsd(MarsPaths.from_env(args.root, args.run_dir), host, config)
+    try:
+        asyncio.run(daemon.run())
+    except MarsError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""On-disk and wire formats: pure encode/decode, versioned, one module per format."""

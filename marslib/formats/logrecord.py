@@ -1,0 +1,228 @@
+"""The transaction log record, format version 1 (see docs/log-format.md).
+
+Little-endian, one record per write request, packed back to back::
+
+    magic u32 | format_version u16 | header_len u16 | flags u32 | seq u64 | stamp_ns u64
+    | offset u64 | data_len u32 | stored_len u32 | data_crc u32 | header_crc u32
+    | [fields appended by later minor versions] | payload (stored_len bytes)
+
+``format_version`` is ``major << 8 | minor``. A reader accepts any minor of a major it
+knows and skips header bytes it does not understand (``header_len`` says how many);
+a higher major is refused. ``header_crc`` is the crc32c of every header byte except
+the crc field itself, so appended fields are covered too. ``data_crc`` is the crc32c
+of the logical (uncompressed) data.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+
+import zstandard
+
+from marslib.checksum import crc32c
+from marslib.errors import FormatTooNew
+
+MAGIC = 0x474F4C4D  # b"MLOG" read little-endian
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+FORMAT_VERSION = FORMAT_MAJOR << 8 | FORMAT_MINOR
+
+_HEADER = struct.Struct("<IHHIQQQIIII")
+HEADER_V1_LEN = _HEADER.size  # 52
+_CRC_POS = HEADER_V1_LEN - 4  # header_crc is the last v1 field
+MAX_HEADER_LEN = 4096
+MAX_DATA_LEN = 64 << 20
+
+FLAG_COMPRESSED = 1 << 0  # payload is a zstd frame of the logical data
+FLAG_END = 1 << 1  # end-of-log marker: the writer closed this log (handover)
+KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_END
+
+_compressors: dict[int, zstandard.ZstdCompressor] = {}
+_decompressor = zstandard.ZstdDecompressor()
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One logged write (or an end-of-log marker)."""
+
+    seq: int
+    offset: int
+    data: bytes | memoryview
+    stamp_ns: int = 0
+    flags: int = 0
+    extension: bytes = field(default=b"", repr=False)  # header bytes past the v1 fields
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def is_end(self) -> bool:
+        return bool(self.flags & FLAG_END)
+
+    @property
+    def data_len(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """A decoded and checked header; ``record_len`` is header plus stored payload."""
+
+    format_version: int
+    header_len: int
+    flags: int
+    seq: int
+    stamp_ns: int
+    offset: int
+    data_len: int
+    stored_len: int
+    data_crc: int
+    extension: bytes
+
+    @property
+    def record_len(self) -> int:
+        return self.header_len + self.stored_len
+
+
+class Problem(Enum):
+    """Why a record could not be decoded."""
+
+    SHORT = "short"  # fewer bytes than the record needs: a torn tail or EOF
+    ZERO = "zero"  # an all-zero header: unused, preallocated space
+    BAD_MAGIC = "bad magic"
+    BAD_HEADER = "bad header"  # impossible lengths
+    BAD_HEADER_CRC = "header checksum mismatch"
+    BAD_DATA_CRC = "data checksum mismatch"
+    BAD_PAYLOAD = "payload cannot be decompressed"
+
+
+class RecordError(Exception):
+    """A record at ``pos`` failed to decode; ``problem`` says how."""
+
+    def __init__(self, pos: int, problem: Problem, detail: str = "") -> None:
+        super().__init__(f"offset {pos}: {problem.value}{': ' + detail if detail else ''}")
+        self.pos = pos
+        self.problem = problem
+        self.detail = detail
+
+
+def encode(record: LogRecord, compress_level: int | None = None) -> bytes:
+    """Encode a record; with ``compress_level`` the payload is zstd-compressed if that
+    makes it smaller."""
+    data = record.data
+    data_len = len(data)
+    if data_len > MAX_DATA_LEN:
+        raise ValueError(f"record data of {data_len} bytes exceeds {MAX_DATA_LEN}")
+    flags = record.flags & ~FLAG_COMPRESSED
+    payload: bytes | memoryview = data
+    if compress_level is not None and data_len >= 512:
+        comp = _compressors.get(compress_level)
+        if comp is None:
+            comp = _compressors.setdefault(
+                compress_level, zstandard.ZstdCompressor(level=compress_level)
+            )
+        packed = comp.compress(data)
+        if len(packed) < data_len:
+            payload = packed
+            flags |= FLAG_COMPRESSED
+    header_len = HEADER_V1_LEN + len(record.extension)
+    if header_len > MAX_HEADER_LEN:
+        raise ValueError(f"record header of {header_len} bytes exceeds {MAX_HEADER_LEN}")
+    head = _HEADER.pack(
+        MAGIC,
+        record.format_version,
+        header_len,
+        flags,
+        record.seq,
+        record.stamp_ns,
+        record.offset,
+        data_len,
+        len(payload),
+        crc32c(data, 0),
+        0,
+    )
+    hcrc = crc32c(record.extension, crc32c(memoryview(head)[:_CRC_POS], 0))
+    return b"".join((head[:_CRC_POS], hcrc.to_bytes(4, "little"), record.extension, payload))
+
+
+def decode_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> RecordHeader:
+    """Decode and check the header at ``pos``; raise RecordError if it is not valid."""
+    avail = len(buf) - pos
+    if avail < HEADER_V1_LEN:
+        if avail > 0 and not any(memoryview(buf)[pos:]):
+            raise RecordError(pos, Problem.ZERO)
+        raise RecordError(pos, Problem.SHORT, f"{avail} header bytes")
+    (
+        magic,
+        version,
+        header_len,
+        flags,
+        seq,
+        stamp_ns,
+        offset,
+        data_len,
+        stored_len,
+        data_crc,
+        header_crc,
+    ) = _HEADER.unpack_from(buf, pos)
+    if magic != MAGIC:
+        if magic == 0 and not any(memoryview(buf)[pos : pos + HEADER_V1_LEN]):
+            raise RecordError(pos, Problem.ZERO)
+        raise RecordError(pos, Problem.BAD_MAGIC, f"{magic:#010x}")
+    if header_len < HEADER_V1_LEN or header_len > MAX_HEADER_LEN:
+        raise RecordError(pos, Problem.BAD_HEADER, f"header_len {header_len}")
+    if avail < header_len:
+        raise RecordError(pos, Problem.SHORT, f"{avail} of {header_len} header bytes")
+    view = memoryview(buf)
+    extension = bytes(view[pos + HEADER_V1_LEN : pos + header_len])
+    crc = crc32c(extension, crc32c(view[pos : pos + _CRC_POS], 0))
+    if crc != header_crc:
+        raise RecordError(pos, Problem.BAD_HEADER_CRC, f"{crc:#010x} != {header_crc:#010x}")
+    if version >> 8 > FORMAT_MAJOR:
+        raise FormatTooNew(
+            f"log record at offset {pos} has format version {version >> 8}.{version & 0xFF}; "
+            f"this marslib reads major version {FORMAT_MAJOR} only: upgrade marslib"
+        )
+    if data_len > MAX_DATA_LEN or stored_len > MAX_DATA_LEN + 4096:
+        raise RecordError(pos, Problem.BAD_HEADER, f"data_len {data_len}, stored {stored_len}")
+    if not flags & FLAG_COMPRESSED and stored_len != data_len:
+        raise RecordError(pos, Problem.BAD_HEADER, f"stored {stored_len} != data {data_len}")
+    return RecordHeader(
+        version, header_len, flags, seq, stamp_ns, offset, data_len, stored_len, data_crc,
+        extension,
+    )
+
+
+def decode(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[LogRecord, int]:
+    """Decode the record at ``pos``; return it and the position after it.
+
+    Uncompressed data is returned as a memoryview into ``buf`` (no copy).
+    """
+    h = decode_header(buf, pos)
+    end = pos + h.record_len
+    if len(buf) < end:
+        raise RecordError(pos, Problem.SHORT, f"{len(buf) - pos} of {h.record_len} bytes")
+    payload = memoryview(buf)[pos + h.header_len : end]
+    data: bytes | memoryview
+    if h.flags & FLAG_COMPRESSED:
+        try:
+            data = _decompressor.decompress(payload, max_output_size=h.data_len)
+        except zstandard.ZstdError as exc:
+            raise RecordError(pos, Problem.BAD_PAYLOAD, str(exc)) from None
+        if len(data) != h.data_len:
+            raise RecordError(pos, Problem.BAD_PAYLOAD, f"{len(data)} != {h.data_len} bytes")
+    else:
+        data = payload
+    crc = crc32c(data, 0)
+    if crc != h.data_crc:
+        raise RecordError(pos, Problem.BAD_DATA_CRC, f"{crc:#010x} != {h.data_crc:#010x}")
+    record = LogRecord(
+        seq=h.seq,
+        offset=h.offset,
+        data=data,
+        stamp_ns=h.stamp_ns,
+        flags=h.flags & ~FLAG_COMPRESSED,
+        extension=h.extension,
+        format_version=h.format_version,
+    )
+    return record, end

@@ -1,0 +1,43 @@
+"""Version links: a hash chain over finished logfiles, for split-brain detection.
+
+``version-NNNNNNNNN-HOST`` = ``digest,end_offset,last_seq`` where digest is
+sha256 over ``number,host,end_offset,last_seq,previous digest``. Two hosts that hold
+different digests for the same logfile number have diverging histories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+GENESIS = "0" * 16
+
+
+@dataclass(frozen=True)
+class VersionLink:
+    number: int
+    host: str
+    end_offset: int
+    last_seq: int
+    prev_digest: str
+
+    @property
+    def digest(self) -> str:
+        text = f"{self.number},{self.host},{self.end_offset},{self.last_seq},{self.prev_digest}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def key(self, resource: str) -> str:
+        return f"resource-{resource}/version-{self.number:09d}-{self.host}"
+
+    def encode(self) -> str:
+        return f"{self.digest},{self.end_offset},{self.last_seq},{self.prev_digest}"
+
+    @classmethod
+    def decode(cls, number: int, host: str, value: str) -> VersionLink:
+        parts = value.split(",")
+        if len(parts) < 4:
+            raise ValueError(f"invalid version link {value!r}")
+        link = cls(number, host, int(parts[1]), int(parts[2]), parts[3])
+        if link.digest != parts[0]:
+            raise ValueError(f"version link {number}-{host} does not match its digest")
+        return link

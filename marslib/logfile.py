@@ -1,0 +1,173 @@
+"""Logfiles: appending batches of records durably, and reading records back with checks.
+
+A logfile is a plain file on the ``/mars`` filesystem. Each batch of encoded records is
+written with one ``writev`` and made durable with one ``fdatasync`` (group commit).
+The scanner reads records from any offset, checks each header and payload checksum and
+the sequence numbers, and says precisely where and why it stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from marslib.errors import LogCorrupt
+from marslib.formats import logrecord
+from marslib.formats.logrecord import LogRecord, Problem, RecordError
+
+READ_CHUNK = 8 << 20
+
+
+class LogAppender:
+    """The open tail of the current logfile; only the primary's committer writes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.size = os.fstat(self.fd).st_size
+
+    def append(self, chunks: list[bytes]) -> int:
+        """Write ``chunks`` and make them durable; return the new file size.
+
+        On failure (e.g. ENOSPC) the file is cut back to its previous size, so a
+        half-written batch never stays behind, and the error is raised.
+        """
+        before = self.size
+        total = sum(len(c) for c in chunks)
+        try:
+            written = os.writev(self.fd, chunks)
+            while written < total:  # rare: a partial write; finish it
+                rest = b"".join(chunks)[written:]
+                n = os.write(self.fd, rest)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                written += n
+            os.fdatasync(self.fd)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, before)
+            except OSError:
+                pass
+            raise
+        self.size = before + total
+        return self.size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class StopKind(Enum):
+    END = "end of file"  # every byte read was a valid record
+    TORN = "torn tail"  # an incomplete or zero-filled record at the end of the file
+    CORRUPT = "corrupt record"  # a checksum, magic or header check failed
+    SEQ_GAP = "sequence gap"  # a valid record with an unexpected sequence number
+
+
+@dataclass(frozen=True)
+class ScanStop:
+    """Where and why a scan stopped: ``offset`` is the end of the last good record."""
+
+    kind: StopKind
+    offset: int
+    file_size: int
+    detail: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return self.kind is StopKind.END
+
+    def describe(self, path: Path) -> str:
+        extra = f": {self.detail}" if self.detail else ""
+        return f"{path}: {self.kind.value} at offset {self.offset}{extra}"
+
+
+class LogScanner:
+    """Iterate the valid records of one logfile from ``start``; afterwards ``stop`` says
+    where and why reading ended. ``expect_seq`` checks sequence continuity."""
+
+    def __init__(self, path: Path, start: int = 0, expect_seq: int | None = None) -> None:
+        self.path = path
+        self.start = start
+        self.expect_seq = expect_seq
+        self.stop: ScanStop | None = None
+        self.last_seq: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, int, LogRecord]]:
+        """Yield ``(record_offset, end_offset, record)`` for each valid record."""
+        with open(self.path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            pos = self.start
+            buf = b""
+            base = pos  # file offset of buf[0]
+            while True:
+                rel = pos - base
+                try:
+                    record, rel_end = logrecord.decode(buf, rel)
+                except RecordError as exc:
+                    if exc.problem is Problem.SHORT and base + len(buf) < size:
+                        f.seek(base + len(buf))
+                        more = f.read(READ_CHUNK)
+                        buf = buf[rel:] + more
+                        base = pos
+                        continue
+                    self.stop = self._classify(exc, pos, size)
+                    return
+                if self.expect_seq is not None and record.seq != self.expect_seq:
+                    self.stop = ScanStop(
+                        StopKind.SEQ_GAP, pos, size,
+                        f"record has seq {record.seq}, expected {self.expect_seq}",
+                    )
+                    return
+                end = base + rel_end
+                self.last_seq = record.seq
+                self.expect_seq = record.seq + 1
+                yield pos, end, record
+                pos = end
+
+    def _classify(self, exc: RecordError, pos: int, size: int) -> ScanStop:
+        if exc.problem is Problem.SHORT:
+            if pos >= size:
+                return ScanStop(StopKind.END, pos, size)
+            return ScanStop(StopKind.TORN, pos, size, exc.detail)
+        if exc.problem is Problem.ZERO and not self._any_data_after(pos):
+            return ScanStop(StopKind.TORN, pos, size, "zero-filled tail")
+        return ScanStop(StopKind.CORRUPT, pos, size, str(exc).split(": ", 1)[-1])
+
+    def _any_data_after(self, pos: int) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(pos)
+            while chunk := f.read(1 << 20):
+                if any(chunk):
+                    return True
+        return False
+
+
+def find_record_after(path: Path, pos: int) -> int | None:
+    """The offset of the first valid record after ``pos``, if any: a torn tail has none,
+    a damaged record in the middle of a log does."""
+    magic = logrecord.MAGIC.to_bytes(4, "little")
+    data = path.read_bytes()
+    at = data.find(magic, pos + 1)
+    while at >= 0:
+        try:
+            logrecord.decode(data, at)
+            return at
+        except RecordError:
+            at = data.find(magic, at + 1)
+    return None
+
+
+def read_all(path: Path, start: int = 0, expect_seq: int | None = None) -> list[LogRecord]:
+    """Every record of a logfile that must be intact; raises LogCorrupt otherwise."""
+    scanner = LogScanner(path, start, expect_seq)
+    records = [rec for _, _, rec in scanner]
+    assert scanner.stop is not None
+    if not scanner.stop.clean:
+        raise LogCorrupt(str(path), scanner.stop.offset, scanner.stop.kind.value)
+    return records

@@ -1,0 +1,519 @@
+"""The primary's write path: log, acknowledge, write back sorted, overlay reads, recover.
+
+A write becomes a log record appended to the current logfile; batches of concurrent
+writes share one ``fdatasync`` (group commit) and are acknowledged when it returns. Only
+then does the data enter the in-memory extent map, from which the writeback copies it to
+the data device sorted by offset, adjacent writes merged and superseded data skipped.
+Reads overlay the extent maps on the device, so they see every acknowledged write. The
+position up to which the device holds the log is saved in ``replay-HOST``; after a crash,
+``start()`` replays the log from there and cuts a torn tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marslib.device import Device
+from marslib.errors import DeviceError, LogCorrupt
+from marslib.extents import ExtentMap
+from marslib.formats import logrecord
+from marslib.formats.logrecord import FLAG_END, LogRecord
+from marslib.formats.versionlink import GENESIS, VersionLink
+from marslib.layout import MarsPaths, logfile_name
+from marslib.logfile import LogAppender, LogScanner, StopKind, find_record_after
+from marslib.meta import MetaStore
+from marslib.position import LogPosition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoggerConfig:
+    """Tunables of one resource's logger."""
+
+    max_logfile_size: int = 256 << 20  # rotate when the current logfile reaches this size
+    memory_limit: int = 128 << 20  # bytes of acknowledged data waiting for writeback
+    compress_level: int | None = None  # zstd level for log records; None: off
+    writeback_order: str = "sorted"  # or "arrival" (for comparison)
+    writeback_chunk: int = 1 << 20  # largest merged device write
+    position_interval: float = 0.2  # seconds between saves of the applied position
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What ``Logger.start`` found and did."""
+
+    started_from: str | None
+    ended_at: str
+    records_replayed: int
+    bytes_replayed: int
+    logfiles_read: list[str]
+    torn_tail: str | None
+    seconds: float
+
+
+@dataclass
+class _Pending:
+    seq: int
+    offset: int
+    data: bytes
+    encoded: bytes
+    future: asyncio.Future[None]
+
+
+@dataclass
+class LoggerStats:
+    writes: int = 0
+    bytes_written: int = 0
+    commits: int = 0
+    writeback_rounds: int = 0
+    writeback_bytes: int = 0
+    device_writes: int = 0
+    reads: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Logger:
+    """The transaction logger of one resource on its primary host."""
+
+    def __init__(
+        self,
+        resource: str,
+        host: str,
+        paths: MarsPaths,
+        meta: MetaStore,
+        device: Device,
+        config: LoggerConfig | None = None,
+    ) -> None:
+        self.resource = resource
+        self.host = host
+        self.paths = paths
+        self.meta = meta
+        self.device = device
+        self.config = config or LoggerConfig()
+        self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
+        self.stats = LoggerStats()
+        self.size = device.size
+        self._next_seq = 1
+        self._appender: LogAppender | None = None
+        self._number = 0  # current logfile number
+        self._log_end: LogPosition | None = None  # end of the durable log
+        self._applied: LogPosition | None = None  # device holds the log up to here
+        self._saved: LogPosition | None = None  # applied position as last saved
+        self._saved_at = 0.0
+        self._queue: list[_Pending] = []
+        self._active = ExtentMap(1)
+        self._active_end: LogPosition | None = None
+        self._arrivals: dict[int, list[tuple[int, bytes]]] = {1: []}
+        self._maps: list[ExtentMap] = [self._active]
+        self._commit_wake = asyncio.Event()
+        self._writeback_wake = asyncio.Event()
+        self._space = asyncio.Condition()
+        self._append_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failed: str | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ keys
+    @property
+    def _replay_key(self) -> str:
+        return f"resource-{self.resource}/replay-{self.host}"
+
+    # -------------------------------------------------------------- recovery
+    async def start(self) -> RecoveryReport:
+        """Recover from the log, then accept writes."""
+        report = await asyncio.to_thread(self._recover)
+        self._tasks = [
+            asyncio.create_task(self._committer(), name=f"commit-{self.resource}"),
+            asyncio.create_task(self._writeback(), name=f"writeback-{self.resource}"),
+        ]
+        return report
+
+    def _recover(self) -> RecoveryReport:
+        t0 = time.monotonic()
+        saved = self.meta.get(self._replay_key)
+        start = LogPosition.decode(saved) if saved else None
+        files = self.paths.logfiles(self.resource)
+        if start is not None:
+            files = [f for f in files if f[0] >= start.number]
+        pos = start
+        expect_seq = start.seq + 1 if start else None
+        replay_map = ExtentMap(0)
+        records = nbytes = 0
+        torn: str | None = None
+        read_names: list[str] = []
+        last_file: tuple[int, str, bool] | None = None  # number, host, ended
+        for i, (number, host, path) in enumerate(files):
+            offset = start.offset if start and number == start.number else 0
+            read_names.append(path.name)
+            scanner = LogScanner(path, offset, expect_seq)
+            ended = False
+            for _, end, rec in scanner:
+                if rec.is_end:
+                    ended = True
+                elif rec.data_len:
+                    if rec.offset + rec.data_len > self.size:
+                        raise DeviceError(
+                            f"{path}: record {rec.seq} writes {rec.offset}+{rec.data_len}, "
+                            f"beyond the end of {self.device.path} ({self.size} bytes): "
+                            "was the device shrunk or replaced?"
+                        )
+                    replay_map.insert(rec.offset, bytes(rec.data))
+                    nbytes += rec.data_len
+                records += 1
+                pos = LogPosition(number, end, rec.seq, host)
+                if replay_map.bytes >= self.config.memory_limit:
+                    self._write_map(replay_map, None)
+                    replay_map = ExtentMap(0)
+            stop = scanner.stop
+            assert stop is not None
+            if pos is None or pos.number != number:
+                pos = LogPosition(number, offset, expect_seq - 1 if expect_seq else 0, host)
+            expect_seq = pos.seq + 1
+            last_file = (number, host, ended)
+            if stop.clean:
+                continue
+            is_last = i == len(files) - 1
+            if stop.kind is StopKind.SEQ_GAP or not is_last:
+                raise LogCorrupt(str(path), stop.offset, f"{stop.kind.value}: {stop.detail}. "
+                                 "Acknowledged writes may follow; the log needs inspection "
+                                 "(marsadm view) or a full resync (marsadm invalidate)")
+            later = find_record_after(path, stop.offset)
+            if later is not None:
+                raise LogCorrupt(
+                    str(path), stop.offset,
+                    f"{stop.detail or stop.kind.value}, and a valid record follows at offset "
+                    f"{later}: this is damage inside the log, not a torn tail. Nothing was "
+                    "cut; restore the logfile or resync this host (marsadm invalidate)",
+                )
+            torn = stop.describe(path) + f"; cut {stop.file_size - stop.offset} bytes"
+            self.log.warning("recovery: %s", torn)
+            with open(path, "r+b") as f:
+                f.truncate(stop.offset)
+                os.fsync(f.fileno())
+        self._write_map(replay_map, None)
+        self.device.flush()
+        self._next_seq = (pos.seq if pos else 0) + 1
+        if last_file is not None and last_file[1] == self.host and not last_file[2]:
+            number = last_file[0]  # continue our own unfinished logfile
+        elif last_file is not None:
+            number = last_file[0] + 1
+        else:
+            # nothing on disk: a fresh resource, or our last logfile was deleted
+            number = (start.number + (1 if start.offset else 0)) if start else 1
+        self._open_logfile(number)
+        # everything logged so far is on the device now
+        self._applied = self._active_end = self._log_end
+        self._save_position(durable=True)
+        seconds = time.monotonic() - t0
+        report = RecoveryReport(
+            started_from=start.encode() if start else None,
+            ended_at=self._log_end.encode() if self._log_end else "",
+            records_replayed=records,
+            bytes_replayed=nbytes,
+            logfiles_read=read_names,
+            torn_tail=torn,
+            seconds=round(seconds, 3),
+        )
+        self.log.info("recovered: %d records (%d bytes) replayed in %.3fs, log at %s%s",
+                      records, nbytes, seconds, report.ended_at,
+                      f"; {torn}" if torn else "")
+        return report
+
+    def _open_logfile(self, number: int) -> None:
+        path = self.paths.logfile(self.resource, number, self.host)
+        self._appender = LogAppender(path)
+        self._number = number
+        self._log_end = LogPosition(number, self._appender.size, self._next_seq - 1, self.host)
+
+    def _finish_logfile(self, end: LogPosition) -> None:
+        """Write the version link of a logfile that will get no more records."""
+        prev = GENESIS
+        for item in self.meta.items(f"resource-{self.resource}"):
+            name = item.key.rsplit("/", 1)[-1]
+            if name.startswith(f"version-{end.number - 1:09d}-") and item.value:
+                prev = item.value.split(",")[0]
+        link = VersionLink(end.number, end.host, end.offset, end.seq, prev)
+        self.meta.set(link.key(self.resource), link.encode())
+
+    # ----------------------------------------------------------------- writes
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Log a write; return once it is durable in the log (the acknowledgement)."""
+        if self._failed:
+            raise OSError(errno.EIO, self._failed)
+        if offset < 0 or offset + len(data) > self.size:
+            raise OSError(errno.ENOSPC, "write beyond the end of the device")
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if not data:
+            return
+        if self._held_bytes() >= self.config.memory_limit:
+            async with self._space:
+                await self._space.wait_for(
+                    lambda: self._held_bytes() < self.config.memory_limit or self._failed
+                )
+        seq = self._next_seq
+        self._next_seq += 1
+        encoded = logrecord.encode(
+            LogRecord(seq=seq, offset=offset, data=data, stamp_ns=time.time_ns()),
+            self.config.compress_level,
+        )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(seq, offset, data, encoded, fut))
+        self._commit_wake.set()
+        await fut
+
+    def _held_bytes(self) -> int:
+        return sum(m.bytes for m in self._maps) + sum(len(p.data) for p in self._queue)
+
+    async def flush(self) -> None:
+        """Every acknowledged write is already durable; wait for queued ones too."""
+        while self._queue:
+            await asyncio.sleep(0)
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_wake.wait()
+            self._commit_wake.clear()
+            while self._queue:
+                async with self._append_lock:
+                    await self._commit_batch()
+
+    async def _commit_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        appender = self._appender
+        assert appender is not None
+        try:
+            size = await asyncio.to_thread(appender.append, [p.encoded for p in batch])
+        except OSError as exc:
+            failed = batch + self._queue
+            self._queue = []
+            self._next_seq = batch[0].seq
+            reason = (
+                f"/mars is full: cannot append to {appender.path}"
+                if exc.errno == errno.ENOSPC
+                else f"cannot append to {appender.path}: {exc.strerror}"
+            )
+            self.log.error("%s; %d writes refused, nothing acknowledged was lost",
+                           reason, len(failed))
+            self._set_error(reason)
+            for p in failed:
+                if not p.future.done():
+                    p.future.set_exception(OSError(exc.errno or errno.EIO, reason))
+            return
+        self.stats.commits += 1
+        arrivals = self._arrivals.get(self._active.generation)
+        for p in batch:
+            self._active.insert(p.offset, p.data)
+            if arrivals is not None and self.config.writeback_order == "arrival":
+                arrivals.append((p.offset, p.data))
+            self.stats.writes += 1
+            self.stats.bytes_written += len(p.data)
+        self._log_end = LogPosition(self._number, size, batch[-1].seq, self.host)
+        self._active_end = self._log_end
+        self._clear_error()
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(None)
+        self._writeback_wake.set()
+        if size >= self.config.max_logfile_size:
+            await self._rotate_locked()
+
+    # --------------------------------------------------------------- rotation
+    async def rotate(self) -> str:
+        """Start the next logfile; return its name."""
+        async with self._append_lock:
+            await self._rotate_locked()
+        return logfile_name(self._number, self.host)
+
+    async def _rotate_locked(self) -> None:
+        assert self._appender is not None and self._log_end is not None
+        end = self._log_end
+        await asyncio.to_thread(self._finish_logfile, end)
+        self._appender.close()
+        await asyncio.to_thread(self._open_logfile, self._number + 1)
+        self.log.info("rotated: %s finished at offset %d, now writing %s",
+                      end.logfile, end.offset, logfile_name(self._number, self.host))
+
+    # -------------------------------------------------------------- writeback
+    async def _writeback(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._writeback_wake.wait(),
+                                       timeout=self.config.position_interval)
+            except TimeoutError:
+                pass
+            self._writeback_wake.clear()
+            while len(self._active):
+                await self._writeback_round()
+            self._maybe_save_position()
+
+    async def _writeback_round(self) -> None:
+        gen, gen_end = self._active, self._active_end
+        self._active = ExtentMap(gen.generation + 1)
+        self._arrivals[self._active.generation] = []
+        self._maps.append(self._active)
+        arrivals = self._arrivals.pop(gen.generation, None)
+        while True:
+            try:
+                await asyncio.to_thread(self._write_map, gen, arrivals)
+                break
+            except (OSError, DeviceError) as exc:
+                reason = f"writeback to {self.device.path} failed: {exc}; retrying"
+                self.log.error(reason)
+                self._set_error(reason)
+                await asyncio.sleep(1.0)
+        self._maps.remove(gen)
+        self.stats.writeback_rounds += 1
+        self._applied = gen_end
+        self._maybe_save_position()
+        async with self._space:
+            self._space.notify_all()
+
+    def _write_map(self, gen: ExtentMap, arrivals: list[tuple[int, bytes]] | None) -> None:
+        """Copy one generation to the device and make it durable (runs in a thread)."""
+        dev = self.device
+        if arrivals is not None and self.config.writeback_order == "arrival":
+            for offset, data in arrivals:
+                dev.pwrite(offset, data)
+                self.stats.device_writes += 1
+                self.stats.writeback_bytes += len(data)
+        else:
+            for start, end, pieces in self._merged_chunks(gen):
+                image = bytearray(end - start)
+                view = memoryview(image)
+                covered = sum(len(p.data) for p in pieces) == end - start and \
+                    pieces[0].start == start
+                if not covered:
+                    dev.read_envelope_into(start, view)
+                for p in pieces:
+                    view[p.start - start : p.end - start] = p.data
+                dev.write_envelope(start, view)
+                self.stats.device_writes += 1
+                self.stats.writeback_bytes += end - start
+        if len(gen):
+            dev.flush()
+
+    def _merged_chunks(self, gen: ExtentMap):  # type: ignore[no-untyped-def]
+        """Group extents whose aligned envelopes touch into device-sized chunks."""
+        a = self.device.alignment
+        limit = self.config.writeback_chunk
+        cur_start = cur_end = -1
+        pieces: list = []
+        for ext in gen:
+            e_start = ext.start - ext.start % a
+            e_end = -(-ext.end // a) * a
+            if pieces and e_start <= cur_end and max(cur_end, e_end) - cur_start <= limit:
+                cur_end = max(cur_end, e_end)
+                pieces.append(ext)
+                continue
+            if pieces:
+                yield cur_start, cur_end, pieces
+            cur_start, cur_end, pieces = e_start, e_end, [ext]
+        if pieces:
+            yield cur_start, cur_end, pieces
+
+    # ------------------------------------------------------------------ reads
+    async def read(self, offset: int, length: int) -> bytearray:
+        """The newest data: acknowledged writes overlaid on the device."""
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, "read beyond the end of the device")
+        self.stats.reads += 1
+        maps = list(self._maps)
+        buf = await asyncio.to_thread(self.device.pread, offset, length)
+        by_gen = {m.generation: m for m in maps}
+        for m in self._maps:
+            by_gen.setdefault(m.generation, m)
+        for g in sorted(by_gen):
+            by_gen[g].overlay(buf, offset)
+        return buf
+
+    # ------------------------------------------------------------- positions
+    def _maybe_save_position(self) -> None:
+        now = time.monotonic()
+        if self._applied != self._saved and now - self._saved_at >= self.config.position_interval:
+            self._save_position()
+
+    def _save_position(self, durable: bool = False) -> None:
+        if self._applied is None:
+            return
+        self.meta.set(self._replay_key, self._applied.encode(), durable=durable)
+        self._saved = self._applied
+        self._saved_at = time.monotonic()
+
+    def _set_error(self, reason: str) -> None:
+        key = f"resource-{self.resource}/actual-{self.host}/error"
+        if self.meta.get(key) != reason:
+            self.meta.set(key, reason[:1000])
+        self.stats.errors = (self.stats.errors + [reason])[-5:]
+
+    def _clear_error(self) -> None:
+        if self.stats.errors:
+            self.stats.errors = []
+            self.meta.delete(f"resource-{self.resource}/actual-{self.host}/error")
+
+    # ------------------------------------------------------------------- stop
+    async def stop(self, end_marker: bool = False) -> LogPosition | None:
+        """Drain: commit queued writes, optionally end the log, write everything back."""
+        self._stopping = True
+        while self._queue:
+            self._commit_wake.set()
+            await asyncio.sleep(0.001)
+        async with self._append_lock:
+            if end_marker and self._appender is not None:
+                seq = self._next_seq
+                self._next_seq += 1
+                rec = logrecord.encode(LogRecord(seq=seq, offset=0, data=b"",
+                                                 stamp_ns=time.time_ns(), flags=FLAG_END))
+                size = await asyncio.to_thread(self._appender.append, [rec])
+                self._log_end = LogPosition(self._number, size, seq, self.host)
+                self._active_end = self._log_end
+                await asyncio.to_thread(self._finish_logfile, self._log_end)
+            while len(self._active) or len(self._maps) > 1:
+                if len(self._active):
+                    await self._writeback_round()
+                else:
+                    await asyncio.sleep(0.001)
+            self._applied = self._log_end
+            await asyncio.to_thread(self._save_position, True)
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+            self._tasks = []
+            if self._appender is not None:
+                self._appender.close()
+                self._appender = None
+        return self._log_end
+
+    # ----------------------------------------------------------------- status
+    def status(self) -> dict[str, object]:
+        return {
+            "logfile": logfile_name(self._number, self.host),
+            "log_end": self._log_end.encode() if self._log_end else None,
+            "applied": self._applied.encode() if self._applied else None,
+            "next_seq": self._next_seq,
+            "pending_bytes": self._held_bytes(),
+            "queued_writes": len(self._queue),
+            "writes": self.stats.writes,
+            "bytes_written": self.stats.bytes_written,
+            "commits": self.stats.commits,
+            "writes_per_commit": round(self.stats.writes / self.stats.commits, 2)
+            if self.stats.commits else 0.0,
+            "writeback_rounds": self.stats.writeback_rounds,
+            "device_writes": self.stats.device_writes,
+            "errors": list(self.stats.errors),
+        }
+
+
+def logfile_path(paths: MarsPaths, resource: str, pos: LogPosition) -> Path:
+    return paths.logfile(resource, pos.number, pos.host)

@@ -1,0 +1,129 @@
+"""The metadata tree: small string values under ``/mars`` stored as symlinks.
+
+Each key is a path relative to the root (``resource-r0/primary``); its value is the
+symlink target and its Lamport stamp is the symlink's mtime in nanoseconds. Updates
+replace the link atomically (a temporary link renamed over the old one). A deletion
+writes a tombstone so that it can win over older values from other hosts. A value
+from elsewhere replaces the local one only if its stamp is newer (ties: larger value).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TOMBSTONE = "(deleted)"
+MAX_VALUE_LEN = 1024
+
+
+@dataclass(frozen=True)
+class MetaValue:
+    key: str
+    value: str | None  # None: deleted (tombstone)
+    stamp: int  # Lamport stamp, nanoseconds
+
+
+class LamportClock:
+    """A clock that never goes backwards and moves past every stamp it has seen."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def tick(self) -> int:
+        with self._lock:
+            self._last = max(time.time_ns(), self._last + 1)
+            return self._last
+
+    def witness(self, stamp: int) -> None:
+        with self._lock:
+            self._last = max(self._last, stamp)
+
+
+class MetaStore:
+    """The local copy of the metadata tree rooted at ``root``."""
+
+    def __init__(self, root: Path, clock: LamportClock | None = None) -> None:
+        self.root = root
+        self.clock = clock or LamportClock()
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/") or not key:
+            raise ValueError(f"invalid metadata key {key!r}")
+        return self.root / key
+
+    def read(self, key: str) -> MetaValue | None:
+        path = self._path(key)
+        try:
+            target = os.readlink(path)
+            stamp = os.lstat(path).st_mtime_ns
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        self.clock.witness(stamp)
+        return MetaValue(key, None if target == TOMBSTONE else target, stamp)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        mv = self.read(key)
+        return default if mv is None or mv.value is None else mv.value
+
+    def set(self, key: str, value: str, *, durable: bool = False) -> MetaValue:
+        """Write ``value`` with a fresh stamp (this host is the writer)."""
+        if len(value) > MAX_VALUE_LEN or "\0" in value or value == TOMBSTONE:
+            raise ValueError(f"invalid metadata value for {key}: {value[:60]!r}")
+        mv = MetaValue(key, value, self.clock.tick())
+        self._store(mv, durable)
+        return mv
+
+    def delete(self, key: str) -> MetaValue | None:
+        if self.read(key) is None:
+            return None
+        mv = MetaValue(key, None, self.clock.tick())
+        self._store(mv, False)
+        return mv
+
+    def merge(self, mv: MetaValue) -> bool:
+        """Take a value from another host if it is newer; return whether it was taken."""
+        self.clock.witness(mv.stamp)
+        local = self.read(mv.key)
+        if local is not None:
+            if (local.stamp, local.value or "") >= (mv.stamp, mv.value or ""):
+                return False
+        self._store(mv, False)
+        return True
+
+    def _store(self, mv: MetaValue, durable: bool) -> None:
+        path = self._path(mv.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(TOMBSTONE if mv.value is None else mv.value, tmp)
+        os.utime(tmp, ns=(mv.stamp, mv.stamp), follow_symlinks=False)
+        os.replace(tmp, path)
+        if durable:
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def items(self, prefix: str = "") -> list[MetaValue]:
+        """Every key (tombstones included) below the directory ``prefix``."""
+        base = self.root / prefix if prefix else self.root
+        out: list[MetaValue] = []
+        if not base.is_dir():
+            return out
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in filenames + dirnames:
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full) and not name.startswith("."):
+                    rel = os.path.relpath(full, self.root)
+                    mv = self.read(rel)
+                    if mv is not None:
+                        out.append(mv)
+        return sorted(out, key=lambda m: m.key)

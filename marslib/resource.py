@@ -1,0 +1,115 @@
+"""One resource on its primary host: data device, transaction logger and NBD export."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from marslib.device import Device
+from marslib.layout import MarsPaths
+from marslib.logger import Logger, LoggerConfig, RecoveryReport
+from marslib.meta import MetaStore
+from marslib.nbd.server import NbdServer, start_nbd_server
+
+log = logging.getLogger(__name__)
+
+
+class LoggerBackend:
+    """Presents a resource's logger as an NBD backend."""
+
+    read_only = False
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def size(self) -> int:
+        return self.logger.size
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        return await self.logger.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        # every write is durable when acknowledged, so FUA needs nothing extra
+        await self.logger.write(offset, data)
+
+    async def flush(self) -> None:
+        await self.logger.flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        """Discard is advisory: the data stays, identical on every replica."""
+        if offset < 0 or offset + length > self.logger.size:
+            raise OSError(22, "trim beyond the end of the device")
+
+
+class PrimaryResource:
+    """Wires device, logger and NBD server of ``name`` on this (primary) host."""
+
+    def __init__(
+        self, name: str, host: str, paths: MarsPaths, meta: MetaStore, config: LoggerConfig
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.paths = paths
+        self.meta = meta
+        self.config = config
+        self.log = logging.LoggerAdapter(log, {"resource": name, "host": host})
+        self.device: Device | None = None
+        self.logger: Logger | None = None
+        self.nbd: NbdServer | None = None
+        self.recovery: RecoveryReport | None = None
+
+    def _key(self, name: str) -> str:
+        return f"resource-{self.name}/{name}"
+
+    async def start(self) -> None:
+        dev_path = self.meta.get(self._key(f"data-{self.host}"))
+        if not dev_path:
+            raise RuntimeError(f"resource {self.name} has no data device on {self.host}")
+        buffered = self.meta.get(self._key(f"buffered-{self.host}")) == "1"
+        self.device = Device(dev_path, buffered=buffered)
+        try:
+            self.logger = Logger(self.name, self.host, self.paths, self.meta, self.device,
+                                 self.config)
+            self.recovery = await self.logger.start()
+            self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+            self.nbd = await start_nbd_server(
+                str(self.paths.nbd_socket(self.name)), self.name, LoggerBackend(self.logger),
+                log=logging.LoggerAdapter(logging.getLogger("marslib.nbd"),
+                                          {"resource": self.name, "host": self.host}),
+            )
+        except BaseException:
+            if self.logger is not None and self.logger._tasks:
+                await self.logger.stop()
+            self.device.close()
+            raise
+        self.nbd.on_open_count_change = self._open_count_changed
+        self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
+        self.meta.set(self._key(f"actual-{self.host}/is-primary"), "1")
+        self.meta.delete(self._key(f"actual-{self.host}/error"))
+
+    def _open_count_changed(self, count: int) -> None:
+        self.meta.set(self._key(f"actual-{self.host}/open-count"), str(count))
+
+    async def stop(self, end_marker: bool = False) -> None:
+        """Close the export, drain the logger, close the device."""
+        if self.nbd is not None:
+            await self.nbd.close()
+            self.nbd = None
+        if self.logger is not None:
+            await self.logger.stop(end_marker=end_marker)
+        if self.device is not None:
+            self.device.close()
+        self.meta.set(self._key(f"actual-{self.host}/is-primary"), "0")
+        self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
+        self.log.info("stopped")
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = {"role": "primary",
+                              "device": self.device.path if self.device else None}
+        if self.logger is not None:
+            st.update(self.logger.status())
+        st["open_count"] = self.nbd.open_count if self.nbd else 0
+        st["nbd_socket"] = str(self.paths.nbd_socket(self.name))
+        st["recovery"] = asdict(self.recovery) if self.recovery else None
+        return st
