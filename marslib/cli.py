@@ -450,20 +450,36 @@ def cron(ctx: Ctx) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """Options every verb takes, before or after the verb (after wins)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait at most")
-    common.add_argument("--dry-run", action="store_true", help="say what would be done")
-    common.add_argument("--root", help="state root (default $MARS_ROOT or /mars)")
-    common.add_argument("--run-dir", help="marsd sockets (default $MARS_RUN_DIR or /run/mars)")
-    common.add_argument("--host", help="this host's name (default $MARS_HOST or hostname)")
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    common.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output")
+    common.add_argument("--timeout", type=float, default=default(60.0),
+                        help="seconds to wait at most")
+    common.add_argument("--dry-run", action="store_true", default=default(False),
+                        help="say what would be done")
+    common.add_argument("--root", default=default(None),
+                        help="state root (default $MARS_ROOT or /mars)")
+    common.add_argument("--run-dir", default=default(None),
+                        help="marsd sockets (default $MARS_RUN_DIR or /run/mars)")
+    common.add_argument("--host", default=default(None),
+                        help="this host's name (default $MARS_HOST or hostname)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marsadm", description="marslib administration",
-                                     parents=[common])
+                                     parents=[_common_options(False)])
     parser.add_argument("--version", action="version", version=f"marsadm {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    per_verb = _common_options(True)
     for name, (_, add_args, help_text) in VERBS.items():
-        p = sub.add_parser(name, help=help_text, parents=[common])
+        p = sub.add_parser(name, help=help_text, parents=[per_verb])
         add_args(p)
     return parser
 

@@ -90,6 +90,7 @@ class Logger:
         meta: MetaStore,
         device: Device,
         config: LoggerConfig | None = None,
+        size: int | None = None,
     ) -> None:
         self.resource = resource
         self.host = host
@@ -99,7 +100,12 @@ class Logger:
         self.config = config or LoggerConfig()
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
         self.stats = LoggerStats()
-        self.size = device.size
+        self.size = device.size if size is None else size
+        if self.size > device.size:
+            raise DeviceError(
+                f"resource {resource} is {self.size} bytes but {device.path} has only "
+                f"{device.size}: grow the device first"
+            )
         self._next_seq = 1
         self._appender: LogAppender | None = None
         self._number = 0  # current logfile number
@@ -338,6 +344,9 @@ class Logger:
         await asyncio.to_thread(self._finish_logfile, end)
         self._appender.close()
         await asyncio.to_thread(self._open_logfile, self._number + 1)
+        if self._applied == end and not len(self._active) and len(self._maps) == 1:
+            self._applied = self._active_end = self._log_end
+            await asyncio.to_thread(self._save_position)
         self.log.info("rotated: %s finished at offset %d, now writing %s",
                       end.logfile, end.offset, logfile_name(self._number, self.host))
 
@@ -371,7 +380,8 @@ class Logger:
                 await asyncio.sleep(1.0)
         self._maps.remove(gen)
         self.stats.writeback_rounds += 1
-        self._applied = gen_end
+        # with nothing newer waiting, the device holds the whole log (even past a rotation)
+        self._applied = self._log_end if not len(self._active) else gen_end
         self._maybe_save_position()
         async with self._space:
             self._space.notify_all()

@@ -69,8 +69,9 @@ class PrimaryResource:
         buffered = self.meta.get(self._key(f"buffered-{self.host}")) == "1"
         self.device = Device(dev_path, buffered=buffered)
         try:
+            size = int(self.meta.get(self._key("size")) or 0) or None
             self.logger = Logger(self.name, self.host, self.paths, self.meta, self.device,
-                                 self.config)
+                                 self.config, size=size)
             self.recovery = await self.logger.start()
             self.paths.run_dir.mkdir(parents=True, exist_ok=True)
             self.nbd = await start_nbd_server(

@@ -1,6 +1,6 @@
 """Version links: a hash chain over finished logfiles, for split-brain detection.
 
-``version-NNNNNNNNN-HOST`` = ``digest,end_offset,last_seq`` where digest is
+``version-NNNNNNNNN-HOST`` = ``digest,end_offset,last_seq,prev_digest`` where digest is
 sha256 over ``number,host,end_offset,last_seq,previous digest``. Two hosts that hold
 different digests for the same logfile number have diverging histories.
 """

@@ -1,8 +1,9 @@
 """Server side of the fixed newstyle NBD protocol as a sans-I/O state machine.
 
-Bytes from the client go in with :meth:`NbdServerConnection.receive_data`; parsed events come
-out of :meth:`NbdServerConnection.next_event`. Bytes the state machine produces on its own
-(the greeting, option replies, the export information) are collected by
+Bytes from the client go in with :meth:`NbdServerConnection.receive_data` (the end of the
+stream with :meth:`NbdServerConnection.receive_eof`); parsed events come out of
+:meth:`NbdServerConnection.next_event`. Bytes the state machine produces on its own (the
+greeting, option replies, the export information) are collected by
 :meth:`NbdServerConnection.data_to_send`; replies to transmission requests are built by
 :meth:`NbdServerConnection.send_reply` and :meth:`NbdServerConnection.send_read_reply`, so the
 caller may answer requests in any order. No sockets, no event loop.
@@ -357,13 +358,14 @@ class NbdServerConnection:
 
     # --- input --------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes received from the client; ``b""`` means the client closed its side."""
+        """Add bytes received from the client."""
         if self._phase is Phase.CLOSED or self._phase is Phase.DISCONNECTING:
             return
-        if not data:
-            self._eof = True
-            return
         self._buf += data
+
+    def receive_eof(self) -> None:
+        """The client closed its side; events for complete messages still come first."""
+        self._eof = True
 
     def next_event(self) -> Event | _NeedData:
         """The next event, or :data:`NEED_DATA` if the buffered bytes do not complete one."""

@@ -42,6 +42,7 @@ WRITE_BUFFER_HIGH = 4 << 20  # stop reading while this many reply bytes wait for
 SOCKET_MODE = 0o660
 _SPLIT_WRITE = 256 << 10  # read replies larger than this are written as header + data
 
+
 class NbdBackend(Protocol):
     """Storage behind the export. Methods may raise OSError with an errno for the client."""
 
@@ -144,9 +145,7 @@ class NbdServer:
             try:
                 callback(self._open_count)
             except Exception:
-                self.log.exception(
-                    "nbd export %r: open-count callback failed", self.export_name
-                )
+                self.log.exception("nbd export %r: open-count callback failed", self.export_name)
 
     def _remove_socket(self) -> None:
         try:
@@ -197,7 +196,7 @@ class _NbdClient(asyncio.Protocol):
             self._drain()
 
     def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
+        self.conn.receive_eof()
         if not self._throttled:
             self._drain()
         return True  # keep the transport to send the replies still in flight
@@ -460,9 +459,7 @@ def _prepare_socket_path(path: str) -> None:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise Refused(f"cannot probe existing socket {path}: {exc.strerror}") from None
     else:
-        raise Refused(
-            f"another server is listening on {path}; stop it before starting this export"
-        )
+        raise Refused(f"another server is listening on {path}; stop it before starting this export")
     finally:
         probe.close()
     try:

@@ -1,0 +1,370 @@
+"""Shared plumbing of the marslib benchmarks: loop devices, marsd, nbdkit, fio, cleanup.
+
+Everything a benchmark creates is owned by a context manager that removes it again on the
+way out, also after an error, Ctrl-C or SIGTERM (see :func:`install_signal_handlers`).
+Only processes started here are ever signalled, and only by their pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+MARSD = str(VENV_BIN / "marsd")
+MARSADM = str(VENV_BIN / "marsadm")
+RESOURCE = "r0"
+HOST = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM/SIGHUP into SystemExit so every ``finally`` runs (cleanup)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def check_tools(*names: str) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        sys.exit(f"missing tools: {' '.join(missing)} (apt-get install -y fio nbdkit libnbd-bin)")
+    if os.geteuid() != 0:
+        sys.exit("the benchmarks need root (loop devices)")
+    if not Path(MARSD).exists():
+        sys.exit(f"{MARSD} not found: create the venv and 'pip install -e .' first")
+
+
+def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 120.0,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """SIGTERM, wait, then SIGKILL: only this process, by its pid."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def machine_description() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs ({model}), {mem:.0f} GiB RAM, kernel {os.uname().release}"
+
+
+def code_version() -> str:
+    proc = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def warn_if_busy() -> None:
+    load1 = os.getloadavg()[0]
+    say(f"load average (1 min) at start: {load1:.2f}")
+    if load1 > 0.5:
+        say("WARNING: the machine is not idle; other processes compete for the CPUs and the "
+            "disk and the figures below will be lower and noisier than on an idle machine")
+
+
+# ---------------------------------------------------------------------- resources
+@contextlib.contextmanager
+def work_dir(base: str) -> Iterator[Path]:
+    """A temporary directory on a real filesystem (the log area must not be tmpfs)."""
+    path = Path(tempfile.mkdtemp(prefix="marsbench.", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def loop_device(image: Path, size: int = 2 << 30) -> Iterator[str]:
+    """A fresh sparse file of ``size`` bytes attached as a direct-I/O loop device."""
+    with open(image, "wb") as f:
+        f.truncate(size)
+    dev = run(["losetup", "--direct-io=on", "-f", "--show", str(image)]).stdout.strip()
+    try:
+        yield dev
+    finally:
+        for _ in range(50):  # a closing holder can keep it busy for a moment
+            if run(["losetup", "-d", dev], check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        with contextlib.suppress(FileNotFoundError):
+            image.unlink()
+
+
+def device_number(dev: str) -> str:
+    st = os.stat(dev)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+@contextlib.contextmanager
+def write_iops_limit(dev: str, iops: int) -> Iterator[Path | None]:
+    """A blkio cgroup (v1) limiting writes to ``dev`` to ``iops`` requests per second.
+
+    Yields the cgroup directory (write a pid to ``cgroup.procs`` to limit that process),
+    or None when the kernel offers no blkio throttling here.
+    """
+    base = Path("/sys/fs/cgroup/blkio")
+    if not (base / "blkio.throttle.write_iops_device").exists():
+        yield None
+        return
+    cg = base / f"marsbench-{os.getpid()}-{time.monotonic_ns()}"
+    cg.mkdir()
+    try:
+        (cg / "blkio.throttle.write_iops_device").write_text(f"{device_number(dev)} {iops}\n")
+        yield cg
+    finally:
+        # processes still inside are moved back before the cgroup can go
+        for _ in range(50):
+            with contextlib.suppress(OSError):
+                for pid in (cg / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (base / "cgroup.procs").write_text(pid + "\n")
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+class Marsd:
+    """One marsd serving resource r0 on ``dev``, with its state under ``base``."""
+
+    def __init__(self, base: Path, dev: str, args: list[str] | None = None,
+                 cgroup: Path | None = None) -> None:
+        self.base = base
+        self.dev = dev
+        self.args = args or []
+        self.cgroup = cgroup
+        self.root = base / "mars"
+        self.run_dir = base / "run"
+        self.log_path = base / "marsd.log"
+        self.env = {**os.environ, "MARS_ROOT": str(self.root), "MARS_RUN_DIR": str(self.run_dir),
+                    "MARS_HOST": HOST}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def nbd_uri(self) -> str:
+        return f"nbd+unix:///{RESOURCE}?socket={self.run_dir / (RESOURCE + '.nbd')}"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.run_dir / "marsd.sock"
+
+    def marsadm(self, *args: str, timeout: float = 120.0) -> str:
+        return run([MARSADM, *args], env=self.env, timeout=timeout).stdout
+
+    def __enter__(self) -> Marsd:
+        try:
+            self.marsadm("create-cluster")
+            self.marsadm("create-resource", RESOURCE, self.dev)
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [MARSD, "--log-level", "WARNING", *self.args], env=self.env,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            if self.cgroup is not None:
+                (self.cgroup / "cgroup.procs").write_text(f"{self.pid}\n")
+            self._wait_for_control()
+            self.marsadm("up", RESOURCE, "--timeout", "30")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_for_control(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.control_socket.exists():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"marsd exited ({self.proc.returncode}): "
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("marsd did not open its control socket")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                # down writes everything back first; give a lagging writeback time
+                run([MARSADM, "down", RESOURCE, "--force", "--timeout", "120"], env=self.env,
+                    timeout=150, check=False)
+        finally:
+            stop_process(self.proc)
+            self.proc = None
+
+    def status(self) -> dict[str, Any]:
+        """The resource's live counters, straight from marsd's control socket."""
+        from marslib import control  # the venv's marslib: run the benches with .venv/bin/python
+
+        reply = control.request(self.control_socket, "status", timeout=30)
+        res: dict[str, Any] = reply["resources"][RESOURCE]
+        return res
+
+    def view(self) -> dict[str, Any]:
+        out = json.loads(self.marsadm("view", RESOURCE, "--json"))
+        member: dict[str, Any] = out["resources"][RESOURCE]["members"][HOST]
+        return member
+
+    def wait_drained(self, timeout: float = 120.0, poll: float = 0.02) -> float:
+        """Seconds until the writeback has caught up (nothing pending, applied == log end)."""
+        t0 = time.monotonic()
+        while True:
+            st = self.status()
+            if st["pending_bytes"] == 0 and st["applied"] == st["log_end"]:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"writeback did not drain within {timeout:g}s: "
+                                   f"{st['pending_bytes']} bytes pending")
+            time.sleep(poll)
+
+
+@contextlib.contextmanager
+def nbdkit(sock: Path, dev: str) -> Iterator[subprocess.Popen[bytes]]:
+    """nbdkit's file plugin on ``dev`` (page cache dropped after each write) on ``sock``."""
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "file", f"file={dev}",
+         "cache=none"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"nbdkit exited ({proc.returncode}): {err}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("nbdkit did not open its socket")
+            time.sleep(0.02)
+        yield proc
+    finally:
+        stop_process(proc, timeout=10)
+
+
+# --------------------------------------------------------------------------- fio
+@dataclass(frozen=True)
+class Job:
+    name: str
+    title: str
+    args: tuple[str, ...]
+
+
+SEQ = Job("seq", "seq write 1M qd4", ("--rw=write", "--bs=1M", "--iodepth=4"))
+RAND1 = Job("qd1", "randwrite 4k qd1", ("--rw=randwrite", "--bs=4k", "--iodepth=1"))
+RAND32 = Job("qd32", "randwrite 4k qd32", ("--rw=randwrite", "--bs=4k", "--iodepth=32"))
+JOBS = (SEQ, RAND1, RAND32)
+
+
+@dataclass
+class FioResult:
+    mb_s: float  # MB/s, 10^6 bytes per second
+    iops: float
+    lat_mean_us: float
+    lat_p99_us: float
+    ios: int
+    seconds: float
+    fio_cpu: float  # fio's own CPU use, % of one CPU
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fio(job: Job, target: list[str], out: Path, runtime: float,
+        size: str = "1G") -> FioResult:
+    """Run one time-based write job against ``target`` (engine options) and parse its JSON."""
+    cmd = [
+        "fio", f"--name={job.name}", *target, *job.args, f"--size={size}", "--offset=0",
+        "--time_based", f"--runtime={runtime:g}", "--norandommap", "--randrepeat=0",
+        "--group_reporting", "--output-format=json", f"--output={out}",
+    ]
+    run(cmd, timeout=runtime + 120)
+    text = out.read_text()
+    data = json.loads(text[text.index("{"):])  # the nbd engine may print a line first
+    j = data["jobs"][0]
+    if j.get("error"):
+        raise RuntimeError(f"fio job {job.name} failed with error {j['error']}")
+    w = j["write"]
+    clat = w.get("clat_ns", {})
+    pct = clat.get("percentile", {})
+    return FioResult(
+        mb_s=w["bw_bytes"] / 1e6,
+        iops=w["iops"],
+        lat_mean_us=clat.get("mean", 0.0) / 1000,
+        lat_p99_us=pct.get("99.000000", 0) / 1000,
+        ios=w["total_ios"],
+        seconds=w["runtime"] / 1000,
+        fio_cpu=j.get("usr_cpu", 0.0) + j.get("sys_cpu", 0.0),
+    )
+
+
+def libaio(dev: str, sync: bool = False) -> list[str]:
+    return [f"--filename={dev}", "--ioengine=libaio", "--direct=1",
+            *(["--sync=1"] if sync else [])]
+
+
+def nbd(uri: str) -> list[str]:
+    return ["--ioengine=nbd", f"--uri={uri}"]
+
+
+def table(rows: list[list[str]], right: set[int] | None = None) -> str:
+    right = right if right is not None else set(range(1, len(rows[0])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
