@@ -234,9 +234,11 @@ class Marsd:
                 raise RuntimeError("marsd did not open its control socket")
             time.sleep(0.05)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.proc is None:
             return
+        if exc_type is not None or self.proc.poll() is not None:
+            self.show_log(f"marsd (pid {self.pid}, exit code {self.proc.poll()})")
         try:
             if self.proc.poll() is None:
                 # down writes everything back first; give a lagging writeback time
@@ -245,6 +247,12 @@ class Marsd:
         finally:
             stop_process(self.proc)
             self.proc = None
+
+    def show_log(self, what: str) -> None:
+        with contextlib.suppress(OSError):
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            print(f"--- last lines of the log of {what}:\n{tail}\n---", file=sys.stderr,
+                  flush=True)
 
     def status(self) -> dict[str, Any]:
         """The resource's live counters, straight from marsd's control socket."""
@@ -368,3 +376,59 @@ def table(rows: list[list[str]], right: set[int] | None = None) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- py-spy
+PY_SPY = VENV_BIN / "py-spy"
+
+
+def py_spy_start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """Sample ``pid`` for ``seconds`` into collapsed stacks at ``out`` (None: no py-spy)."""
+    if not PY_SPY.exists():
+        return None
+    return subprocess.Popen(
+        [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+         "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def py_spy_summary(path: Path, top: int = 12) -> str:
+    """Self and inclusive shares of the busiest functions in a collapsed-stack file."""
+    self_n: dict[str, int] = {}
+    incl_n: dict[str, int] = {}
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = [f.split(" (", 1)[0] + _where(f) for f in stack.split(";")]
+            frames = [f for f in frames if not f.startswith("process ") and
+                      not f.startswith("thread ")]
+            if not frames:
+                continue
+            self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+            for f in set(frames):
+                incl_n[f] = incl_n.get(f, 0) + n
+    if not total:
+        return "  (no samples)"
+    lines = [f"  {total} samples of busy threads; self = on top of the stack, "
+             "incl = anywhere in it"]
+    lines.append("  self%  function")
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}  {f}")
+    lines.append("  incl%  function")
+    for f, n in sorted(incl_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}  {f}")
+    return "\n".join(lines)
+
+
+def _where(frame: str) -> str:
+    """' (module.py)' of a py-spy frame 'func (path/module.py:123)'."""
+    if " (" not in frame:
+        return ""
+    loc = frame.rsplit(" (", 1)[1].rstrip(")")
+    return f" ({Path(loc.rsplit(':', 1)[0]).name})"

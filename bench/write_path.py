@@ -65,16 +65,20 @@ def run_nbdkit(work: Path, runtime: float) -> dict[str, b.FioResult]:
     return results
 
 
-def run_marslib(work: Path, runtime: float, marsd_args: list[str]
+def run_marslib(work: Path, runtime: float, marsd_args: list[str], profile: Path | None
                 ) -> tuple[dict[str, b.FioResult], dict[str, Any]]:
     results = {}
     with b.loop_device(work / "dev.img") as dev, b.Marsd(work, dev, marsd_args) as marsd:
         for job in b.JOBS:
             before = marsd.status()
             cpu0, t0 = b.cpu_seconds(marsd.pid), time.monotonic()
+            spy = b.py_spy_start(marsd.pid, runtime, profile / f"marsd-{job.name}.txt"
+                                 ) if profile else None
             res = b.fio(job, b.nbd(marsd.nbd_uri), work / "fio.json", runtime)
             res.extra["server_cpu"] = 100 * (b.cpu_seconds(marsd.pid) - cpu0) / (
                 time.monotonic() - t0)
+            if spy is not None:
+                spy.wait(60)
             after = marsd.status()
             res.extra["pending_at_end_mb"] = after["pending_bytes"] / 1e6
             # the next job starts with an idle writeback, like on the other cases
@@ -107,12 +111,19 @@ def main() -> int:
                     help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--marsd-arg", action="append", default=[],
                     help="extra marsd argument (repeatable), e.g. --marsd-arg=--memory-limit=1G")
+    ap.add_argument("--py-spy", type=Path, metavar="DIR",
+                    help="profile marsd during each marslib job with the venv's py-spy "
+                         "(.venv/bin/pip install py-spy); collapsed stacks go to DIR")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = ap.parse_args()
     runtime = args.runtime or (3.0 if args.quick else 10.0)
     cases = [c for c in args.cases.split(",") if c]
     if unknown := set(cases) - set(CASES):
         ap.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    if args.py_spy:
+        if not b.PY_SPY.exists():
+            ap.error(f"--py-spy needs {b.PY_SPY}: .venv/bin/pip install py-spy")
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     b.install_signal_handlers()
     b.check_tools("fio", "losetup", *(["nbdkit"] if "nbdkit" in cases else []))
 
@@ -133,7 +144,7 @@ def main() -> int:
             elif case == "nbdkit":
                 results[case] = run_nbdkit(work, runtime)
             else:
-                results[case], view = run_marslib(work, runtime, args.marsd_arg)
+                results[case], view = run_marslib(work, runtime, args.marsd_arg, args.py_spy)
 
     b.say()
     b.say("RESULTS (MB/s = 10^6 bytes/s; lat = mean completion latency; CPU = server process, "
@@ -165,6 +176,12 @@ def main() -> int:
             {k: view.get(k) for k in ("writes", "commits", "writes_per_commit",
                                       "pending_bytes", "log_end", "applied")}))
 
+    if args.py_spy and "marslib" in results:
+        for job in b.JOBS:
+            b.say()
+            b.say(f"PY-SPY marsd during {job.title} ({args.py_spy}/marsd-{job.name}.txt)")
+            b.say(b.py_spy_summary(args.py_spy / f"marsd-{job.name}.txt"))
+
     b.say()
     b.say("TARGETS")
     rows = [["ratio", "value", "target", ""]]
@@ -175,7 +192,10 @@ def main() -> int:
                  / max(getattr(results[den][job_name], metric), 1e-9))
         verdict = "" if goal is None else ("PASS" if value >= goal else "MISS")
         rows.append([label, f"{value:.2f}", "-" if goal is None else f">= {goal:g}", verdict])
-    b.say(b.table(rows, right={1, 2}))
+    if len(rows) > 1:
+        b.say(b.table(rows, right={1, 2}))
+    else:
+        b.say("(needs marslib and the case it is compared with)")
     b.say()
     b.say("notes: raw and nbdkit acknowledge a write before it is durable (no FUA, no flush); "
           "raw-dsync and marslib acknowledge only durable writes. nbdkit cache=none only "

@@ -105,6 +105,7 @@ PREFERRED_BLOCK_SIZE = 4096
 MAX_REQUEST_SIZE = 32 << 20  # largest READ/WRITE payload; also NBD_INFO_BLOCK_SIZE maximum
 MAX_OPTION_LENGTH = 64 << 10  # a longer option closes the connection
 MAX_STRING = 4096  # longest export name / message the spec allows
+RECEIVE_BUFFER_SIZE = 256 << 10  # what get_buffer() offers outside of WRITE payloads
 
 OPTION_NAMES = {
     OPT_EXPORT_NAME: "NBD_OPT_EXPORT_NAME",
@@ -322,8 +323,14 @@ class NbdServerConnection:
         self.max_request_size = max_request_size
         self.max_option_length = max_option_length
         self._size: Callable[[], int] = size if callable(size) else _constant(size)
-        self._buf = bytearray()
+        self._buf = bytearray()  # received, not yet parsed from _pos on
         self._pos = 0
+        # a WRITE whose payload is still arriving: (handle, offset, flags) and the payload
+        self._write_req: tuple[int, int, int] = (0, 0, 0)
+        self._payload: bytearray | None = None
+        self._payload_filled = 0
+        self._scratch: bytearray | None = None  # get_buffer's buffer outside of payloads
+        self._recv_into_payload = False
         self._out = bytearray(_GREETING.pack(NBDMAGIC, IHAVEOPT, HANDSHAKE_FLAGS))
         self._phase = Phase.CLIENT_FLAGS
         self._no_zeroes = False
@@ -354,14 +361,52 @@ class NbdServerConnection:
     @property
     def buffered(self) -> int:
         """Received bytes not yet turned into events."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._payload_filled
 
     # --- input --------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes received from the client."""
         if self._phase is Phase.CLOSED or self._phase is Phase.DISCONNECTING:
             return
+        payload = self._payload
+        if payload is not None:
+            filled = self._payload_filled
+            need = len(payload) - filled
+            if len(data) <= need:
+                payload[filled : filled + len(data)] = data
+                self._payload_filled = filled + len(data)
+                return
+            with memoryview(data) as view:
+                payload[filled:] = view[:need]
+                self._payload_filled = len(payload)
+                self._buf += view[need:]
+            return
         self._buf += data
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A buffer to receive into directly (asyncio.BufferedProtocol); then buffer_updated().
+
+        While a large WRITE payload is arriving this is the rest of that payload, so its
+        bytes are copied once, by the kernel.
+        """
+        payload = self._payload
+        if payload is not None:
+            self._recv_into_payload = True
+            return memoryview(payload)[self._payload_filled :]
+        self._recv_into_payload = False
+        if self._scratch is None:
+            self._scratch = bytearray(RECEIVE_BUFFER_SIZE)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were received into the buffer of the last get_buffer()."""
+        if self._phase is Phase.CLOSED or self._phase is Phase.DISCONNECTING:
+            return
+        if self._recv_into_payload:
+            self._payload_filled += nbytes
+        elif self._scratch is not None:
+            with memoryview(self._scratch) as view:
+                self._buf += view[:nbytes]
 
     def receive_eof(self) -> None:
         """The client closed its side; events for complete messages still come first."""
@@ -371,7 +416,10 @@ class NbdServerConnection:
         """The next event, or :data:`NEED_DATA` if the buffered bytes do not complete one."""
         phase = self._phase
         if phase is Phase.TRANSMISSION:
-            event = self._next_request()
+            if self._payload is None:
+                event = self._next_request()
+            else:
+                event = self._payload_event()
         elif phase is Phase.OPTIONS:
             event = self._next_option()
         elif phase is Phase.CLIENT_FLAGS:
@@ -418,9 +466,15 @@ class NbdServerConnection:
     def _close(self, reason: str, clean: bool) -> ConnectionClosed:
         self._phase = Phase.CLOSED
         self._close_reason = reason
+        self._discard_input()
+        return ConnectionClosed(reason, clean)
+
+    def _discard_input(self) -> None:
         self._buf.clear()
         self._pos = 0
-        return ConnectionClosed(reason, clean)
+        self._payload = None
+        self._payload_filled = 0
+        self._recv_into_payload = False
 
     def _on_eof(self) -> ConnectionClosed:
         if self.buffered:
@@ -587,23 +641,22 @@ class NbdServerConnection:
                 )
             start = pos + 28
             end = start + length
-            if len(buf) < end:
-                return NEED_DATA
-            if length <= 65536:
-                data = bytes(buf[start:end])
-            else:  # one copy instead of two
-                with memoryview(buf) as view, view[start:end] as payload:
-                    data = bytes(payload)
-            self._pos = end
-            if flags & ~KNOWN_CMD_FLAGS:
-                return self._bad_flags(flags, command, handle, offset, length)
-            if self.read_only:
-                return RequestError(
-                    handle, command, offset, length, EPERM, "write to a read-only export"
-                )
-            if offset + length > self._size():
-                return self._past_end(command, handle, offset, length, ENOSPC)
-            return WriteRequest(handle, offset, data, bool(flags & CMD_FLAG_FUA))
+            if len(buf) >= end:
+                self._pos = end
+                if length <= 65536:
+                    return self._write_event(handle, offset, flags, bytes(buf[start:end]))
+                with memoryview(buf) as view, view[start:end] as part:  # one copy, not two
+                    return self._write_event(handle, offset, flags, bytes(part))
+            # The payload is incomplete: collect it in a buffer of its own instead of growing
+            # the receive buffer (large bytearray growth is slow).
+            payload = bytearray(length)
+            with memoryview(buf) as view:
+                payload[: len(buf) - start] = view[start:]
+            self._payload_filled = len(buf) - start
+            self._payload = payload
+            self._write_req = (handle, offset, flags)
+            self._pos = len(buf)
+            return NEED_DATA
         self._pos = pos + 28
         if flags & ~KNOWN_CMD_FLAGS:
             return self._bad_flags(flags, command, handle, offset, length)
@@ -633,12 +686,32 @@ class NbdServerConnection:
             return TrimRequest(handle, offset, length, bool(flags & CMD_FLAG_FUA))
         if command == CMD_DISC:
             self._phase = Phase.DISCONNECTING
-            self._buf.clear()
-            self._pos = 0
+            self._discard_input()
             return DisconnectRequest(handle)
         return RequestError(
             handle, command, offset, length, EINVAL, f"unsupported {_command_name(command)}"
         )
+
+    def _payload_event(self) -> Event | _NeedData:
+        payload = self._payload
+        assert payload is not None
+        if self._payload_filled < len(payload):
+            return NEED_DATA
+        self._payload = None
+        self._payload_filled = 0
+        handle, offset, flags = self._write_req
+        return self._write_event(handle, offset, flags, bytes(payload))
+
+    def _write_event(self, handle: int, offset: int, flags: int, data: bytes) -> Event:
+        if flags & ~KNOWN_CMD_FLAGS:
+            return self._bad_flags(flags, CMD_WRITE, handle, offset, len(data))
+        if self.read_only:
+            return RequestError(
+                handle, CMD_WRITE, offset, len(data), EPERM, "write to a read-only export"
+            )
+        if offset + len(data) > self._size():
+            return self._past_end(CMD_WRITE, handle, offset, len(data), ENOSPC)
+        return WriteRequest(handle, offset, data, bool(flags & CMD_FLAG_FUA))
 
     def _past_end(
         self, command: int, handle: int, offset: int, length: int, error: int

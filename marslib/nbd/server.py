@@ -156,7 +156,7 @@ class NbdServer:
             os.unlink(self.socket_path)
 
 
-class _NbdClient(asyncio.Protocol):
+class _NbdClient(asyncio.BufferedProtocol):
     """One client connection: feeds the state machine, runs requests, writes replies."""
 
     def __init__(self, server: NbdServer, conn_id: int) -> None:
@@ -190,8 +190,11 @@ class _NbdClient(asyncio.Protocol):
         self.log.debug("%s: connected", self._prefix)
         self._write(self.conn.data_to_send())
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
         if not self._throttled:
             self._drain()
 
