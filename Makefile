@@ -1,0 +1,26 @@
+# marslib: the two commands of README.md are `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test soak bench lint clean
+
+setup:
+	@scripts/bootstrap.sh
+
+demo: setup
+	$(PY) bin/mars-demo
+
+test: setup
+	$(VENV)/bin/ruff check marslib tests bench bin/mars-demo
+	$(PY) -m pytest -q -rs
+
+soak: setup
+	$(PY) -m pytest -q -rs -m soak
+
+bench: setup
+	$(PY) bench/write_path.py
+	$(PY) bench/writeback_order.py
+
+lint: setup
+	$(VENV)/bin/ruff check marslib tests bench
+	$(VENV)/bin/mypy marslib
