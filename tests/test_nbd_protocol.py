@@ -538,6 +538,77 @@ def test_pipelined_requests_split_at_every_byte() -> None:
         assert events + conn.events() == expected, cut
 
 
+def feed_via_buffer(conn: NbdServerConnection, stream: bytes, chunk: int) -> list[object]:
+    """Feed ``stream`` like asyncio.BufferedProtocol does: recv_into get_buffer()'s buffer."""
+    events: list[object] = []
+    pos = 0
+    while pos < len(stream):
+        buf = conn.get_buffer(-1)
+        n = min(len(buf), chunk, len(stream) - pos)
+        assert n > 0
+        buf[:n] = stream[pos : pos + n]
+        del buf
+        conn.buffer_updated(n)
+        pos += n
+        events += conn.events()
+    return events
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    reqs=st.lists(requests(), min_size=1, max_size=12),
+    chunk=st.integers(min_value=1, max_value=400),
+)
+def test_pipelined_requests_through_get_buffer(
+    reqs: list[tuple[bytes, object]], chunk: int
+) -> None:
+    conn = transmitting()
+    events = feed_via_buffer(conn, b"".join(raw for raw, _ in reqs), chunk)
+    assert events == [expected for _, expected in reqs]
+    assert conn.buffered == 0
+
+
+@pytest.mark.parametrize("use_buffer", [False, True])
+@pytest.mark.parametrize("chunk", [1000, 65536, 300000, 10**7])
+def test_large_writes_arrive_in_any_chunks(use_buffer: bool, chunk: int) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB
+    stream = (
+        write(1, 0, big)
+        + request(p.CMD_READ, 2, 0, 4096)
+        + write(3, 4096, big[:70000], p.CMD_FLAG_FUA)
+        + write(4, SIZE - 10, big[:11])  # past the end: payload skipped, error
+        + request(p.CMD_FLUSH, 5, 0, 0)
+    )
+    conn = transmitting()
+    if use_buffer:
+        events = feed_via_buffer(conn, stream, chunk)
+    else:
+        events = []
+        for start in range(0, len(stream), chunk):
+            conn.receive_data(memoryview(stream)[start : start + chunk])
+            events += conn.events()
+    assert events[:3] == [
+        WriteRequest(1, 0, big, False),
+        ReadRequest(2, 0, 4096),
+        WriteRequest(3, 4096, big[:70000], True),
+    ]
+    assert isinstance(events[3], RequestError) and events[3].error == p.ENOSPC
+    assert events[4:] == [FlushRequest(5)]
+    first = events[0]
+    assert isinstance(first, WriteRequest) and type(first.data) is bytes
+
+
+def test_eof_inside_a_large_payload_is_unclean() -> None:
+    conn = transmitting()
+    conn.receive_data(write(1, 0, bytes(100000))[:50000])
+    assert conn.next_event() is NEED_DATA
+    assert conn.buffered == 50000 - 28
+    conn.receive_eof()
+    [event] = conn.events()
+    assert isinstance(event, ConnectionClosed) and not event.clean
+    assert "49972 bytes" in event.reason
+
+
 def _check_events(events: list[object]) -> None:
     for i, event in enumerate(events):
         assert isinstance(event, EVENT_TYPES)

@@ -377,6 +377,8 @@ class _NbdClient(asyncio.BufferedProtocol):
                 self._finished()
             elif self._closing:
                 self._close_transport()
+            else:
+                self._flush()  # nothing else will complete soon: do not wait for the batch
 
     def _backend_error(self, what: str, exc: Exception) -> int:
         if isinstance(exc, OSError):
