@@ -174,11 +174,12 @@ def write_iops_limit(dev: str, iops: int) -> Iterator[Path | None]:
 
 
 class Marsd:
-    """One marsd serving resource r0 on ``dev``, with its state under ``base``."""
+    """One marsd serving resource r0 on ``dev``, its state in a new directory in ``base``."""
 
     def __init__(self, base: Path, dev: str, args: list[str] | None = None,
                  cgroup: Path | None = None) -> None:
-        self.base = base
+        self.base = Path(tempfile.mkdtemp(prefix="marsd.", dir=base))  # removed on exit
+        base = self.base
         self.dev = dev
         self.args = args or []
         self.cgroup = cgroup
@@ -236,6 +237,7 @@ class Marsd:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.proc is None:
+            shutil.rmtree(self.base, ignore_errors=True)
             return
         if exc_type is not None or self.proc.poll() is not None:
             self.show_log(f"marsd (pid {self.pid}, exit code {self.proc.poll()})")
@@ -247,6 +249,7 @@ class Marsd:
         finally:
             stop_process(self.proc)
             self.proc = None
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def show_log(self, what: str) -> None:
         with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ from marslib.errors import MarsError, UsageError
 from marslib.layout import MarsPaths, check_host_name
 from marslib.logger import LoggerConfig
 from marslib.logsetup import setup_logging
+from marslib.malloc_tuning import tune_malloc
 from marslib.meta import MetaStore
 from marslib.resource import PrimaryResource
 from marslib.sizes import parse_size
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     host = check_host_name(args.host or os.environ.get("MARS_HOST") or socket.gethostname())
     setup_logging(host, args.log_level)
+    tune_malloc()
     config = LoggerConfig(
         max_logfile_size=parse_size(args.max_logfile_size),
         memory_limit=parse_size(args.memory_limit),

@@ -12,10 +12,9 @@ class _Context(logging.Filter):
         self.host = host
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "host"):
-            record.host = self.host
-        record.where = f"{record.resource}@{record.host}" if hasattr(record, "resource") \
-            else str(record.host)
+        host = getattr(record, "host", self.host)
+        resource = getattr(record, "resource", None)
+        record.where = f"{resource}@{host}" if resource else str(host)
         return True
 
 

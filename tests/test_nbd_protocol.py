@@ -598,6 +598,23 @@ def test_large_writes_arrive_in_any_chunks(use_buffer: bool, chunk: int) -> None
     assert isinstance(first, WriteRequest) and type(first.data) is bytes
 
 
+def test_get_buffer_after_a_complete_payload_feeds_the_next_request() -> None:
+    conn = transmitting()
+    stream = write(1, 0, bytes(100000)) + request(p.CMD_FLUSH, 2, 0, 0)
+    conn.receive_data(stream[:1000])
+    assert conn.next_event() is NEED_DATA
+    rest = stream[1000:]
+    while rest:  # no next_event() in between, as when the server is throttled
+        buf = conn.get_buffer()
+        assert len(buf) > 0
+        n = min(len(buf), len(rest))
+        buf[:n] = rest[:n]
+        del buf
+        conn.buffer_updated(n)
+        rest = rest[n:]
+    assert conn.events() == [WriteRequest(1, 0, bytes(100000), False), FlushRequest(2)]
+
+
 def test_eof_inside_a_large_payload_is_unclean() -> None:
     conn = transmitting()
     conn.receive_data(write(1, 0, bytes(100000))[:50000])

@@ -526,6 +526,39 @@ def test_backpressure_bounds_requests_in_flight(srv: Served) -> None:
     client.close()
 
 
+@pytest.fixture
+def big_srv(sock_dir: str) -> Iterator[Served]:
+    yield from serve(sock_dir, MemoryBackend(96 << 20), "big.sock")
+
+
+def test_large_requests_and_the_byte_limit(big_srv: Served) -> None:
+    gate = big_srv.lt.call(asyncio.Event)
+    big_srv.backend.write_gate = gate
+    client = RawClient(big_srv.path)
+    chunks = [bytes([i + 1]) * (16 << 20) for i in range(6)]
+
+    def send_all() -> None:
+        for i, chunk in enumerate(chunks):
+            client.send(p.CMD_WRITE, i, i * len(chunk), len(chunk), chunk)
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while big_srv.backend.active < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert big_srv.backend.active == 4  # 64 MiB of payload in flight: reading stopped
+    big_srv.lt.loop.call_soon_threadsafe(gate.set)
+    sender.join(20)
+    assert sorted(client.reply()[1] for _ in chunks) == list(range(6))
+    assert big_srv.backend.max_active == 4
+    assert big_srv.backend.data == b"".join(chunks)
+    error, data = client.read(9, (16 << 20) - 5, 1 << 20)  # a reply sent in two writes
+    assert error == 0 and data == b"\1" * 5 + b"\2" * ((1 << 20) - 5)
+    client.close()
+
+
 def test_export_can_grow_while_connected(srv: Served) -> None:
     client = RawClient(srv.path)
     assert client.size == SIZE

@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from marslib.errors import MarsError
-
 # --- magic numbers ------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT", also the magic of every option request
@@ -160,10 +158,6 @@ def nbd_error_from_errno(err: int | None) -> int:
     if err is None:
         return EIO
     return _ERRNO_TO_NBD.get(err, EIO)
-
-
-class NbdProtocolError(MarsError):
-    """The caller used the state machine in a way its current state does not allow."""
 
 
 class Phase(Enum):
@@ -390,10 +384,10 @@ class NbdServerConnection:
         bytes are copied once, by the kernel.
         """
         payload = self._payload
-        if payload is not None:
+        if payload is not None and self._payload_filled < len(payload):
             self._recv_into_payload = True
             return memoryview(payload)[self._payload_filled :]
-        self._recv_into_payload = False
+        self._recv_into_payload = False  # bytes after a complete payload go to _buf
         if self._scratch is None:
             self._scratch = bytearray(RECEIVE_BUFFER_SIZE)
         return memoryview(self._scratch)
@@ -644,9 +638,11 @@ class NbdServerConnection:
             if len(buf) >= end:
                 self._pos = end
                 if length <= 65536:
-                    return self._write_event(handle, offset, flags, bytes(buf[start:end]))
-                with memoryview(buf) as view, view[start:end] as part:  # one copy, not two
-                    return self._write_event(handle, offset, flags, bytes(part))
+                    data = bytes(buf[start:end])
+                else:
+                    with memoryview(buf) as view, view[start:end] as part:  # one copy, not two
+                        data = bytes(part)
+                return self._write_event(handle, offset, flags, data)
             # The payload is incomplete: collect it in a buffer of its own instead of growing
             # the receive buffer (large bytearray growth is slow).
             payload = bytearray(length)

@@ -167,12 +167,12 @@ class _NbdClient(asyncio.BufferedProtocol):
         self.conn = NbdServerConnection(
             server.export_name, server.backend.size, read_only=server.backend.read_only
         )
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.inflight = 0
         self.inflight_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop = asyncio.get_running_loop()
         self._out: list[bytes] = []  # replies not yet handed to the transport
         self._throttled = False  # too much in flight: events are left in the state machine
         self._writing_paused = False
@@ -242,6 +242,9 @@ class _NbdClient(asyncio.BufferedProtocol):
         if self._open:
             self._open = False
             self.server._change_open_count(-1)
+            self.log.info(
+                "%s: closed export (open count now %d)", self._prefix, self.server.open_count
+            )
         self.server._client_gone(self)
         self.done.set_result(None)
 
@@ -292,7 +295,7 @@ class _NbdClient(asyncio.BufferedProtocol):
         """Turn buffered bytes into requests until none is complete or too much is in flight."""
         next_event = self.conn.next_event
         tasks = self._tasks
-        create_task = asyncio.get_running_loop().create_task
+        create_task = self._loop.create_task
         while True:
             event = next_event()
             if isinstance(event, WriteRequest):
