@@ -206,6 +206,7 @@ class Logger:
         self._write_map(replay_map, None)
         self.device.flush()
         self._next_seq = (pos.seq if pos else 0) + 1
+        self._log_end = None
         if last_file is not None and last_file[1] == self.host and not last_file[2]:
             number = last_file[0]  # continue our own unfinished logfile
         elif last_file is not None:
@@ -233,10 +234,13 @@ class Logger:
         return report
 
     def _open_logfile(self, number: int) -> None:
+        """Start appending to logfile ``number``; the log ends at its current size."""
         path = self.paths.logfile(self.resource, number, self.host)
         self._appender = LogAppender(path)
         self._number = number
-        self._log_end = LogPosition(number, self._appender.size, self._next_seq - 1, self.host)
+        # the last durable record, not _next_seq - 1: queued writes already hold seqs
+        durable_seq = self._log_end.seq if self._log_end else self._next_seq - 1
+        self._log_end = LogPosition(number, self._appender.size, durable_seq, self.host)
 
     def _finish_logfile(self, end: LogPosition) -> None:
         """Write the version link of a logfile that will get no more records."""
