@@ -29,6 +29,7 @@ from marslib.layout import MarsPaths, logfile_name
 from marslib.logfile import LogAppender, LogScanner, StopKind, find_record_after
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.writeback import WritebackCounters, write_in_order, write_sorted
 
 log = logging.getLogger(__name__)
 
@@ -392,46 +393,13 @@ class Logger:
 
     def _write_map(self, gen: ExtentMap, arrivals: list[tuple[int, bytes]] | None) -> None:
         """Copy one generation to the device and make it durable (runs in a thread)."""
-        dev = self.device
+        counters = WritebackCounters()
         if arrivals is not None and self.config.writeback_order == "arrival":
-            for offset, data in arrivals:
-                dev.pwrite(offset, data)
-                self.stats.device_writes += 1
-                self.stats.writeback_bytes += len(data)
+            write_in_order(self.device, arrivals, counters)
         else:
-            for start, end, pieces in self._merged_chunks(gen):
-                image = bytearray(end - start)
-                view = memoryview(image)
-                covered = sum(len(p.data) for p in pieces) == end - start and \
-                    pieces[0].start == start
-                if not covered:
-                    dev.read_envelope_into(start, view)
-                for p in pieces:
-                    view[p.start - start : p.end - start] = p.data
-                dev.write_envelope(start, view)
-                self.stats.device_writes += 1
-                self.stats.writeback_bytes += end - start
-        if len(gen):
-            dev.flush()
-
-    def _merged_chunks(self, gen: ExtentMap):  # type: ignore[no-untyped-def]
-        """Group extents whose aligned envelopes touch into device-sized chunks."""
-        a = self.device.alignment
-        limit = self.config.writeback_chunk
-        cur_start = cur_end = -1
-        pieces: list = []
-        for ext in gen:
-            e_start = ext.start - ext.start % a
-            e_end = -(-ext.end // a) * a
-            if pieces and e_start <= cur_end and max(cur_end, e_end) - cur_start <= limit:
-                cur_end = max(cur_end, e_end)
-                pieces.append(ext)
-                continue
-            if pieces:
-                yield cur_start, cur_end, pieces
-            cur_start, cur_end, pieces = e_start, e_end, [ext]
-        if pieces:
-            yield cur_start, cur_end, pieces
+            write_sorted(self.device, gen, self.config.writeback_chunk, counters)
+        self.stats.device_writes += counters.device_writes
+        self.stats.writeback_bytes += counters.bytes
 
     # ------------------------------------------------------------------ reads
     async def read(self, offset: int, length: int) -> bytearray:

@@ -1,0 +1,1 @@
+"""Networking: authenticated framed connections between marsd instances."""
