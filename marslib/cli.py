@@ -17,13 +17,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from marslib import __version__, control
 from marslib.device import probe_size
 from marslib.errors import DeviceError, MarsError, Refused, TimedOut, UsageError
 from marslib.layout import MarsPaths, check_host_name, check_resource_name
-from marslib.meta import MetaStore
+from marslib.meta import MetaStore, MetaValue
 from marslib.position import LogPosition
 from marslib.sizes import format_size, parse_size
 
@@ -447,6 +448,322 @@ def cron(ctx: Ctx) -> dict[str, Any]:
     if not actions:
         ctx.say("nothing to do")
     return {"changed": bool(actions) and not ctx.dry_run, "actions": actions}
+
+
+# ------------------------------------------------------------ membership
+def _join_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("peer", help="address of a host that is already a member")
+    p.add_argument("--ip", required=True, help="address other hosts reach this one at")
+    p.add_argument("--ssh-user", default="root")
+    p.add_argument("--ssh-key", help="private key file (default: ssh agent / ~/.ssh)")
+    p.add_argument("--ssh-port", type=int, default=22)
+    p.add_argument("--remote-root", default="/mars", help="the peer's state root")
+    p.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust an unknown ssh host key (first contact, labs)")
+    p.add_argument("--from-root", help="read the cluster from this local state root instead "
+                   "of ssh (a member on the same machine, tests)")
+
+
+ClusterFacts = tuple[bytes, str, int, list[tuple[str, str, int]]]
+
+
+def _read_cluster(read_file, readlink, lstat_ns, listdir, root: str) -> ClusterFacts:  # type: ignore[no-untyped-def]
+    """secret, uuid, uuid stamp and ips/ of a member's state root, through any transport."""
+    secret = read_file(f"{root}/secret").strip()
+    uuid_value = readlink(f"{root}/uuid")
+    ips = [(n, readlink(f"{root}/ips/{n}"), lstat_ns(f"{root}/ips/{n}"))
+           for n in listdir(f"{root}/ips")]
+    return secret, uuid_value, lstat_ns(f"{root}/uuid"), ips
+
+
+def _cluster_over_ssh(ctx: Ctx) -> ClusterFacts:
+    import paramiko  # only this path needs it
+
+    a = ctx.args
+    client = paramiko.SSHClient()
+    client.load_system_host_keys()
+    if a.accept_new_host_key:
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    try:
+        client.connect(a.peer, port=a.ssh_port, username=a.ssh_user, key_filename=a.ssh_key,
+                       timeout=ctx.timeout, allow_agent=a.ssh_key is None,
+                       look_for_keys=a.ssh_key is None)
+    except (paramiko.SSHException, OSError) as exc:
+        raise Refused(f"cannot ssh to {a.ssh_user}@{a.peer}:{a.ssh_port}: {exc}") from None
+    try:
+        sftp = client.open_sftp()
+
+        def read_file(path: str) -> bytes:
+            with sftp.open(path) as f:
+                return bytes(f.read())
+
+        def lstat_ns(path: str) -> int:
+            return int(sftp.lstat(path).st_mtime or 0) * 10**9
+
+        return _read_cluster(read_file, sftp.readlink, lstat_ns, sftp.listdir,
+                             a.remote_root.rstrip("/"))
+    except OSError as exc:
+        raise Refused(f"{a.peer}:{a.remote_root} holds no cluster ({exc}); check "
+                      "--remote-root") from None
+    finally:
+        client.close()
+
+
+def _cluster_from_dir(ctx: Ctx) -> ClusterFacts:
+    root = ctx.args.from_root.rstrip("/")
+    try:
+        return _read_cluster(lambda p: Path(p).read_bytes(), os.readlink,
+                             lambda p: os.lstat(p).st_mtime_ns, os.listdir, root)
+    except OSError as exc:
+        raise Refused(f"{root} holds no cluster ({exc})") from None
+
+
+@verb("join-cluster", "join an existing cluster (copies its id and secret over ssh)",
+      _join_cluster_args)
+def join_cluster(ctx: Ctx) -> dict[str, Any]:
+    if ctx.meta.get("uuid") is not None:
+        raise Refused(f"{ctx.paths.root} already belongs to cluster {ctx.meta.get('uuid')}")
+    a = ctx.args
+    if ctx.dry_run:
+        ctx.say(f"would join the cluster of {a.peer} as {ctx.host} ({a.ip})")
+        return {"changed": True, "dry_run": True}
+    secret, uuid_value, uuid_stamp, ips = (
+        _cluster_from_dir(ctx) if a.from_root else _cluster_over_ssh(ctx))
+    if not uuid_value:
+        raise Refused(f"{a.peer}:{a.remote_root}/uuid is empty")
+    ctx.paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(ctx.paths.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    for name, value, stamp in ips:
+        if name.startswith("ip-") and value:
+            ctx.meta.merge(MetaValue(f"ips/{name}", value, stamp))
+    ctx.meta.set(f"ips/ip-{ctx.host}", a.ip)
+    ctx.meta.set(f"version-{ctx.host}", __version__)
+    ctx.meta.merge(MetaValue("uuid", uuid_value, uuid_stamp))
+    ctx.say(f"joined cluster {uuid_value} through {a.peer}; this host is {ctx.host} ({a.ip}); "
+            "start marsd to exchange metadata")
+    return {"changed": True, "uuid": uuid_value, "host": ctx.host}
+
+
+@verb("leave-cluster", "leave the cluster (only when no resource is left here)")
+def leave_cluster(ctx: Ctx) -> dict[str, Any]:
+    ctx.require_cluster()
+    mine = [r for r in ctx.paths.resources()
+            if ctx.meta.get(ctx.rkey(r, f"data-{ctx.host}")) is not None]
+    if mine:
+        raise Refused(f"this host still holds resources {', '.join(mine)}: run "
+                      "leave-resource for each first")
+    if ctx.dry_run:
+        return {"changed": True, "dry_run": True}
+    ctx.meta.delete(f"ips/ip-{ctx.host}")
+    ctx.say(f"{ctx.host} left the cluster; stop marsd, then remove {ctx.paths.root}")
+    return {"changed": True}
+
+
+def _join_resource_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("device", help="data device on this host (at least the resource's size)")
+    p.add_argument("--buffered", action="store_true", help="no O_DIRECT (tests only)")
+    p.add_argument("--wait", action="store_true", help="wait until the full sync is done")
+
+
+@verb("join-resource", "become a secondary of a resource: full sync, then fetch and replay",
+      _join_resource_args)
+def join_resource(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    check_resource_name(name)
+    ctx.require_cluster()
+    _wait_for(ctx, f"resource {name} to be known here (metadata from its primary)",
+              lambda: ctx.meta.get(ctx.rkey(name, "size")) is not None)
+    if ctx.meta.get(ctx.rkey(name, f"data-{ctx.host}")) is not None:
+        raise Refused(f"this host is already a member of {name}")
+    dev = os.path.abspath(ctx.args.device)
+    if not os.path.exists(dev):
+        raise Refused(f"data device {dev} does not exist: create the LV (or file) first")
+    size = int(ctx.meta.get(ctx.rkey(name, "size")) or 0)
+    if probe_size(dev) < size:
+        raise Refused(f"{dev} has {format_size(probe_size(dev))}, resource {name} needs "
+                      f"{format_size(size)}: grow the device first")
+    if ctx.dry_run:
+        ctx.say(f"would join {name} with {dev} and start a full sync")
+        return {"changed": True, "dry_run": True}
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    if ctx.args.buffered:
+        ctx.meta.set(r(f"buffered-{ctx.host}"), "1")
+    for switch in ("fetch", "replay", "sync"):
+        ctx.meta.set(r(f"todo-{ctx.host}/{switch}"), "1")
+    ctx.meta.set(r(f"syncstatus-{ctx.host}"), f"0/{size}")
+    ctx.meta.set(r(f"data-{ctx.host}"), dev)
+    ctx.meta.set(r(f"todo-{ctx.host}/attach"), "1", durable=True)
+    ctx.say(f"joined {name} with {dev}; full sync from {ctx.meta.get(r('primary'))} starts")
+    _poke(ctx)
+    if ctx.args.wait:
+        _wait_sync(ctx, name)
+    return {"changed": True, "resource": name, "device": dev}
+
+
+@verb("leave-resource", "stop being a secondary of a resource", _resource_arg)
+def leave_resource(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    if ctx.meta.get(ctx.rkey(name, "primary")) == ctx.host:
+        raise Refused(f"{ctx.host} is the primary of {name}: hand over to another member "
+                      "first (marsadm primary on the new primary)")
+    if ctx.meta.get(ctx.rkey(name, f"data-{ctx.host}")) is None:
+        return {"changed": False}
+    if ctx.dry_run:
+        return {"changed": True, "dry_run": True}
+    ctx.meta.set(ctx.rkey(name, f"todo-{ctx.host}/attach"), "0")
+    _poke(ctx)
+    if ctx.daemon_status() is not None:
+        _wait_for(ctx, f"resource {name} to stop here",
+                  lambda: name not in ctx.daemon("status")["resources"])
+    for key in (f"data-{ctx.host}", f"replay-{ctx.host}", f"syncstatus-{ctx.host}",
+                f"syncpos-{ctx.host}", f"buffered-{ctx.host}"):
+        ctx.meta.delete(ctx.rkey(name, key))
+    for mv in ctx.meta.items(f"resource-{name}/todo-{ctx.host}") + \
+            ctx.meta.items(f"resource-{name}/actual-{ctx.host}"):
+        ctx.meta.delete(mv.key)
+    for _, host, path in ctx.paths.logfiles(name):
+        if host != ctx.host:
+            path.unlink()
+    ctx.say(f"{ctx.host} left {name}")
+    return {"changed": True}
+
+
+def _switch_verb(switch: str, value: str) -> Verb:
+    def run(ctx: Ctx) -> dict[str, Any]:
+        name = ctx.args.resource
+        ctx.require_resource(name)
+        key = ctx.rkey(name, f"todo-{ctx.host}/{switch}")
+        changed = ctx.meta.get(key, "1") != value
+        if ctx.dry_run:
+            return {"changed": changed, "dry_run": True}
+        ctx.meta.set(key, value)
+        _poke(ctx)
+        if switch == "replay" and value == "0" and ctx.daemon_status() is not None:
+            _wait_for(ctx, f"replay of {name} to pause",
+                      lambda: ctx.daemon("status")["resources"].get(name, {}).get(
+                          "replay_paused", True))
+        ctx.say(f"{name}: {switch} {'resumed' if value == '1' else 'paused'} on {ctx.host}")
+        return {"changed": changed}
+    return run
+
+
+for _switch in ("fetch", "replay", "sync"):
+    verb(f"pause-{_switch}", f"pause {_switch} of a resource on this host",
+         _resource_arg)(_switch_verb(_switch, "0"))
+    verb(f"resume-{_switch}", f"resume {_switch} of a resource on this host",
+         _resource_arg)(_switch_verb(_switch, "1"))
+
+
+@verb("disconnect", "stop fetching and syncing a resource (replay what is here)",
+      _resource_arg)
+def disconnect(ctx: Ctx) -> dict[str, Any]:
+    a = _switch_verb("fetch", "0")(ctx)
+    b = _switch_verb("sync", "0")(ctx)
+    return {"changed": a["changed"] or b["changed"]}
+
+
+@verb("connect", "resume fetching and syncing a resource", _resource_arg)
+def connect(ctx: Ctx) -> dict[str, Any]:
+    a = _switch_verb("fetch", "1")(ctx)
+    b = _switch_verb("sync", "1")(ctx)
+    return {"changed": a["changed"] or b["changed"]}
+
+
+def _invalidate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("--wait", action="store_true", help="wait until the full sync is done")
+
+
+@verb("invalidate", "resync this secondary from the primary (fast full sync)",
+      _invalidate_args)
+def invalidate(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    if ctx.meta.get(ctx.rkey(name, "primary")) == ctx.host:
+        raise Refused(f"{ctx.host} is the primary of {name}: only a secondary can be "
+                      "invalidated")
+    if ctx.meta.get(ctx.rkey(name, f"data-{ctx.host}")) is None:
+        raise Refused(f"{ctx.host} is not a member of {name}: use join-resource")
+    if ctx.dry_run:
+        return {"changed": True, "dry_run": True}
+    size = int(ctx.meta.get(ctx.rkey(name, "size")) or 0)
+    ctx.meta.set(ctx.rkey(name, f"syncstatus-{ctx.host}"), f"0/{size}")
+    _poke(ctx)
+    ctx.say(f"{name}: full sync from the primary restarted on {ctx.host}")
+    if ctx.args.wait:
+        _wait_sync(ctx, name)
+    return {"changed": True}
+
+
+def _progress_line(label: str, done: int, total: int, rate: float, eta: float | None) -> str:
+    width = 30
+    frac = done / total if total else 1.0
+    bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+    eta_text = f"{eta:.0f}s" if eta is not None else "?"
+    return (f"{label} [{bar}] {frac * 100:5.1f}% {format_size(done)}/{format_size(total)} "
+            f"{rate / 1e6:.1f} MB/s ETA {eta_text}")
+
+
+def _show_progress(ctx: Ctx, line: str) -> None:
+    if not ctx.args.json and sys.stderr.isatty():
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+
+
+def _wait_sync(ctx: Ctx, name: str) -> None:
+    def done() -> bool:
+        if ctx.meta.get(ctx.rkey(name, f"syncstatus-{ctx.host}")) == "done":
+            return True
+        st = ctx.daemon("status")["resources"].get(name, {})
+        if "sync_done" in st:
+            _show_progress(ctx, _progress_line(f"sync {name}", st["sync_done"],
+                                               st["sync_size"], st["sync_rate"],
+                                               st.get("sync_eta")))
+        return False
+    _wait_for(ctx, f"the full sync of {name}", done)
+    _show_progress(ctx, "\n")
+
+
+WAIT_CONDITIONS = ("sync-off", "consistent", "up-to-date", "primary", "secondary")
+
+
+def _wait_resource_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("condition", choices=WAIT_CONDITIONS)
+
+
+@verb("wait-resource", "wait until a resource reaches a condition on this host",
+      _wait_resource_args)
+def wait_resource(ctx: Ctx) -> dict[str, Any]:
+    name, cond = ctx.args.resource, ctx.args.condition
+    ctx.require_resource(name)
+    if cond == "sync-off":
+        _wait_sync(ctx, name)
+        return {"changed": False}
+
+    def reached() -> bool:
+        st = ctx.daemon("status")["resources"].get(name, {})
+        if cond == "primary":
+            return st.get("role") == "primary"
+        if cond == "secondary":
+            return st.get("role") == "secondary"
+        if cond == "consistent":
+            return bool(st.get("consistent"))
+        return bool(st.get("consistent")) and _up_to_date(st)
+    _wait_for(ctx, f"{name} to be {cond}", reached)
+    return {"changed": False}
+
+
+def _up_to_date(st: dict[str, Any]) -> bool:
+    """A secondary has applied everything the primary had when it last answered."""
+    if st.get("role") != "secondary" or "replay" not in st:
+        return st.get("role") == "primary"
+    pos = LogPosition.decode(st["replay"])
+    return pos.logfile == st.get("fetch_logfile") and \
+        pos.offset >= st.get("fetch_remote_end", -1) >= 0
 
 
 # --------------------------------------------------------------------- main

@@ -19,13 +19,18 @@ from typing import Any
 
 from marslib import __version__
 from marslib.errors import MarsError, UsageError
+from marslib.fetch import FetchService
 from marslib.layout import MarsPaths, check_host_name
-from marslib.logger import LoggerConfig
+from marslib.logger import Logger, LoggerConfig
 from marslib.logsetup import setup_logging
 from marslib.malloc_tuning import tune_malloc
 from marslib.meta import MetaStore
+from marslib.metasync import MetaSync
+from marslib.net.conn import read_secret, serve
 from marslib.resource import PrimaryResource
+from marslib.secondary import NetConfig, SecondaryResource
 from marslib.sizes import parse_size
+from marslib.sync import SYNC_DONE, SyncService
 
 log = logging.getLogger("marslib.daemon")
 
@@ -35,12 +40,21 @@ RETRY_FAILED_AFTER = 10.0
 class Marsd:
     """The daemon of one host."""
 
-    def __init__(self, paths: MarsPaths, host: str, config: LoggerConfig) -> None:
+    def __init__(self, paths: MarsPaths, host: str, config: LoggerConfig,
+                 listen: str | None = None, port_base: int = 7777,
+                 connections: int = 2) -> None:
         self.paths = paths
         self.host = host
         self.config = config
+        self.listen = listen
+        self.port_base = port_base
+        self.connections = connections
         self.meta = MetaStore(paths.root)
         self.primaries: dict[str, PrimaryResource] = {}
+        self.secondaries: dict[str, SecondaryResource] = {}
+        self.net: NetConfig | None = None
+        self.metasync: MetaSync | None = None
+        self.servers: list[asyncio.Server] = []
         self.failures: dict[str, tuple[float, str]] = {}
         self._lock = asyncio.Lock()
         self._poke = asyncio.Event()
@@ -63,6 +77,7 @@ class Marsd:
                 sock.unlink()
         self._control = await asyncio.start_unix_server(self._client, path=str(sock))
         os.chmod(sock, 0o600)
+        await self._start_network()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -70,6 +85,8 @@ class Marsd:
         log.info("marsd %s started on %s (root %s)", __version__, self.host, self.paths.root)
         try:
             while not self._stop.is_set():
+                if self.metasync is not None:
+                    self.metasync.sync_peers()
                 await self.reconcile()
                 self.meta.set(f"alive-{self.host}", str(int(time.time())))
                 try:
@@ -78,8 +95,12 @@ class Marsd:
                     pass
         finally:
             self._control.close()
+            for server in self.servers:
+                server.close()
+            if self.metasync is not None:
+                self.metasync.close()
             async with self._lock:
-                for name in list(self.primaries):
+                for name in list(self.primaries) + list(self.secondaries):
                     await self._stop_resource(name)
             try:
                 sock.unlink()
@@ -87,13 +108,48 @@ class Marsd:
                 pass
             log.info("marsd stopped")
 
+    async def _start_network(self) -> None:
+        uuid = self.meta.get("uuid") or ""
+        try:
+            secret = read_secret(self.paths.secret)
+        except FileNotFoundError:
+            raise MarsError(f"{self.paths.secret} is missing: this host has no cluster "
+                            "secret (join-cluster copies it)") from None
+        base = self.port_base
+        self.net = NetConfig(uuid, secret, base, base + 1, base + 2, self.connections,
+                             self.connections)
+        listen = self.listen or self.meta.get(f"ips/ip-{self.host}") or "0.0.0.0"
+        self.metasync = MetaSync(self.meta, self.host, uuid, secret, base)
+        fetch = FetchService(self.paths, self._logger_of)
+        sync = SyncService(self._logger_of)
+        common = {"host": self.host, "uuid": uuid, "secret": secret}
+        adapter = logging.LoggerAdapter(log, {"host": self.host})
+        try:
+            for port, handler, channel in ((base, self.metasync.handle, "meta"),
+                                           (base + 1, fetch.handle, "fetch"),
+                                           (base + 2, sync.handle, "sync")):
+                self.servers.append(await serve(listen, port, handler, channel=channel,
+                                                logger=adapter, **common))  # type: ignore[arg-type]
+        except OSError as exc:
+            raise MarsError(f"cannot listen on {listen} ports {base}-{base + 2}: "
+                            f"{exc.strerror}") from None
+        log.info("listening on %s ports %d (meta), %d (fetch), %d (sync)", listen, base,
+                 base + 1, base + 2)
+
+    def _logger_of(self, name: str) -> Logger | None:
+        res = self.primaries.get(name)
+        return res.logger if res is not None else None
+
     async def _wait_poke_or_stop(self) -> None:
-        poke = asyncio.create_task(self._poke.wait())
-        stop = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({poke, stop}, return_when=asyncio.FIRST_COMPLETED)
-        poke.cancel()
-        stop.cancel()
+        waits = [asyncio.create_task(self._poke.wait()), asyncio.create_task(self._stop.wait())]
+        if self.metasync is not None:
+            waits.append(asyncio.create_task(self.metasync.changed.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
         self._poke.clear()
+        if self.metasync is not None:
+            self.metasync.changed.clear()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -132,37 +188,64 @@ class Marsd:
         raise UsageError(f"unknown command {cmd!r}")
 
     def status(self) -> dict[str, Any]:
+        resources = {name: res.status() for name, res in self.primaries.items()}
+        resources.update({name: res.status() for name, res in self.secondaries.items()})
+        peers = {}
+        if self.metasync is not None:
+            for name, bundle in self.metasync.peers.items():
+                peers[name] = {"connected": bundle.connections > 0,
+                               "error": bundle.last_error}
         return {
             "host": self.host,
-            "resources": {name: res.status() for name, res in self.primaries.items()},
+            "peers": peers,
+            "resources": resources,
             "failures": {name: msg for name, (_, msg) in self.failures.items()},
         }
 
     # ------------------------------------------------------------- reconcile
-    def _wants_primary(self, name: str) -> bool:
+    def _wanted_role(self, name: str) -> str | None:
+        """"primary", "secondary" or None (not attached here)."""
         m = self.meta
         r = f"resource-{name}"
-        return (
-            m.get(f"{r}/primary") == self.host
-            and m.get(f"{r}/todo-{self.host}/attach") == "1"
-            and m.get(f"{r}/data-{self.host}") is not None
-        )
+        if m.get(f"{r}/todo-{self.host}/attach") != "1" or m.get(f"{r}/data-{self.host}") is None:
+            return None
+        primary = m.get(f"{r}/primary")
+        if primary == self.host:
+            return "primary"
+        return "secondary" if primary else None
 
     async def reconcile(self) -> None:
         async with self._lock:
-            names = set(self.paths.resources()) | set(self.primaries)
+            names = set(self.paths.resources()) | set(self.primaries) | set(self.secondaries)
             for name in sorted(names):
-                want = self._wants_primary(name)
-                if want and name not in self.primaries:
+                want = self._wanted_role(name)
+                running = "primary" if name in self.primaries else \
+                    "secondary" if name in self.secondaries else None
+                if running == "secondary" and want == "secondary":
+                    sec = self.secondaries[name]
+                    syncing = self.meta.get(f"resource-{name}/syncstatus-{self.host}") != \
+                        SYNC_DONE
+                    if syncing and sec.phase != "syncing":
+                        running = None  # invalidated: restart with a full sync
+                        await self._stop_resource(name)
+                    else:
+                        sec.apply_switches()
+                if running is not None and running != want:
+                    await self._stop_resource(name)
+                    running = None
+                if want is not None and running is None:
                     failed = self.failures.get(name)
                     if failed and time.monotonic() - failed[0] < RETRY_FAILED_AFTER:
                         continue
-                    await self._start_resource(name)
-                elif not want and name in self.primaries:
-                    await self._stop_resource(name)
+                    await self._start_resource(name, want)
 
-    async def _start_resource(self, name: str) -> None:
-        res = PrimaryResource(name, self.host, self.paths, self.meta, self.config)
+    async def _start_resource(self, name: str, role: str = "primary") -> None:
+        res: PrimaryResource | SecondaryResource
+        if role == "primary":
+            res = PrimaryResource(name, self.host, self.paths, self.meta, self.config)
+        else:
+            assert self.net is not None
+            res = SecondaryResource(name, self.host, self.paths, self.meta, self.net)
         try:
             await res.start()
         except (MarsError, OSError, RuntimeError) as exc:
@@ -172,10 +255,15 @@ class Marsd:
             self.meta.set(f"resource-{name}/actual-{self.host}/error", msg[:1000])
             return
         self.failures.pop(name, None)
-        self.primaries[name] = res
+        if isinstance(res, PrimaryResource):
+            self.primaries[name] = res
+        else:
+            self.secondaries[name] = res
 
     async def _stop_resource(self, name: str) -> None:
-        res = self.primaries.pop(name)
+        res: PrimaryResource | SecondaryResource | None = self.primaries.pop(name, None)
+        if res is None:
+            res = self.secondaries.pop(name)
         await res.stop()
 
     def poke(self) -> None:
@@ -194,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compress", type=int, default=None, metavar="LEVEL",
                         help="zstd-compress log records at LEVEL where that shrinks them")
     parser.add_argument("--writeback-order", choices=["sorted", "arrival"], default="sorted")
+    parser.add_argument("--listen", help="address for the network ports (default: this "
+                        "host's address in the cluster, else all)")
+    parser.add_argument("--port-base", type=int, default=7777,
+                        help="metadata port; fetch and sync use the next two (7778, 7779)")
+    parser.add_argument("--connections", type=int, default=2,
+                        help="connections bundled per peer for fetch and sync (1-8)")
     args = parser.parse_args(argv)
     host = check_host_name(args.host or os.environ.get("MARS_HOST") or socket.gethostname())
     setup_logging(host, args.log_level)
@@ -204,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         compress_level=args.compress,
         writeback_order=args.writeback_order,
     )
-    daemon = Marsd(MarsPaths.from_env(args.root, args.run_dir), host, config)
+    daemon = Marsd(MarsPaths.from_env(args.root, args.run_dir), host, config,
+                   listen=args.listen, port_base=args.port_base,
+                   connections=max(1, min(args.connections, 8)))
     try:
         asyncio.run(daemon.run())
     except MarsError as exc:

@@ -91,10 +91,12 @@ class LogScanner:
     """Iterate the valid records of one logfile from ``start``; afterwards ``stop`` says
     where and why reading ended. ``expect_seq`` checks sequence continuity."""
 
-    def __init__(self, path: Path, start: int = 0, expect_seq: int | None = None) -> None:
+    def __init__(self, path: Path, start: int = 0, expect_seq: int | None = None,
+                 limit: int | None = None) -> None:
         self.path = path
         self.start = start
         self.expect_seq = expect_seq
+        self.limit = limit  # read no further than this (bytes known to be complete)
         self.stop: ScanStop | None = None
         self.last_seq: int | None = None
 
@@ -102,6 +104,8 @@ class LogScanner:
         """Yield ``(record_offset, end_offset, record)`` for each valid record."""
         with open(self.path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
+            if self.limit is not None:
+                size = min(size, self.limit)
             pos = self.start
             buf = b""
             base = pos  # file offset of buf[0]
@@ -112,7 +116,7 @@ class LogScanner:
                 except RecordError as exc:
                     if exc.problem is Problem.SHORT and base + len(buf) < size:
                         f.seek(base + len(buf))
-                        more = f.read(READ_CHUNK)
+                        more = f.read(min(READ_CHUNK, size - base - len(buf)))
                         buf = buf[rel:] + more
                         base = pos
                         continue
@@ -135,16 +139,17 @@ class LogScanner:
             if pos >= size:
                 return ScanStop(StopKind.END, pos, size)
             return ScanStop(StopKind.TORN, pos, size, exc.detail)
-        if exc.problem is Problem.ZERO and not self._any_data_after(pos):
+        if exc.problem is Problem.ZERO and not self._any_data_after(pos, size):
             return ScanStop(StopKind.TORN, pos, size, "zero-filled tail")
         return ScanStop(StopKind.CORRUPT, pos, size, str(exc).split(": ", 1)[-1])
 
-    def _any_data_after(self, pos: int) -> bool:
+    def _any_data_after(self, pos: int, size: int) -> bool:
         with open(self.path, "rb") as f:
             f.seek(pos)
-            while chunk := f.read(1 << 20):
+            while pos < size and (chunk := f.read(min(1 << 20, size - pos))):
                 if any(chunk):
                     return True
+                pos += len(chunk)
         return False
 
 

@@ -126,6 +126,7 @@ class Logger:
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: str | None = None
         self._stopping = False
+        self._grew = asyncio.Event()  # set (and replaced) whenever the durable log grows
 
     # ------------------------------------------------------------------ keys
     @property
@@ -328,6 +329,7 @@ class Logger:
             self.stats.bytes_written += len(p.data)
         self._log_end = LogPosition(self._number, size, batch[-1].seq, self.host)
         self._active_end = self._log_end
+        self._notify_growth()
         self._clear_error()
         for p in batch:
             if not p.future.done():
@@ -335,6 +337,22 @@ class Logger:
         self._writeback_wake.set()
         if size >= self.config.max_logfile_size:
             await self._rotate_locked()
+
+    def _notify_growth(self) -> None:
+        grew, self._grew = self._grew, asyncio.Event()
+        grew.set()
+
+    @property
+    def log_end(self) -> LogPosition | None:
+        """The end of the durable log: what secondaries may fetch."""
+        return self._log_end
+
+    async def wait_growth(self, timeout: float) -> None:
+        """Return when the durable log grows, or after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._grew.wait(), timeout)
+        except TimeoutError:
+            pass
 
     # --------------------------------------------------------------- rotation
     async def rotate(self) -> str:
@@ -349,6 +367,7 @@ class Logger:
         await asyncio.to_thread(self._finish_logfile, end)
         self._appender.close()
         await asyncio.to_thread(self._open_logfile, self._number + 1)
+        self._notify_growth()
         if self._applied == end and not len(self._active) and len(self._maps) == 1:
             self._applied = self._active_end = self._log_end
             await asyncio.to_thread(self._save_position)
@@ -456,6 +475,7 @@ class Logger:
                 size = await asyncio.to_thread(self._appender.append, [rec])
                 self._log_end = LogPosition(self._number, size, seq, self.host)
                 self._active_end = self._log_end
+                self._notify_growth()
                 await asyncio.to_thread(self._finish_logfile, self._log_end)
             while len(self._active) or len(self._maps) > 1:
                 if len(self._active):

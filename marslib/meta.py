@@ -85,7 +85,17 @@ class MetaStore:
         return mv
 
     def merge(self, mv: MetaValue) -> bool:
-        """Take a value from another host if it is newer; return whether it was taken."""
+        """Take a value from another host if it is newer; return whether it was taken.
+
+        Raises ValueError for keys that are not metadata here (a file or directory of the
+        same name, such as a logfile or the secret, is never replaced)."""
+        path = self._path(mv.key)
+        if any(part.startswith(".") for part in mv.key.split("/")) or mv.key == "secret":
+            raise ValueError(f"refusing metadata key {mv.key!r}")
+        if path.exists() and not path.is_symlink() or path.is_dir():
+            raise ValueError(f"refusing metadata key {mv.key!r}: a non-link file is there")
+        if mv.value is not None and (len(mv.value) > MAX_VALUE_LEN or "\0" in mv.value):
+            raise ValueError(f"refusing oversized or binary value for {mv.key!r}")
         self.clock.witness(mv.stamp)
         local = self.read(mv.key)
         if local is not None:

@@ -1,0 +1,260 @@
+"""Log replication: secondaries pull logfiles from the primary (port 7778).
+
+The server side answers FETCH_REQ with the bytes of a local logfile, never past what is
+durable, waiting a little (long poll) when the reader is already at the end. The client
+side (``Fetcher``) keeps a local copy of each logfile growing strictly by appending, with
+several requests in flight over a bundle of connections when it is behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from marslib.formats.frame import Frame, FrameType
+from marslib.layout import MarsPaths, check_resource_name, parse_logfile_name
+from marslib.logger import Logger
+from marslib.net.conn import PeerBundle, RemoteError
+from marslib.net.handshake import PeerInfo
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+MAX_CHUNK = 8 << 20
+MAX_WAIT = 10.0
+
+
+def next_logfile(paths: MarsPaths, resource: str, name: str) -> str | None:
+    """The name of the first local logfile after ``name``."""
+    parsed = parse_logfile_name(name)
+    if parsed is None:
+        return None
+    for number, _, path in paths.logfiles(resource):
+        if number > parsed[0]:
+            return path.name
+    return None
+
+
+class FetchService:
+    """Serves local logfiles to fetching secondaries."""
+
+    def __init__(self, paths: MarsPaths, loggers: Callable[[str], Logger | None]) -> None:
+        self.paths = paths
+        self.loggers = loggers
+        self.bytes_served = 0
+
+    def _durable_end(self, resource: str, name: str, path: Path) -> int:
+        logger = self.loggers(resource)
+        end = logger.log_end if logger is not None else None
+        if end is not None and end.logfile == name:
+            return end.offset
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return -1
+
+    async def handle(self, frame: Frame, peer: PeerInfo) -> Frame:
+        if frame.type != FrameType.FETCH_REQ:
+            return Frame(FrameType.ERROR, {"error": f"unexpected frame {frame.type} on fetch"})
+        resource = check_resource_name(str(frame.get("resource", "")))
+        name = str(frame.get("logfile", ""))
+        if parse_logfile_name(name) is None:
+            return Frame(FrameType.ERROR, {"error": f"invalid logfile name {name!r}"})
+        offset = int(frame.get("offset", 0))
+        max_len = max(0, min(int(frame.get("max_len", CHUNK)), MAX_CHUNK))
+        wait = max(0.0, min(float(frame.get("wait", 0)), MAX_WAIT))
+        path = self.paths.resource_dir(resource) / name
+        deadline = time.monotonic() + wait
+        while True:
+            end = self._durable_end(resource, name, path)
+            nxt = next_logfile(self.paths, resource, name)
+            if end < 0:
+                return Frame(FrameType.FETCH_DATA, {"logfile": name, "missing": True,
+                                                    "next": nxt})
+            finished = nxt is not None
+            remaining = deadline - time.monotonic()
+            if offset < end or finished or remaining <= 0:
+                break
+            logger = self.loggers(resource)
+            if logger is not None and logger.log_end is not None \
+                    and logger.log_end.logfile == name:
+                await logger.wait_growth(remaining)
+            else:
+                await asyncio.sleep(min(0.2, remaining))
+        if offset > end:
+            return Frame(FrameType.ERROR, {
+                "error": f"{name} on the primary ends at {end}, before offset {offset}"})
+        length = min(max_len, end - offset)
+        data = await asyncio.to_thread(_read_range, path, offset, length) if length else b""
+        self.bytes_served += len(data)
+        return Frame(FrameType.FETCH_DATA, {
+            "logfile": name, "offset": offset, "end": end, "finished": finished, "next": nxt,
+        }, data)
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+class Fetcher:
+    """Keeps local copies of the primary's logfiles up to date (runs on a secondary)."""
+
+    def __init__(self, resource: str, host: str, paths: MarsPaths, bundle: PeerBundle,
+                 start_logfile: str, parallel: int = 2) -> None:
+        self.resource = resource
+        self.host = host
+        self.paths = paths
+        self.bundle = bundle
+        self.logfile = start_logfile
+        self.parallel = max(1, parallel)
+        self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
+        self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
+        self.remote_finished = False
+        self.bytes_fetched = 0
+        self.started = time.monotonic()
+        self.progress = asyncio.Event()  # set (and replaced) when local logfiles grow
+        self.paused = False
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
+        self._restart = False
+        self.refetches: dict[tuple[str, int], int] = {}
+
+    def _path(self, name: str) -> Path:
+        return self.paths.resource_dir(self.resource) / name
+
+    def _local_size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def complete_end(self, name: str) -> int | None:
+        """How much of local logfile ``name`` is complete, or None if it is not fetched
+        by this fetcher (finished earlier: the whole file is complete)."""
+        return self.local_end if name == self.logfile else None
+
+    def is_finished(self, name: str) -> bool:
+        """Whether local logfile ``name`` is complete and will not grow."""
+        parsed, cur = parse_logfile_name(name), parse_logfile_name(self.logfile)
+        if parsed is None or cur is None:
+            return False
+        return parsed[0] < cur[0]
+
+    def pause(self) -> None:
+        self.paused = True
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resume.set()
+
+    def refetch_from(self, name: str, offset: int) -> int:
+        """Throw away local bytes of ``name`` from ``offset`` (they failed a check) and fetch
+        them again; return how often this place was refetched."""
+        if name != self.logfile:
+            self.logfile = name
+        with open(self._path(name), "r+b") as f:
+            f.truncate(offset)
+        self.local_end = offset
+        self._restart = True
+        key = (name, offset)
+        self.refetches[key] = self.refetches.get(key, 0) + 1
+        return self.refetches[key]
+
+    def _signal(self) -> None:
+        ev, self.progress = self.progress, asyncio.Event()
+        ev.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._resume.wait()
+            try:
+                await self._step()
+            except (ConnectionError, RemoteError) as exc:
+                self.log.info("fetch from primary: %s; retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _request(self, offset: int, max_len: int, wait: float) -> Frame:
+        return await self.bundle.request(Frame(FrameType.FETCH_REQ, {
+            "resource": self.resource, "logfile": self.logfile, "offset": offset,
+            "max_len": max_len, "wait": wait}), timeout=MAX_WAIT + 30)
+
+    async def _step(self) -> None:
+        self._restart = False
+        name = self.logfile
+        behind = self.remote_end - self.local_end
+        n = self.parallel if behind > CHUNK else 1
+        offsets = [self.local_end + i * CHUNK for i in range(n)]
+        if n > 1:
+            offsets = [o for o in offsets if o < self.remote_end]
+        wait = 0.0 if behind > 0 else 5.0
+        replies = await asyncio.gather(*(self._request(o, CHUNK, wait) for o in offsets))
+        if self._restart or name != self.logfile:
+            return
+        for reply in replies:
+            if reply.get("missing"):
+                nxt = reply.get("next")
+                if nxt and self.local_end == 0:
+                    self.log.info("%s is gone on the primary; continuing with %s", name, nxt)
+                    self._switch(str(nxt))
+                    return
+                await asyncio.sleep(1.0)
+                return
+            off = int(reply.get("offset", -1))
+            if off != self.local_end:
+                break  # an earlier reply was short: fetch the rest next round
+            data = reply.payload
+            if data:
+                await asyncio.to_thread(self._append, name, off, bytes(data))
+                self.local_end += len(data)
+                self.bytes_fetched += len(data)
+            self.remote_end = int(reply.get("end", self.remote_end))
+            self.remote_finished = bool(reply.get("finished"))
+        self._signal()
+        if self.remote_finished and self.local_end >= self.remote_end:
+            nxt = replies[-1].get("next")
+            if nxt:
+                await asyncio.to_thread(self._sync_file, name)
+                self._switch(str(nxt))
+
+    def _switch(self, name: str) -> None:
+        self.logfile = name
+        self.local_end = self._local_size(name)
+        self.remote_end = -1
+        self.remote_finished = False
+        self._path(name).touch(exist_ok=True)
+        self._signal()
+
+    def _append(self, name: str, offset: int, data: bytes) -> None:
+        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def _sync_file(self, name: str) -> None:
+        fd = os.open(self._path(name), os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def status(self) -> dict[str, object]:
+        secs = max(time.monotonic() - self.started, 1e-6)
+        return {
+            "fetch_logfile": self.logfile,
+            "fetch_local_end": self.local_end,
+            "fetch_remote_end": self.remote_end,
+            "fetch_bytes": self.bytes_fetched,
+            "fetch_rate": round(self.bytes_fetched / secs),
+            "fetch_paused": self.paused,
+            "fetch_connections": self.bundle.connections,
+            "fetch_error": self.bundle.last_error,
+        }

@@ -1,0 +1,169 @@
+"""One resource on a secondary host: initial fast full sync, then fetch and replay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from marslib.device import Device
+from marslib.fetch import Fetcher
+from marslib.layout import MarsPaths
+from marslib.meta import MetaStore
+from marslib.net.conn import PeerBundle
+from marslib.position import LogPosition
+from marslib.replay import Replayer
+from marslib.sync import SYNC_DONE, SyncClient, parse_syncstatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """What a host needs to dial its peers."""
+
+    uuid: str
+    secret: bytes
+    meta_port: int = 7777
+    fetch_port: int = 7778
+    sync_port: int = 7779
+    fetch_connections: int = 2
+    sync_connections: int = 2
+
+
+class SecondaryResource:
+    """Wires sync, fetch and replay of ``name`` on this (secondary) host."""
+
+    def __init__(self, name: str, host: str, paths: MarsPaths, meta: MetaStore,
+                 net: NetConfig) -> None:
+        self.name = name
+        self.host = host
+        self.paths = paths
+        self.meta = meta
+        self.net = net
+        self.log = logging.LoggerAdapter(log, {"resource": name, "host": host})
+        self.device: Device | None = None
+        self.fetch_bundle: PeerBundle | None = None
+        self.sync_bundle: PeerBundle | None = None
+        self.fetcher: Fetcher | None = None
+        self.replayer: Replayer | None = None
+        self.syncer: SyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.error: str | None = None
+        self.phase = "starting"
+
+    def _key(self, name: str) -> str:
+        return f"resource-{self.name}/{name}"
+
+    def _primary_address(self, port: int) -> tuple[str, int] | None:
+        primary = self.meta.get(self._key("primary"))
+        if not primary or primary == "(none)" or primary == self.host:
+            return None
+        ip = self.meta.get(f"ips/ip-{primary}")
+        return (ip, port) if ip else None
+
+    def switch(self, name: str) -> bool:
+        return self.meta.get(self._key(f"todo-{self.host}/{name}"), "1") == "1"
+
+    async def start(self) -> None:
+        dev_path = self.meta.get(self._key(f"data-{self.host}"))
+        if not dev_path:
+            raise RuntimeError(f"resource {self.name} has no data device on {self.host}")
+        buffered = self.meta.get(self._key(f"buffered-{self.host}")) == "1"
+        self.device = Device(dev_path, buffered=buffered)
+        size = int(self.meta.get(self._key("size")) or 0)
+        if size > self.device.size:
+            self.device.close()
+            raise RuntimeError(f"{dev_path} has {self.device.size} bytes, resource {self.name} "
+                               f"needs {size}: grow the device first")
+        self.paths.resource_dir(self.name).mkdir(parents=True, exist_ok=True)
+        net = self.net
+        self.fetch_bundle = PeerBundle(
+            "primary", lambda: self._primary_address(net.fetch_port), host=self.host,
+            uuid=net.uuid, secret=net.secret, channel="fetch", size=net.fetch_connections)
+        self.sync_bundle = PeerBundle(
+            "primary", lambda: self._primary_address(net.sync_port), host=self.host,
+            uuid=net.uuid, secret=net.secret, channel="sync", size=net.sync_connections)
+        self.syncer = SyncClient(self.name, self.host, self.meta, self.device, size,
+                                 self.sync_bundle)
+        self._task = asyncio.create_task(self._run(), name=f"secondary-{self.name}")
+        self.meta.set(self._key(f"actual-{self.host}/is-primary"), "0")
+
+    async def _run(self) -> None:
+        try:
+            assert self.syncer is not None and self.device is not None
+            if self.meta.get(self._key(f"syncstatus-{self.host}")) != SYNC_DONE:
+                self.phase = "syncing"
+                await self.syncer.run()
+            self.phase = "replaying"
+            pos = LogPosition.decode(self.meta.get(self._key(f"replay-{self.host}")) or "")
+            assert self.fetch_bundle is not None
+            self.fetcher = Fetcher(self.name, self.host, self.paths, self.fetch_bundle,
+                                   pos.logfile, parallel=self.net.fetch_connections)
+            self.replayer = Replayer(self.name, self.host, self.paths, self.meta, self.device,
+                                     self.fetcher)
+            self.apply_switches()
+            await asyncio.gather(self.fetcher.run(), self.replayer.run())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.phase = "error"
+            self.log.error("secondary stopped: %s", self.error)
+            self.meta.set(self._key(f"actual-{self.host}/error"), self.error[:1000])
+
+    def apply_switches(self) -> None:
+        """Follow todo-HOST/{fetch,replay,sync}: pause or resume each brick."""
+        if self.fetcher is not None:
+            self.fetcher.resume() if self.switch("fetch") else self.fetcher.pause()
+        if self.replayer is not None:
+            if self.switch("replay"):
+                self.replayer.resume()
+            elif not self.replayer.paused:
+                asyncio.create_task(self.replayer.pause())
+        if self.syncer is not None:
+            self.syncer.resume() if self.switch("sync") else self.syncer.pause()
+
+    def consistent(self) -> bool:
+        if self.meta.get(self._key(f"syncstatus-{self.host}")) != SYNC_DONE:
+            return False
+        target = self.meta.get(self._key(f"syncpos-{self.host}"))
+        if not target or self.replayer is None:
+            return self.replayer is not None
+        t = LogPosition.decode(target)
+        p = self.replayer.position
+        return (p.number, p.offset) >= (t.number, t.offset)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            if self.replayer is not None and not self.replayer.paused:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.replayer.pause(), 30)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for b in (self.fetch_bundle, self.sync_bundle):
+            if b is not None:
+                b.close()
+        if self.replayer is not None:
+            self.meta.set(self._key(f"replay-{self.host}"), self.replayer.position.encode())
+        if self.device is not None:
+            self.device.close()
+        self.log.info("stopped")
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = {"role": "secondary", "phase": self.phase,
+                              "device": self.device.path if self.device else None,
+                              "open_count": 0, "error": self.error,
+                              "consistent": self.consistent()}
+        sync = parse_syncstatus(self.meta.get(self._key(f"syncstatus-{self.host}")))
+        if self.syncer is not None and sync is not None:
+            st.update(self.syncer.status())
+        if self.fetcher is not None:
+            st.update(self.fetcher.status())
+        if self.replayer is not None:
+            st.update(self.replayer.status())
+            st["applied"] = self.replayer.position.encode()
+        return st
