@@ -71,8 +71,9 @@ def blockdev(tmp_path: Path) -> Iterator[BlockDev]:
 class MarsHost:
     """One host's state root, run dir and marsd process, driven like an operator would."""
 
-    def __init__(self, base: Path, name: str = "alpha") -> None:
+    def __init__(self, base: Path, name: str = "alpha", ip: str = "127.0.0.1") -> None:
         self.name = name
+        self.ip = ip
         self.root = base / "mars"
         self.run_dir = base / "run"
         self.log_path = base / f"marsd-{name}.log"
@@ -96,8 +97,8 @@ class MarsHost:
     def start(self, *extra: str) -> None:
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "marsd"), *extra], env=self.env, stdin=subprocess.DEVNULL,
-            stdout=logf, stderr=logf, start_new_session=True,
+            [str(BIN / "marsd"), "--listen", self.ip, *extra], env=self.env,
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
         )
         logf.close()
         deadline = time.monotonic() + 20
@@ -143,9 +144,21 @@ class MarsHost:
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[MarsHost]:
-    h = MarsHost(tmp_path)
+    h = MarsHost(tmp_path, ip=loopback_ips(1)[0])
     yield h
     h.stop()
+
+
+_next_ip = [20]
+
+
+def loopback_ips(n: int) -> list[str]:
+    """Fresh 127.0.0.x addresses so that tests never share ports (all of 127/8 is local)."""
+    out = []
+    for _ in range(n):
+        _next_ip[0] = _next_ip[0] + 1 if _next_ip[0] < 250 else 20
+        out.append(f"127.0.0.{_next_ip[0]}")
+    return out
 
 
 def nbd_client(uri: str, *args: str, timeout: float = 120,

@@ -1,0 +1,220 @@
+"""Replication between two real marsd processes on loopback addresses: join with a full
+sync under writes, fetch and replay, consistency of every sample, faults."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    NBD_CLIENT,
+    SYSTEM_PYTHON,
+    BlockDev,
+    MarsHost,
+    loopback_ips,
+    nbd_client,
+    needs_libnbd,
+)
+
+from marslib.formats.frame import MAGIC
+from marslib.logfile import LogScanner
+from marslib.position import LogPosition
+
+pytestmark = needs_libnbd
+SIZE = 64 << 20
+
+
+class Pair:
+    def __init__(self, base: Path) -> None:
+        ip_a, ip_b = loopback_ips(2)
+        self.a = MarsHost(base / "a", "alpha", ip_a)
+        self.b = MarsHost(base / "b", "beta", ip_b)
+        self.dev_a = BlockDev(base / "a.img", SIZE)
+        self.dev_b = BlockDev(base / "b.img", SIZE)
+
+    def close(self) -> None:
+        for h in (self.a, self.b):
+            h.stop()
+        self.dev_a.close()
+        self.dev_b.close()
+
+    def status(self, host: MarsHost) -> dict:  # type: ignore[type-arg]
+        from marslib import control
+        return control.request(host.run_dir / "marsd.sock", "status")["resources"]["r0"]
+
+    def wait_up_to_date(self, timeout: float = 60) -> dict:  # type: ignore[type-arg]
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(self.b)
+            a = self.status(self.a)
+            if st.get("applied") == a.get("log_end") and st.get("consistent"):
+                return st
+            assert time.monotonic() < deadline, f"beta never caught up: {st} vs {a}"
+            time.sleep(0.1)
+
+    def writer(self, seconds: float, seed: int = 1, qd: int = 8) -> subprocess.Popen[str]:
+        return subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), self.a.nbd_uri("r0"),
+                                 "writer", str(seed), str(qd), "512", str(65536), str(seconds)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = Pair(tmp_path)
+    p.a.marsadm("create-cluster", "--ip", p.a.ip)
+    p.a.marsadm("create-resource", "r0", p.dev_a.path)
+    p.a.start()
+    p.a.marsadm("up", "r0")
+    p.b.marsadm("join-cluster", "alpha", "--ip", p.b.ip, "--from-root", str(p.a.root))
+    p.b.start()
+    yield p
+    p.close()
+
+
+def state_at(primary_root: Path, pos: LogPosition, size: int) -> bytes:
+    """The primary's device as of log position ``pos``: every record up to it, in order,
+    over the zeroed device it started with."""
+    img = bytearray(size)
+    files = sorted((primary_root / "resource-r0").glob("log-*"))
+    for path in files:
+        number = int(path.name.split("-")[1])
+        if number > pos.number:
+            break
+        for _, end, rec in LogScanner(path):
+            if number == pos.number and end > pos.offset:
+                break
+            img[rec.offset : rec.offset + rec.data_len] = rec.data
+    return bytes(img)
+
+
+def test_join_under_writes_then_identical(pair: Pair) -> None:
+    w = pair.writer(6)
+    time.sleep(1)
+    pair.b.marsadm("join-resource", "r0", pair.dev_b.path)
+    out, _ = w.communicate(timeout=60)
+    assert out.count("\nA ") > 100
+    pair.wait_up_to_date()
+    pair.b.marsadm("pause-replay", "r0")
+    assert pair.dev_a.read() == pair.dev_b.read(), "devices differ after catching up"
+    view = pair.b.marsadm("view")["resources"]["r0"]["members"]
+    assert set(view) == {"alpha", "beta"} and view["beta"]["role"] == "secondary"
+
+
+def test_every_sample_is_a_consistent_prefix(pair: Pair) -> None:
+    pair.b.marsadm("join-resource", "r0", pair.dev_b.path, "--wait")
+    w = pair.writer(8, seed=3)
+    samples = 0
+    try:
+        for _ in range(5):
+            time.sleep(random.uniform(0.5, 1.2))
+            pair.b.marsadm("pause-replay", "r0")
+            pos = LogPosition.decode(pair.status(pair.b)["applied"])
+            got = pair.dev_b.read()
+            want = state_at(pair.a.root, pos, SIZE)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), \
+                f"secondary at {pos.encode()} is not the primary's state at that position"
+            samples += 1
+            pair.b.marsadm("resume-replay", "r0")
+    finally:
+        w.communicate(timeout=60)
+    assert samples == 5
+    pair.wait_up_to_date()
+
+
+def test_bit_flip_in_fetched_logfile_is_never_applied(pair: Pair) -> None:
+    pair.b.marsadm("join-resource", "r0", pair.dev_b.path, "--wait")
+    pair.wait_up_to_date()
+    pair.b.marsadm("pause-replay", "r0")
+    for i in range(50):
+        nbd_client(pair.a.nbd_uri("r0"), "pwrite", str(i * 65536), f"{i:02x}" * 8192)
+    applied = LogPosition.decode(pair.status(pair.b)["applied"])
+    path = pair.b.root / "resource-r0" / applied.logfile
+    deadline = time.monotonic() + 30
+    while path.stat().st_size < applied.offset + 50 * 8192:
+        assert time.monotonic() < deadline, "fetch did not bring the new records"
+        time.sleep(0.1)
+    raw = bytearray(path.read_bytes())
+    raw[applied.offset + 3000] ^= 0x10  # inside the first unapplied record's payload
+    path.write_bytes(raw)
+    pair.b.marsadm("resume-replay", "r0")
+    st = pair.wait_up_to_date()
+    assert st["corrupt_refetched"] >= 1
+    assert "not applied, fetching it again" in pair.b.logtail(200)
+    pair.b.marsadm("pause-replay", "r0")
+    assert pair.dev_a.read() == pair.dev_b.read()
+
+
+def test_kill9_of_either_side_while_writing(pair: Pair) -> None:
+    pair.b.marsadm("join-resource", "r0", pair.dev_b.path, "--wait")
+    w = pair.writer(10, seed=5)
+    time.sleep(1.5)
+    pair.b.kill9()
+    time.sleep(1)
+    pair.b.start()
+    time.sleep(1.5)
+    pair.a.kill9()  # the writer sees its connection die
+    out, _ = w.communicate(timeout=60)
+    pair.a.start()
+    pair.a.marsadm("up", "r0")
+    pair.wait_up_to_date()
+    pair.b.marsadm("pause-replay", "r0")
+    assert pair.dev_a.read() == pair.dev_b.read()
+    assert out.count("\nA ") > 100
+
+
+def _raw_connect(ip: str, port: int) -> socket.socket:
+    s = socket.create_connection((ip, port), timeout=5)
+    s.settimeout(5)
+    return s
+
+
+def test_bad_peers_are_refused_and_the_daemon_keeps_serving(pair: Pair) -> None:
+    pair.b.marsadm("join-resource", "r0", pair.dev_b.path, "--wait")
+    import asyncio
+
+    from marslib.net.conn import connect
+
+    async def wrong_secret(channel: str, port: int) -> str:
+        try:
+            await connect(pair.a.ip, port, host="mallory", uuid=pair.a.marsadm("view")["cluster"],
+                          secret=b"not the secret", channel=channel)
+        except Exception as exc:  # noqa: BLE001 - any refusal is what we want
+            return str(exc)
+        return "accepted"
+
+    for channel, port in (("meta", 7777), ("fetch", 7778), ("sync", 7779)):
+        assert "authentication failed" in asyncio.run(wrong_secret(channel, port))
+        # garbage: the connection is closed, nothing is sent back but an error
+        s = _raw_connect(pair.a.ip, port)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 10)
+        assert s.recv(65536) == b"", "garbage did not close the connection"
+        s.close()
+        # an oversized frame
+        s = _raw_connect(pair.a.ip, port)
+        s.sendall(struct.pack("<IHHII", MAGIC, 1, 1, 1 << 30, 0))
+        assert s.recv(65536) == b"", "an oversized frame did not close the connection"
+        s.close()
+    log = pair.a.logtail(300)
+    assert "authentication failed" in log and "bad frame magic" in log
+    assert "oversized frame" in log
+    # a wrong cluster uuid
+    async def wrong_uuid() -> str:
+        try:
+            await connect(pair.a.ip, 7777, host="x", uuid="other-cluster",
+                          secret=b"x", channel="meta")
+        except Exception as exc:  # noqa: BLE001
+            return str(exc)
+        return "accepted"
+    assert "wrong cluster" in asyncio.run(wrong_uuid())
+    # still replicating
+    nbd_client(pair.a.nbd_uri("r0"), "pwrite", "0", "ee" * 4096)
+    pair.wait_up_to_date()
+    pair.b.marsadm("pause-replay", "r0")
+    assert pair.dev_b.read(0, 4096) == b"\xee" * 4096
