@@ -29,7 +29,8 @@ from marslib.metasync import MetaSync
 from marslib.net.conn import read_secret, serve
 from marslib.resource import PrimaryResource
 from marslib.secondary import NetConfig, SecondaryResource
-from marslib.sizes import parse_size
+from marslib.sizes import format_size, parse_size
+from marslib.space import LEVEL_NAMES, SpaceLimits, free_bytes
 from marslib.sync import SYNC_DONE, SyncService
 
 log = logging.getLogger("marslib.daemon")
@@ -42,7 +43,7 @@ class Marsd:
 
     def __init__(self, paths: MarsPaths, host: str, config: LoggerConfig,
                  listen: str | None = None, port_base: int = 7777,
-                 connections: int = 2) -> None:
+                 connections: int = 2, space: SpaceLimits | None = None) -> None:
         self.paths = paths
         self.host = host
         self.config = config
@@ -55,6 +56,9 @@ class Marsd:
         self.net: NetConfig | None = None
         self.metasync: MetaSync | None = None
         self.servers: list[asyncio.Server] = []
+        self.space = space or SpaceLimits()
+        self.space_level = 0
+        self.space_free = 0
         self.failures: dict[str, tuple[float, str]] = {}
         self._lock = asyncio.Lock()
         self._poke = asyncio.Event()
@@ -88,6 +92,7 @@ class Marsd:
                 if self.metasync is not None:
                     self.metasync.sync_peers()
                 await self.reconcile()
+                await self.check_space()
                 self.meta.set(f"alive-{self.host}", str(int(time.time())))
                 try:
                     await asyncio.wait_for(self._wait_poke_or_stop(), timeout=2.0)
@@ -135,6 +140,35 @@ class Marsd:
                             f"{exc.strerror}") from None
         log.info("listening on %s ports %d (meta), %d (fetch), %d (sync)", listen, base,
                  base + 1, base + 2)
+
+    async def check_space(self) -> None:
+        """Apply the emergency levels of DESIGN.md to this host's resources."""
+        try:
+            free = free_bytes(self.paths.root)
+        except OSError:
+            return
+        level = self.space.level(free)
+        self.space_free = free
+        if level != self.space_level:
+            log.warning("%s free in %s: space level %s (was %s)", format_size(free),
+                        self.paths.root, LEVEL_NAMES[level], LEVEL_NAMES[self.space_level])
+            self.space_level = level
+            self.meta.set(f"actual-{self.host}/space-level", str(level))
+        async with self._lock:
+            for res in self.primaries.values():
+                lg = res.logger
+                if lg is None:
+                    continue
+                if level >= 4 and not lg.emergency:
+                    await lg.enter_emergency(f"only {format_size(free)} free in "
+                                             f"{self.paths.root}")
+                elif lg.emergency and free >= self.space.no_fetch:
+                    await lg.leave_emergency()
+            for sec in self.secondaries.values():
+                sec.space_blocks_fetch = level >= 3
+                sec.apply_switches()
+                if level >= 2:
+                    sec.drop_applied_logfiles()
 
     def _logger_of(self, name: str) -> Logger | None:
         res = self.primaries.get(name)
@@ -198,6 +232,8 @@ class Marsd:
         return {
             "host": self.host,
             "peers": peers,
+            "space_free": self.space_free,
+            "space_level": LEVEL_NAMES[self.space_level],
             "resources": resources,
             "failures": {name: msg for name, (_, msg) in self.failures.items()},
         }
@@ -286,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                         "host's address in the cluster, else all)")
     parser.add_argument("--port-base", type=int, default=7777,
                         help="metadata port; fetch and sync use the next two (7778, 7779)")
+    parser.add_argument("--space-limits", default="",
+                        help="free-space levels, e.g. warn=8G,drop=4G,no-fetch=2G,"
+                        "emergency=1G (these are the defaults)")
     parser.add_argument("--connections", type=int, default=2,
                         help="connections bundled per peer for fetch and sync (1-8)")
     args = parser.parse_args(argv)
@@ -300,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     daemon = Marsd(MarsPaths.from_env(args.root, args.run_dir), host, config,
                    listen=args.listen, port_base=args.port_base,
-                   connections=max(1, min(args.connections, 8)))
+                   connections=max(1, min(args.connections, 8)),
+                   space=SpaceLimits.parse(args.space_limits))
     try:
         asyncio.run(daemon.run())
     except MarsError as exc:

@@ -180,6 +180,9 @@ class Fetcher:
             except (ConnectionError, RemoteError) as exc:
                 self.log.info("fetch from primary: %s; retrying", exc)
                 await asyncio.sleep(1.0)
+            except OSError as exc:  # local trouble, e.g. /mars full: keep trying
+                self.log.error("fetch: cannot store %s: %s", self.logfile, exc.strerror)
+                await asyncio.sleep(2.0)
 
     async def _request(self, offset: int, max_len: int, wait: float) -> Frame:
         return await self.bundle.request(Frame(FrameType.FETCH_REQ, {

@@ -23,7 +23,7 @@ from marslib.device import Device
 from marslib.errors import DeviceError, LogCorrupt
 from marslib.extents import ExtentMap
 from marslib.formats import logrecord
-from marslib.formats.logrecord import FLAG_END, LogRecord
+from marslib.formats.logrecord import FLAG_END, FLAG_GAP, LogRecord
 from marslib.formats.versionlink import GENESIS, VersionLink
 from marslib.layout import MarsPaths, logfile_name
 from marslib.logfile import LogAppender, LogScanner, StopKind, find_record_after
@@ -74,6 +74,7 @@ class LoggerStats:
     bytes_written: int = 0
     commits: int = 0
     writeback_rounds: int = 0
+    direct_writes: int = 0
     writeback_bytes: int = 0
     device_writes: int = 0
     reads: int = 0
@@ -127,6 +128,10 @@ class Logger:
         self._failed: str | None = None
         self._stopping = False
         self._grew = asyncio.Event()  # set (and replaced) whenever the durable log grows
+        self._wb_lock = asyncio.Lock()  # one writeback round at a time
+        self.emergency = False  # /mars is full: writes bypass the log
+        self._drained = asyncio.Event()  # in emergency: set once the log is written back
+        self._direct_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ keys
     @property
@@ -137,10 +142,14 @@ class Logger:
     async def start(self) -> RecoveryReport:
         """Recover from the log, then accept writes."""
         report = await asyncio.to_thread(self._recover)
+        self._drained.set()
         self._tasks = [
             asyncio.create_task(self._committer(), name=f"commit-{self.resource}"),
             asyncio.create_task(self._writeback(), name=f"writeback-{self.resource}"),
         ]
+        if self.meta.get(f"resource-{self.resource}/actual-{self.host}/emergency") == "1":
+            # direct writes happened before a restart: they are in no log
+            await self.leave_emergency()
         return report
 
     def _recover(self) -> RecoveryReport:
@@ -265,6 +274,9 @@ class Logger:
             data = bytes(data)
         if not data:
             return
+        if self.emergency:
+            await self._write_direct(offset, data)
+            return
         if self._held_bytes() >= self.config.memory_limit:
             async with self._space:
                 await self._space.wait_for(
@@ -301,9 +313,20 @@ class Logger:
         batch, self._queue = self._queue, []
         appender = self._appender
         assert appender is not None
+        if self.emergency:
+            self._next_seq = batch[0].seq
+            await self._apply_directly(batch)
+            return
         try:
             size = await asyncio.to_thread(appender.append, [p.encoded for p in batch])
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                # never stop the primary's I/O for a full /mars: bypass the log
+                self._next_seq = batch[0].seq
+                await self._enter_emergency_locked(f"/mars is full: cannot append to "
+                                                   f"{appender.path}")
+                await self._apply_directly(batch)
+                return
             failed = batch + self._queue
             self._queue = []
             self._next_seq = batch[0].seq
@@ -354,6 +377,78 @@ class Logger:
         except TimeoutError:
             pass
 
+    # --------------------------------------------------------- emergency mode
+    async def _write_direct(self, offset: int, data: bytes) -> None:
+        await self._drained.wait()
+        async with self._direct_lock:
+            await asyncio.to_thread(self.device.pwrite, offset, data)
+        self.stats.direct_writes += 1
+
+    async def _apply_directly(self, batch: list[_Pending]) -> None:
+        """Write queued (unlogged) writes straight to the device, in order."""
+        for p in batch:
+            try:
+                await self._write_direct(p.offset, p.data)
+            except (OSError, DeviceError) as exc:
+                if not p.future.done():
+                    p.future.set_exception(OSError(errno.EIO, str(exc)))
+                continue
+            if not p.future.done():
+                p.future.set_result(None)
+
+    async def enter_emergency(self, reason: str) -> None:
+        """Stop logging: write back everything logged, then write straight to the device.
+        Replicas keep a consistent but outdated state."""
+        async with self._append_lock:
+            await self._enter_emergency_locked(reason)
+
+    async def _enter_emergency_locked(self, reason: str) -> None:
+        if self.emergency:
+            return
+        self.emergency = True
+        self._drained.clear()
+        self.log.error("EMERGENCY MODE: %s. The primary keeps serving, writing straight to "
+                       "the device; replicas stay consistent but outdated", reason)
+        self._set_error(f"emergency mode: {reason}")
+        while len(self._active) or len(self._maps) > 1:
+            await self._writeback_round()
+        self._applied = self._log_end
+        await asyncio.to_thread(self._save_position, True)
+        self.meta.set(f"resource-{self.resource}/actual-{self.host}/emergency", "1",
+                      durable=True)
+        self._drained.set()
+
+    async def leave_emergency(self) -> None:
+        """Log again, in a new logfile after a history gap: every replica must be
+        resynced (marsadm invalidate) since the direct writes are in no log."""
+        async with self._append_lock:
+            if not self.emergency and self.meta.get(
+                    f"resource-{self.resource}/actual-{self.host}/emergency") != "1":
+                return
+            await self._drained.wait()
+            async with self._direct_lock:
+                await asyncio.to_thread(self.device.flush)
+                self.emergency = False
+            await self._rotate_locked()
+            # a marker no replica replays past: what came before is not the whole history
+            seq = self._next_seq
+            self._next_seq += 1
+            assert self._appender is not None
+            size = await asyncio.to_thread(self._appender.append, [logrecord.encode(
+                LogRecord(seq=seq, offset=0, data=b"", stamp_ns=time.time_ns(),
+                          flags=FLAG_GAP))])
+            self._log_end = LogPosition(self._number, size, seq, self.host)
+            self._notify_growth()
+            self._applied = self._active_end = self._log_end
+            await asyncio.to_thread(self._save_position, True)
+            gap_key = f"resource-{self.resource}/history-gap"
+            self.meta.set(gap_key, str(self._number), durable=True)
+            self.meta.set(f"resource-{self.resource}/actual-{self.host}/emergency", "0")
+            self._clear_error()
+            self.log.warning("left emergency mode: logging again in %s; every secondary must "
+                             "be resynced with 'marsadm invalidate %s'",
+                             logfile_name(self._number, self.host), self.resource)
+
     # --------------------------------------------------------------- rotation
     async def rotate(self) -> str:
         """Start the next logfile; return its name."""
@@ -388,6 +483,12 @@ class Logger:
             self._maybe_save_position()
 
     async def _writeback_round(self) -> None:
+        async with self._wb_lock:
+            await self._writeback_round_locked()
+
+    async def _writeback_round_locked(self) -> None:
+        if not len(self._active):
+            return
         gen, gen_end = self._active, self._active_end
         self._active = ExtentMap(gen.generation + 1)
         self._arrivals[self._active.generation] = []
@@ -513,6 +614,8 @@ class Logger:
             if self.stats.commits else 0.0,
             "writeback_rounds": self.stats.writeback_rounds,
             "device_writes": self.stats.device_writes,
+            "direct_writes": self.stats.direct_writes,
+            "emergency": self.emergency,
             "errors": list(self.stats.errors),
         }
 

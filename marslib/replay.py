@@ -56,6 +56,7 @@ class Replayer:
         self.error: str | None = None
         self.started = time.monotonic()
         self.paused = False
+        self.blocked = False  # at a history gap: only a full sync helps
         self._resume = asyncio.Event()
         self._resume.set()
         self._idle = asyncio.Event()
@@ -96,6 +97,9 @@ class Replayer:
             if applied:
                 self.meta.set(self._key, self.position.encode())
                 continue
+            if self.blocked:
+                await asyncio.sleep(1.0)
+                continue
             if self._advance_logfile():
                 continue
             try:
@@ -119,6 +123,13 @@ class Replayer:
         count = 0
         new_pos = pos
         for _, end, rec in scanner:
+            if rec.is_gap:
+                self.error = (
+                    f"outdated: the primary ran in emergency mode, its history has a gap at "
+                    f"{path.name} offset {end}; this replica stays consistent at "
+                    f"{new_pos.encode()}: run 'marsadm invalidate {self.resource}'")
+                self.blocked = True
+                break
             if rec.data_len and not rec.is_end:
                 batch.insert(rec.offset, bytes(rec.data))
                 self.stats.bytes += rec.data_len
@@ -137,7 +148,8 @@ class Replayer:
             self.position = new_pos
             self.stats.records += count
             self.stats.batches += 1
-            self.error = None
+            if not self.blocked:
+                self.error = None
         return count, bad
 
     def _bad_record(self, name: str, offset: int, what: str) -> None:
@@ -158,8 +170,15 @@ class Replayer:
         name = self._path(pos).name
         if not self.fetcher.is_finished(name):
             return False
+        gap = int(self.meta.get(f"resource-{self.resource}/history-gap") or 0)
         for number, host, _ in self.paths.logfiles(self.resource):
             if number > pos.number:
+                if number >= gap > pos.number:
+                    self.error = (
+                        f"outdated: the primary ran in emergency mode and its history has a "
+                        f"gap before logfile {number}; this replica stays consistent at "
+                        f"{pos.encode()}: run 'marsadm invalidate {self.resource}'")
+                    return False
                 self.position = LogPosition(number, 0, pos.seq, host)
                 self.meta.set(self._key, self.position.encode())
                 return True

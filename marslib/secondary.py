@@ -53,6 +53,7 @@ class SecondaryResource:
         self._task: asyncio.Task[None] | None = None
         self.error: str | None = None
         self.phase = "starting"
+        self.space_blocks_fetch = False  # /mars is too full to fetch
 
     def _key(self, name: str) -> str:
         return f"resource-{self.name}/{name}"
@@ -117,7 +118,10 @@ class SecondaryResource:
     def apply_switches(self) -> None:
         """Follow todo-HOST/{fetch,replay,sync}: pause or resume each brick."""
         if self.fetcher is not None:
-            self.fetcher.resume() if self.switch("fetch") else self.fetcher.pause()
+            if self.switch("fetch") and not self.space_blocks_fetch:
+                self.fetcher.resume()
+            else:
+                self.fetcher.pause()
         if self.replayer is not None:
             if self.switch("replay"):
                 self.replayer.resume()
@@ -125,6 +129,21 @@ class SecondaryResource:
                 asyncio.create_task(self.replayer.pause())
         if self.syncer is not None:
             self.syncer.resume() if self.switch("sync") else self.syncer.pause()
+
+    def drop_applied_logfiles(self) -> list[str]:
+        """Space is short: delete local logfiles this host has applied, without waiting
+        for the other members."""
+        if self.replayer is None:
+            return []
+        pos = self.replayer.position
+        dropped = []
+        for number, _, path in self.paths.logfiles(self.name):
+            if number < pos.number:
+                path.unlink(missing_ok=True)
+                dropped.append(path.name)
+        if dropped:
+            self.log.warning("space short: dropped applied logfiles %s", " ".join(dropped))
+        return dropped
 
     def consistent(self) -> bool:
         if self.meta.get(self._key(f"syncstatus-{self.host}")) != SYNC_DONE:
@@ -155,6 +174,7 @@ class SecondaryResource:
 
     def status(self) -> dict[str, Any]:
         st: dict[str, Any] = {"role": "secondary", "phase": self.phase,
+                              "fetch_blocked_by_space": self.space_blocks_fetch,
                               "device": self.device.path if self.device else None,
                               "open_count": 0, "error": self.error,
                               "consistent": self.consistent()}

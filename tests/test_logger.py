@@ -276,8 +276,8 @@ def small_mars(tmp_path: Path) -> Iterator[Path]:
 
 
 @needs_root
-def test_full_mars_refuses_new_writes_and_loses_nothing(small_mars: Path,
-                                                        blockdev: BlockDev) -> None:
+def test_full_mars_switches_to_emergency_mode_and_loses_nothing(small_mars: Path,
+                                                                blockdev: BlockDev) -> None:
     st = Setup(small_mars / "mars", blockdev)
     filler = small_mars / "filler"
     free = os.statvfs(small_mars).f_bavail * os.statvfs(small_mars).f_frsize
@@ -287,32 +287,32 @@ def test_full_mars_refuses_new_writes_and_loses_nothing(small_mars: Path,
     async def go() -> None:
         lg = st.logger()
         await lg.start()
-        acked = []
-        refused = 0
-        for i in range(1000):
-            try:
-                await lg.write((i % 64) * 65536, os.urandom(65536))
-                acked.append(i)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC and "/mars is full" in str(exc)
-                refused += 1
-                if refused > 3:
-                    break
-        assert acked and refused, "the filesystem never filled"
-        assert st.meta.get(f"resource-r0/actual-{HOST}/error", "").startswith("/mars is full")
-        expected = await lg.read(0, 64 * 65536)
-        filler.unlink()  # space again: writes go on
+        model = bytearray(64 * 65536)
+        for i in range(200):  # about 12 MiB into 2 MiB of free space
+            data = os.urandom(65536)
+            await lg.write((i % 64) * 65536, data)  # never refused
+            model[(i % 64) * 65536 : (i % 64 + 1) * 65536] = data
+        assert lg.emergency and lg.stats.direct_writes > 0
+        assert st.meta.get(f"resource-r0/actual-{HOST}/emergency") == "1"
+        assert st.meta.get(f"resource-r0/actual-{HOST}/error", "").startswith("emergency")
+        assert await lg.read(0, len(model)) == model
+        before = lg.status()["logfile"]
+        filler.unlink()  # room again: log in a new logfile after a history gap
+        await lg.leave_emergency()
+        assert not lg.emergency and lg.status()["logfile"] != before
+        assert st.meta.get("resource-r0/history-gap") == str(lg._number)
         await lg.write(0, block(7))
+        model[:4096] = block(7)
         await lg.stop()
         lg.device.close()
         lg2 = st.logger()
         report = await lg2.start()
         assert report.torn_tail is None, "a refused batch left bytes in the log"
-        again = await lg2.read(0, 64 * 65536)
-        assert again[4096:] == expected[4096:] and again[:4096] == block(7)
+        assert await lg2.read(0, len(model)) == model
         await lg2.stop()
         lg2.device.close()
     run(go())
+    assert st.dev.read(0, 4096) == block(7)
 
 
 def test_crash_after_rotations_under_concurrent_writers(setup: Setup) -> None:

@@ -218,3 +218,82 @@ def test_bad_peers_are_refused_and_the_daemon_keeps_serving(pair: Pair) -> None:
     pair.wait_up_to_date()
     pair.b.marsadm("pause-replay", "r0")
     assert pair.dev_b.read(0, 4096) == b"\xee" * 4096
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    import os
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small filesystem as /mars")
+    image, mnt = tmp_path / "small.img", tmp_path / "small"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(48 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_emergency_mode_keeps_the_primary_writing(tmp_path: Path, small_fs: Path) -> None:
+    import os
+    ip_a, ip_b = loopback_ips(2)
+    a = MarsHost(small_fs, "alpha", ip_a)
+    b = MarsHost(tmp_path / "b", "beta", ip_b)
+    dev_a, dev_b = BlockDev(tmp_path / "a.img", SIZE), BlockDev(tmp_path / "b.img", SIZE)
+    limits = ("--space-limits", "warn=24M,drop=20M,no-fetch=16M,emergency=12M")
+    try:
+        a.marsadm("create-cluster", "--ip", ip_a)
+        a.marsadm("create-resource", "r0", dev_a.path)
+        a.start(*limits)
+        a.marsadm("up", "r0")
+        b.marsadm("join-cluster", "alpha", "--ip", ip_b, "--from-root", str(a.root))
+        b.start()
+        b.marsadm("join-resource", "r0", dev_b.path, "--wait")
+        free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+        (small_fs / "filler").write_bytes(bytes(free - (14 << 20)))
+        w = subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), a.nbd_uri("r0"), "writer", "9",
+                              "4", "512", "65536", "8"], stdout=subprocess.PIPE, text=True)
+        out, _ = w.communicate(timeout=120)
+        assert "E " not in out, "the primary stopped serving in emergency mode"
+        assert out.count("\nA ") > 100
+        from marslib import control
+        st = control.request(a.run_dir / "marsd.sock", "status")["resources"]["r0"]
+        assert st["emergency"] and st["direct_writes"] > 0
+        # the secondary is consistent at the last logged position
+        bst = control.request(b.run_dir / "marsd.sock", "status")["resources"]["r0"]
+        b.marsadm("pause-replay", "r0")
+        pos = LogPosition.decode(control.request(b.run_dir / "marsd.sock", "status")
+                                 ["resources"]["r0"]["applied"])
+        assert dev_b.read() == state_at(a.root, pos, SIZE)
+        assert dev_b.read() != dev_a.read(), "direct writes reached the secondary?"
+        b.marsadm("resume-replay", "r0")
+        # room again: the primary logs in a new logfile after a history gap
+        (small_fs / "filler").unlink()
+        deadline = time.monotonic() + 30
+        while control.request(a.run_dir / "marsd.sock", "status")["resources"]["r0"][
+                "emergency"]:
+            assert time.monotonic() < deadline, "primary never left emergency mode"
+            time.sleep(0.2)
+        nbd_client(a.nbd_uri("r0"), "pwrite", "0", "ab" * 4096)
+        deadline = time.monotonic() + 30
+        while "outdated" not in str(bst.get("replay_error")):
+            assert time.monotonic() < deadline, f"secondary did not report the gap: {bst}"
+            time.sleep(0.2)
+            bst = control.request(b.run_dir / "marsd.sock", "status")["resources"]["r0"]
+        b.marsadm("invalidate", "r0", "--wait")
+        deadline = time.monotonic() + 60
+        while True:
+            bst = control.request(b.run_dir / "marsd.sock", "status")["resources"]["r0"]
+            ast = control.request(a.run_dir / "marsd.sock", "status")["resources"]["r0"]
+            if bst.get("applied") == ast.get("log_end") and bst.get("consistent"):
+                break
+            assert time.monotonic() < deadline, f"no catch-up after invalidate: {bst}"
+            time.sleep(0.2)
+        b.marsadm("pause-replay", "r0")
+        assert dev_a.read() == dev_b.read()
+    finally:
+        a.stop()
+        b.stop()
+        dev_a.close()
+        dev_b.close()

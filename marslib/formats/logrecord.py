@@ -37,7 +37,8 @@ MAX_DATA_LEN = 64 << 20
 
 FLAG_COMPRESSED = 1 << 0  # payload is a zstd frame of the logical data
 FLAG_END = 1 << 1  # end-of-log marker: the writer closed this log (handover)
-KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_END
+FLAG_GAP = 1 << 2  # history gap: writes happened that no log holds (emergency mode)
+KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_END | FLAG_GAP
 
 _compressors: dict[int, zstandard.ZstdCompressor] = {}
 _decompressor = zstandard.ZstdDecompressor()
@@ -58,6 +59,10 @@ class LogRecord:
     @property
     def is_end(self) -> bool:
         return bool(self.flags & FLAG_END)
+
+    @property
+    def is_gap(self) -> bool:
+        return bool(self.flags & FLAG_GAP)
 
     @property
     def data_len(self) -> int:
