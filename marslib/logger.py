@@ -129,6 +129,8 @@ class Logger:
         self._stopping = False
         self._grew = asyncio.Event()  # set (and replaced) whenever the durable log grows
         self._wb_lock = asyncio.Lock()  # one writeback round at a time
+        self._device_dirty = False  # written back but not yet flushed
+        self._arrival_bytes = 0
         self.emergency = False  # /mars is full: writes bypass the log
         self._drained = asyncio.Event()  # in emergency: set once the log is written back
         self._direct_lock = asyncio.Lock()
@@ -294,7 +296,8 @@ class Logger:
         await fut
 
     def _held_bytes(self) -> int:
-        return sum(m.bytes for m in self._maps) + sum(len(p.data) for p in self._queue)
+        held = sum(m.bytes for m in self._maps) + sum(len(p.data) for p in self._queue)
+        return held + self._arrival_bytes  # arrival order keeps superseded versions too
 
     async def flush(self) -> None:
         """Every acknowledged write is already durable; wait for queued ones too."""
@@ -348,6 +351,7 @@ class Logger:
             self._active.insert(p.offset, p.data)
             if arrivals is not None and self.config.writeback_order == "arrival":
                 arrivals.append((p.offset, p.data))
+                self._arrival_bytes += len(p.data)
             self.stats.writes += 1
             self.stats.bytes_written += len(p.data)
         self._log_end = LogPosition(self._number, size, batch[-1].seq, self.host)
@@ -480,7 +484,7 @@ class Logger:
             self._writeback_wake.clear()
             while len(self._active):
                 await self._writeback_round()
-            self._maybe_save_position()
+            await self._maybe_save_position()
 
     async def _writeback_round(self) -> None:
         async with self._wb_lock:
@@ -504,20 +508,25 @@ class Logger:
                 self._set_error(reason)
                 await asyncio.sleep(1.0)
         self._maps.remove(gen)
+        if arrivals:
+            self._arrival_bytes -= sum(len(d) for _, d in arrivals)
         self.stats.writeback_rounds += 1
         # with nothing newer waiting, the device holds the whole log (even past a rotation)
         self._applied = self._log_end if not len(self._active) else gen_end
-        self._maybe_save_position()
+        await self._maybe_save_position()
         async with self._space:
             self._space.notify_all()
 
     def _write_map(self, gen: ExtentMap, arrivals: list[tuple[int, bytes]] | None) -> None:
         """Copy one generation to the device and make it durable (runs in a thread)."""
         counters = WritebackCounters()
+        # the device is flushed before the applied position is saved, not every round
         if arrivals is not None and self.config.writeback_order == "arrival":
-            write_in_order(self.device, arrivals, counters)
+            write_in_order(self.device, arrivals, counters, flush=False)
         else:
-            write_sorted(self.device, gen, self.config.writeback_chunk, counters)
+            write_sorted(self.device, gen, self.config.writeback_chunk, counters, flush=False)
+        if counters.device_writes:
+            self._device_dirty = True
         self.stats.device_writes += counters.device_writes
         self.stats.writeback_bytes += counters.bytes
 
@@ -537,14 +546,18 @@ class Logger:
         return buf
 
     # ------------------------------------------------------------- positions
-    def _maybe_save_position(self) -> None:
+    async def _maybe_save_position(self) -> None:
         now = time.monotonic()
         if self._applied != self._saved and now - self._saved_at >= self.config.position_interval:
-            self._save_position()
+            await asyncio.to_thread(self._save_position)
 
     def _save_position(self, durable: bool = False) -> None:
+        """Save the applied position; the device is made durable up to it first."""
         if self._applied is None:
             return
+        if self._device_dirty:
+            self._device_dirty = False
+            self.device.flush()
         self.meta.set(self._replay_key, self._applied.encode(), durable=durable)
         self._saved = self._applied
         self._saved_at = time.monotonic()

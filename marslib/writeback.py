@@ -38,8 +38,9 @@ def merged_chunks(gen: ExtentMap, alignment: int,
 
 
 def write_sorted(dev: Device, gen: ExtentMap, chunk_limit: int,
-                 counters: WritebackCounters) -> None:
-    """Write every extent of ``gen`` in offset order, then flush the device."""
+                 counters: WritebackCounters, flush: bool = True) -> None:
+    """Write every extent of ``gen`` in offset order, then (with ``flush``) flush the
+    device."""
     for start, end, pieces in merged_chunks(gen, dev.alignment, chunk_limit):
         image = bytearray(end - start)
         view = memoryview(image)
@@ -51,16 +52,16 @@ def write_sorted(dev: Device, gen: ExtentMap, chunk_limit: int,
         dev.write_envelope(start, view)
         counters.device_writes += 1
         counters.bytes += end - start
-    if len(gen):
+    if flush and len(gen):
         dev.flush()
 
 
 def write_in_order(dev: Device, writes: list[tuple[int, bytes]],
-                   counters: WritebackCounters) -> None:
+                   counters: WritebackCounters, flush: bool = True) -> None:
     """Write each logged write in arrival order (the baseline sorting is measured against)."""
     for offset, data in writes:
         dev.pwrite(offset, data)
         counters.device_writes += 1
         counters.bytes += len(data)
-    if writes:
+    if flush and writes:
         dev.flush()
