@@ -266,8 +266,20 @@ def _view_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("resource", nargs="?")
 
 
+LIVE_KEYS = ("logfile", "log_end", "applied", "pending_bytes", "open_count", "writes",
+             "commits", "writes_per_commit", "emergency", "direct_writes", "phase",
+             "consistent", "fetch_logfile", "fetch_remote_end", "fetch_local_end",
+             "fetch_rate", "replay_rate", "replay_paused", "fetch_paused", "replay_error",
+             "sync_done", "sync_size", "sync_rate", "sync_eta", "corrupt_refetched",
+             "caught_up_at", "logfile_count", "logfile_bytes")
+
+
 def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[str, Any]:
-    """Everything about one resource as known here: tree values plus marsd's status."""
+    """Everything about one resource as known here: tree values of every member, plus the
+    live status of this host's marsd."""
+    from marslib.metrics import lag_bytes, lag_seconds
+    from marslib.sync import parse_syncstatus
+
     m = ctx.meta
     r = lambda k: ctx.rkey(name, k)  # noqa: E731
     members = sorted(
@@ -281,27 +293,40 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
         "resource": name,
         "size": int(m.get(r("size")) or 0),
         "primary": primary,
+        "history_gap": m.get(r("history-gap")),
         "members": {},
         "logfiles": [p.name for _, _, p in logfiles],
-        "log_bytes": sum(p.stat().st_size for _, _, p in logfiles),
+        "log_bytes": sum(p.stat().st_size for _, _, p in logfiles if p.exists()),
     }
+    primary_replay = m.get(r(f"replay-{primary}")) if primary else None
     for host in members:
+        sync = parse_syncstatus(m.get(r(f"syncstatus-{host}")))
         info: dict[str, Any] = {
             "device": m.get(r(f"data-{host}")),
             "role": "primary" if host == primary else "secondary",
             "attach": m.get(r(f"todo-{host}/attach")) == "1",
             "is_primary": m.get(r(f"actual-{host}/is-primary")) == "1",
+            "emergency": m.get(r(f"actual-{host}/emergency")) == "1",
             "open_count": int(m.get(r(f"actual-{host}/open-count")) or 0),
             "replay": m.get(r(f"replay-{host}")),
+            "syncing": sync is not None,
+            "sync_progress": round(sync[0] / sync[1], 4) if sync and sync[1] else None,
+            "syncpos": m.get(r(f"syncpos-{host}")),
+            "fetch": m.get(r(f"todo-{host}/fetch"), "1") == "1",
+            "replaying": m.get(r(f"todo-{host}/replay"), "1") == "1",
             "error": m.get(r(f"actual-{host}/error")),
+            "lag_bytes": _tree_lag(primary_replay, m.get(r(f"replay-{host}"))),
         }
         if host == ctx.host and daemon is not None:
             live = daemon["resources"].get(name)
             info["running"] = live is not None
             if live:
-                info.update({k: live[k] for k in (
-                    "logfile", "log_end", "applied", "pending_bytes", "open_count",
-                    "writes", "commits", "writes_per_commit") if k in live})
+                info.update({k: live[k] for k in LIVE_KEYS if k in live})
+                if live.get("role") == "secondary":
+                    info["lag_bytes"] = lag_bytes(live)
+                    info["lag_seconds"] = round(lag_seconds(live, time.time()), 1)
+                if live.get("replay_error"):
+                    info["error"] = live["replay_error"]
             if name in daemon.get("failures", {}):
                 info["error"] = daemon["failures"][name]
         info["state"] = _state(info)
@@ -309,17 +334,38 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
     return view
 
 
+def _tree_lag(primary: str | None, mine: str | None) -> int | None:
+    """Bytes between two replay positions in the same logfile (a view from the tree)."""
+    if not primary or not mine:
+        return None
+    try:
+        p, q = LogPosition.decode(primary), LogPosition.decode(mine)
+    except ValueError:
+        return None
+    return max(0, p.offset - q.offset) if p.number == q.number else None
+
+
 def _state(info: dict[str, Any]) -> str:
-    if info.get("error"):
-        return "Error"
     if not info["attach"]:
         return "Detached"
+    if info.get("emergency"):
+        return "Emergency"
+    if info.get("error"):
+        return "Outdated" if "outdated" in str(info["error"]) else "Error"
     if info["role"] == "primary":
         return "Primary" if info.get("running", info["is_primary"]) else "PrimaryDown"
-    return "Secondary"
+    if info["syncing"]:
+        return "Syncing"
+    if info.get("consistent") is False:
+        return "Inconsistent"
+    if not info["replaying"] or info.get("replay_paused"):
+        return "ReplayPaused"
+    if not info["fetch"] or info.get("fetch_paused"):
+        return "FetchPaused"
+    return "UpToDate" if info.get("lag_bytes") == 0 else "Replaying"
 
 
-@verb("view", "show resources, members, roles, log positions", _view_args)
+@verb("view", "show resources, members, roles, states, lag", _view_args)
 def view(ctx: Ctx) -> dict[str, Any]:
     ctx.require_cluster()
     names = [ctx.args.resource] if ctx.args.resource else ctx.paths.resources()
@@ -327,19 +373,27 @@ def view(ctx: Ctx) -> dict[str, Any]:
         ctx.require_resource(ctx.args.resource)
     daemon = ctx.daemon_status()
     views = [resource_view(ctx, n, daemon) for n in names]
+    extra = ""
+    if daemon:
+        extra = f"  /mars free {format_size(daemon.get('space_free', 0))} " \
+                f"({daemon.get('space_level', '?')})"
     ctx.say(f"cluster {ctx.meta.get('uuid')}  host {ctx.host}  marsd "
-            f"{'running' if daemon else 'NOT running'}")
-    header = ("RESOURCE", "HOST", "ROLE", "STATE", "SIZE", "LOG-END", "APPLIED", "PENDING",
-              "OPEN", "DEVICE")
+            f"{'running' if daemon else 'NOT running'}{extra}")
+    header = ("RESOURCE", "HOST", "ROLE", "STATE", "SIZE", "REPLAY", "LAG", "SYNC", "OPEN",
+              "DEVICE")
     rows = [header]
     errors = []
     for v in views:
         for host, info in v["members"].items():
+            lag = info.get("lag_bytes")
+            lag_text = "-" if lag is None else format_size(lag)
+            if info.get("lag_seconds"):
+                lag_text += f"/{info['lag_seconds']:.0f}s"
+            sync = info.get("sync_progress")
             rows.append((
                 v["resource"], host, info["role"], info["state"], format_size(v["size"]),
-                _short_pos(info.get("log_end")), _short_pos(info.get("applied") or
-                                                           info.get("replay")),
-                format_size(info.get("pending_bytes", 0)), str(info["open_count"]),
+                _short_pos(info.get("applied") or info.get("replay")), lag_text,
+                "-" if sync is None else f"{sync * 100:.1f}%", str(info["open_count"]),
                 info["device"] or "-",
             ))
             if info.get("error"):
@@ -348,8 +402,10 @@ def view(ctx: Ctx) -> dict[str, Any]:
     for row in rows:
         ctx.say("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     for err in errors:
-        ctx.say(f"error: {err}")
+        ctx.say(f"note: {err}")
     return {"cluster": ctx.meta.get("uuid"), "host": ctx.host, "marsd": daemon is not None,
+            "space_free": daemon.get("space_free") if daemon else None,
+            "space_level": daemon.get("space_level") if daemon else None,
             "resources": {v["resource"]: v for v in views}}
 
 

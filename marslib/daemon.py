@@ -26,6 +26,7 @@ from marslib.logsetup import setup_logging
 from marslib.malloc_tuning import tune_malloc
 from marslib.meta import MetaStore
 from marslib.metasync import MetaSync
+from marslib.metrics import serve_metrics
 from marslib.net.conn import read_secret, serve
 from marslib.resource import PrimaryResource
 from marslib.secondary import NetConfig, SecondaryResource
@@ -43,7 +44,8 @@ class Marsd:
 
     def __init__(self, paths: MarsPaths, host: str, config: LoggerConfig,
                  listen: str | None = None, port_base: int = 7777,
-                 connections: int = 2, space: SpaceLimits | None = None) -> None:
+                 connections: int = 2, space: SpaceLimits | None = None,
+                 metrics: tuple[str, int] | None = ("127.0.0.1", 9577)) -> None:
         self.paths = paths
         self.host = host
         self.config = config
@@ -57,6 +59,7 @@ class Marsd:
         self.metasync: MetaSync | None = None
         self.servers: list[asyncio.Server] = []
         self.space = space or SpaceLimits()
+        self.metrics = metrics
         self.space_level = 0
         self.space_free = 0
         self.failures: dict[str, tuple[float, str]] = {}
@@ -140,6 +143,14 @@ class Marsd:
                             f"{exc.strerror}") from None
         log.info("listening on %s ports %d (meta), %d (fetch), %d (sync)", listen, base,
                  base + 1, base + 2)
+        if self.metrics is not None:
+            try:
+                self.servers.append(await serve_metrics(self.metrics[0], self.metrics[1],
+                                                        self.status, self.host))
+                log.info("Prometheus metrics on http://%s:%d/metrics", *self.metrics)
+            except OSError as exc:
+                log.warning("no metrics endpoint on %s:%d: %s", self.metrics[0],
+                            self.metrics[1], exc.strerror)
 
     async def check_space(self) -> None:
         """Apply the emergency levels of DESIGN.md to this host's resources."""
@@ -234,6 +245,7 @@ class Marsd:
             "peers": peers,
             "space_free": self.space_free,
             "space_level": LEVEL_NAMES[self.space_level],
+            "space_level_number": self.space_level,
             "resources": resources,
             "failures": {name: msg for name, (_, msg) in self.failures.items()},
         }
@@ -325,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space-limits", default="",
                         help="free-space levels, e.g. warn=8G,drop=4G,no-fetch=2G,"
                         "emergency=1G (these are the defaults)")
+    parser.add_argument("--metrics", default="127.0.0.1:9577",
+                        help="ADDRESS:PORT for Prometheus metrics, or 'off'")
     parser.add_argument("--connections", type=int, default=2,
                         help="connections bundled per peer for fetch and sync (1-8)")
     args = parser.parse_args(argv)
@@ -340,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Marsd(MarsPaths.from_env(args.root, args.run_dir), host, config,
                    listen=args.listen, port_base=args.port_base,
                    connections=max(1, min(args.connections, 8)),
-                   space=SpaceLimits.parse(args.space_limits))
+                   space=SpaceLimits.parse(args.space_limits),
+                   metrics=None if args.metrics == "off" else
+                   (args.metrics.rpartition(":")[0] or "127.0.0.1",
+                    int(args.metrics.rpartition(":")[2])))
     try:
         asyncio.run(daemon.run())
     except MarsError as exc:

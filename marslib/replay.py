@@ -37,6 +37,7 @@ class ReplayStats:
     bytes: int = 0
     batches: int = 0
     corrupt_refetched: int = 0
+    last_stamp_ns: int = 0  # when the newest applied write was made on the primary
 
 
 class Replayer:
@@ -57,6 +58,7 @@ class Replayer:
         self.started = time.monotonic()
         self.paused = False
         self.blocked = False  # at a history gap: only a full sync helps
+        self.caught_up_at = time.time()  # when this replica last had everything
         self._resume = asyncio.Event()
         self._resume.set()
         self._idle = asyncio.Event()
@@ -85,6 +87,7 @@ class Replayer:
 
     async def run(self) -> None:
         while True:
+            self._note_caught_up()
             await self._resume.wait()
             progress = self.fetcher.progress
             self._idle.clear()
@@ -106,6 +109,11 @@ class Replayer:
                 await asyncio.wait_for(progress.wait(), 1.0)
             except TimeoutError:
                 pass
+
+    def _note_caught_up(self) -> None:
+        f = self.fetcher
+        if self.position.logfile == f.logfile and self.position.offset >= f.remote_end >= 0:
+            self.caught_up_at = time.time()
 
     def _path(self, pos: LogPosition):  # type: ignore[no-untyped-def]
         return self.paths.logfile(self.resource, pos.number, pos.host)
@@ -134,6 +142,7 @@ class Replayer:
                 batch.insert(rec.offset, bytes(rec.data))
                 self.stats.bytes += rec.data_len
             count += 1
+            self.stats.last_stamp_ns = rec.stamp_ns or self.stats.last_stamp_ns
             new_pos = LogPosition(pos.number, end, rec.seq, pos.host)
             if batch.bytes >= BATCH_BYTES:
                 break
@@ -194,6 +203,8 @@ class Replayer:
             "replay_paused": self.paused,
             "replay_error": self.error,
             "corrupt_refetched": self.stats.corrupt_refetched,
+            "replay_stamp_ns": self.stats.last_stamp_ns,
+            "caught_up_at": self.caught_up_at,
         }
 
 

@@ -113,4 +113,16 @@ class PrimaryResource:
         st["open_count"] = self.nbd.open_count if self.nbd else 0
         st["nbd_socket"] = str(self.paths.nbd_socket(self.name))
         st["recovery"] = asdict(self.recovery) if self.recovery else None
+        st.update(logfile_usage(self.paths, self.name))
         return st
+
+
+def logfile_usage(paths: MarsPaths, name: str) -> dict[str, int]:
+    files = paths.logfiles(name)
+    size = 0
+    for _, _, p in files:
+        try:
+            size += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return {"logfile_count": len(files), "logfile_bytes": size}

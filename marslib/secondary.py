@@ -15,6 +15,7 @@ from marslib.meta import MetaStore
 from marslib.net.conn import PeerBundle
 from marslib.position import LogPosition
 from marslib.replay import Replayer
+from marslib.resource import logfile_usage
 from marslib.sync import SYNC_DONE, SyncClient, parse_syncstatus
 
 log = logging.getLogger(__name__)
@@ -186,4 +187,5 @@ class SecondaryResource:
         if self.replayer is not None:
             st.update(self.replayer.status())
             st["applied"] = self.replayer.position.encode()
+        st.update(logfile_usage(self.paths, self.name))
         return st

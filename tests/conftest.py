@@ -97,7 +97,8 @@ class MarsHost:
     def start(self, *extra: str) -> None:
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(BIN / "marsd"), "--listen", self.ip, *extra], env=self.env,
+            [str(BIN / "marsd"), "--listen", self.ip, "--metrics", f"{self.ip}:9577", *extra],
+            env=self.env,
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
         )
         logf.close()

@@ -101,10 +101,14 @@ def test_join_under_writes_then_identical(pair: Pair) -> None:
     out, _ = w.communicate(timeout=60)
     assert out.count("\nA ") > 100
     pair.wait_up_to_date()
-    pair.b.marsadm("pause-replay", "r0")
-    assert pair.dev_a.read() == pair.dev_b.read(), "devices differ after catching up"
     view = pair.b.marsadm("view")["resources"]["r0"]["members"]
     assert set(view) == {"alpha", "beta"} and view["beta"]["role"] == "secondary"
+    assert view["beta"]["state"] == "UpToDate" and view["beta"]["lag_bytes"] == 0
+    assert view["alpha"]["state"] == "Primary"
+    pair.b.marsadm("pause-replay", "r0")
+    assert pair.b.marsadm("view")["resources"]["r0"]["members"]["beta"]["state"] == \
+        "ReplayPaused"
+    assert pair.dev_a.read() == pair.dev_b.read(), "devices differ after catching up"
 
 
 def test_every_sample_is_a_consistent_prefix(pair: Pair) -> None:
@@ -297,3 +301,42 @@ def test_emergency_mode_keeps_the_primary_writing(tmp_path: Path, small_fs: Path
         b.stop()
         dev_a.close()
         dev_b.close()
+
+
+def test_prometheus_metrics_show_roles_lag_and_space(pair: Pair) -> None:
+    import urllib.request
+    pair.b.marsadm("join-resource", "r0", pair.dev_b.path, "--wait")
+    pair.b.marsadm("pause-replay", "r0")
+    for i in range(20):
+        nbd_client(pair.a.nbd_uri("r0"), "pwrite", str(i * 4096), "cd" * 4096)
+
+    def scrape(h: MarsHost) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://{h.ip}:9577/metrics", timeout=10).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    deadline = time.monotonic() + 20
+    while True:
+        b = scrape(pair.b)
+        if b.get('mars_replica_lag_bytes{resource="r0"}', 0) > 20 * 4096:
+            break
+        assert time.monotonic() < deadline, f"lag never showed: {b}"
+        time.sleep(0.3)
+    assert b['mars_resource_role{resource="r0",role="secondary"}'] == 1.0
+    assert b['mars_replica_lag_seconds{resource="r0"}'] > 0
+    assert b["mars_free_bytes"] > 0 and b["mars_space_level"] == 0
+    assert b['mars_peer_connected{peer="alpha"}'] == 1.0
+    a = scrape(pair.a)
+    assert a['mars_resource_role{resource="r0",role="primary"}'] == 1.0
+    assert a['mars_primary_writes_total{resource="r0"}'] >= 20
+    pair.b.marsadm("resume-replay", "r0")
+    pair.wait_up_to_date()
+    deadline = time.monotonic() + 20
+    while scrape(pair.b)['mars_replica_lag_bytes{resource="r0"}'] != 0:
+        assert time.monotonic() < deadline, "lag did not return to 0"
+        time.sleep(0.3)
+    assert scrape(pair.b)['mars_replica_lag_seconds{resource="r0"}'] == 0

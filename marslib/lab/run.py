@@ -94,15 +94,7 @@ def wait_gone(pids: Iterable[int], timeout: float) -> bool:
             return True
         if time.monotonic() > deadline:
             return False
-        _reap()
         time.sleep(0.02)
-
-
-def _reap() -> None:
-    """Collect our own exited children so that they do not linger as zombies."""
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
 
 
 def ancestors() -> set[int]:

@@ -1,0 +1,151 @@
+"""Prometheus metrics of marsd, computed from its status at scrape time.
+
+Served over HTTP on a loopback port (default 127.0.0.1:9577) by the daemon's own event
+loop, so every figure is read consistently with the running bricks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from marslib.position import LogPosition
+
+log = logging.getLogger(__name__)
+
+ROLES = ("primary", "secondary")
+
+
+def lag_bytes(st: dict[str, Any]) -> int | None:
+    """How many bytes of log a secondary has not applied yet (as far as it knows)."""
+    if st.get("role") != "secondary" or "replay" not in st:
+        return None
+    pos = LogPosition.decode(st["replay"])
+    remote = int(st.get("fetch_remote_end", -1))
+    if remote < 0:
+        return None
+    if pos.logfile == st.get("fetch_logfile"):
+        return max(0, remote - pos.offset)
+    return max(0, remote) + int(st.get("fetch_local_end", 0))
+
+
+def lag_seconds(st: dict[str, Any], now: float) -> float:
+    """Seconds since a secondary last had everything the primary had (0: up to date)."""
+    lb = lag_bytes(st)
+    if not lb:
+        return 0.0
+    return max(0.0, now - float(st.get("caught_up_at", now)))
+
+
+class MarsCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]], host: str) -> None:
+        self.status = status
+        self.host = host
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.status()
+        res_labels = ["resource"]
+        role = GaugeMetricFamily("mars_resource_role", "1 for the role this host has",
+                                 labels=["resource", "role"])
+        lagb = GaugeMetricFamily("mars_replica_lag_bytes",
+                                 "log bytes a secondary has not applied yet", labels=res_labels)
+        lags = GaugeMetricFamily("mars_replica_lag_seconds",
+                                 "age of the newest applied write while behind, else 0",
+                                 labels=res_labels)
+        consistent = GaugeMetricFamily("mars_replica_consistent",
+                                       "1 when the replica is a consistent prefix",
+                                       labels=res_labels)
+        fetched = CounterMetricFamily("mars_fetch_bytes", "log bytes fetched",
+                                      labels=res_labels)
+        replayed = CounterMetricFamily("mars_replay_bytes", "data bytes replayed",
+                                       labels=res_labels)
+        written = CounterMetricFamily("mars_primary_write_bytes", "bytes written by "
+                                      "applications on the primary", labels=res_labels)
+        writes = CounterMetricFamily("mars_primary_writes", "write requests on the primary",
+                                     labels=res_labels)
+        commits = CounterMetricFamily("mars_log_commits", "group commits (one fdatasync each)",
+                                      labels=res_labels)
+        pending = GaugeMetricFamily("mars_writeback_pending_bytes",
+                                    "acknowledged data not yet on the device", labels=res_labels)
+        sync_done = GaugeMetricFamily("mars_sync_done_bytes", "full sync progress",
+                                      labels=res_labels)
+        sync_size = GaugeMetricFamily("mars_sync_size_bytes", "full sync total",
+                                      labels=res_labels)
+        emergency = GaugeMetricFamily("mars_emergency", "1 while the primary bypasses the log",
+                                      labels=res_labels)
+        open_count = GaugeMetricFamily("mars_open_count", "NBD clients", labels=res_labels)
+        logfiles = GaugeMetricFamily("mars_logfiles", "logfiles in /mars", labels=res_labels)
+        log_bytes = GaugeMetricFamily("mars_logfile_bytes", "bytes of logfiles in /mars",
+                                      labels=res_labels)
+        now = time.time()
+        for name, r in st.get("resources", {}).items():
+            for rl in ROLES:
+                role.add_metric([name, rl], 1.0 if r.get("role") == rl else 0.0)
+            open_count.add_metric([name], float(r.get("open_count", 0)))
+            logfiles.add_metric([name], float(r.get("logfile_count", 0)))
+            log_bytes.add_metric([name], float(r.get("logfile_bytes", 0)))
+            if r.get("role") == "primary":
+                written.add_metric([name], float(r.get("bytes_written", 0)))
+                writes.add_metric([name], float(r.get("writes", 0)))
+                commits.add_metric([name], float(r.get("commits", 0)))
+                pending.add_metric([name], float(r.get("pending_bytes", 0)))
+                emergency.add_metric([name], 1.0 if r.get("emergency") else 0.0)
+                continue
+            lb = lag_bytes(r)
+            if lb is not None:
+                lagb.add_metric([name], float(lb))
+                lags.add_metric([name], lag_seconds(r, now))
+            consistent.add_metric([name], 1.0 if r.get("consistent") else 0.0)
+            fetched.add_metric([name], float(r.get("fetch_bytes", 0)))
+            replayed.add_metric([name], float(r.get("replay_bytes", 0)))
+            if "sync_done" in r:
+                sync_done.add_metric([name], float(r["sync_done"]))
+                sync_size.add_metric([name], float(r["sync_size"]))
+        yield from (role, lagb, lags, consistent, fetched, replayed, written, writes, commits,
+                    pending, sync_done, sync_size, emergency, open_count, logfiles, log_bytes)
+        free = GaugeMetricFamily("mars_free_bytes", "free bytes in /mars")
+        free.add_metric([], float(st.get("space_free", 0)))
+        level = GaugeMetricFamily("mars_space_level", "0 ok, 1 warn, 2 drop, 3 no-fetch, "
+                                  "4 emergency")
+        level.add_metric([], float(st.get("space_level_number", 0)))
+        peers = GaugeMetricFamily("mars_peer_connected", "metadata connection to a peer is up",
+                                  labels=["peer"])
+        for peer, info in st.get("peers", {}).items():
+            peers.add_metric([peer], 1.0 if info.get("connected") else 0.0)
+        yield from (free, level, peers)
+
+
+async def serve_metrics(address: str, port: int, status: Callable[[], dict[str, Any]],
+                        host: str) -> asyncio.Server:
+    """A minimal HTTP endpoint: GET /metrics in the Prometheus text format."""
+    registry = CollectorRegistry()
+    registry.register(MarsCollector(status, host))
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.split()
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (
+                    b"/metrics", b"/"):
+                body = generate_latest(registry)
+                head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+            else:
+                body = b"not found\n"
+                head = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
+            writer.write(head + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(client, address, port)
