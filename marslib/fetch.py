@@ -17,6 +17,7 @@ from pathlib import Path
 
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import MarsPaths, check_resource_name, parse_logfile_name
+from marslib.logfile import valid_end
 from marslib.logger import Logger
 from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
@@ -46,6 +47,7 @@ class FetchService:
         self.paths = paths
         self.loggers = loggers
         self.bytes_served = 0
+        self._valid_ends: dict[tuple[str, int, int], int] = {}
 
     def _durable_end(self, resource: str, name: str, path: Path) -> int:
         logger = self.loggers(resource)
@@ -53,9 +55,17 @@ class FetchService:
         if end is not None and end.logfile == name:
             return end.offset
         try:
-            return path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             return -1
+        if next_logfile(self.paths, resource, name):
+            return st.st_size  # finished logfiles are cut to their exact end
+        # the newest logfile without its logger (marsd starting, primary down): it may
+        # hold reserved zeros after a crash; serve only its valid records
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._valid_ends:
+            self._valid_ends = {key: valid_end(path)}
+        return self._valid_ends[key]
 
     async def handle(self, frame: Frame, peer: PeerInfo) -> Frame:
         if frame.type != FrameType.FETCH_REQ:

@@ -22,34 +22,70 @@ from marslib.formats.logrecord import LogRecord, Problem, RecordError
 READ_CHUNK = 8 << 20
 
 
-class LogAppender:
-    """The open tail of the current logfile; only the primary's committer writes it."""
+PREALLOC_CHUNK = 16 << 20
 
-    def __init__(self, path: Path) -> None:
+
+class LogAppender:
+    """The open tail of the current logfile; only the primary's committer writes it.
+
+    The file is zero-filled ahead of the log's end, so that appending a batch overwrites
+    allocated blocks and its ``fdatasync`` flushes data only, with no filesystem journal
+    commit for a growing file. ``close`` cuts the zeros off; a crash leaves them, and
+    recovery treats a zero tail as the end of the log.
+    """
+
+    def __init__(self, path: Path, prealloc: int = PREALLOC_CHUNK) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        self.size = os.fstat(self.fd).st_size
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.size = os.fstat(self.fd).st_size  # the log's end: what is written and synced
+        self.prealloc = prealloc
+        self.allocated = self.size  # zero-filled up to here
+
+    def _extend(self, need: int) -> None:
+        if self.prealloc <= 0 or need <= self.allocated:
+            return
+        for target in (max(need, self.allocated + self.prealloc), need):
+            try:
+                self._zero_fill(target)
+                return
+            except OSError as exc:
+                os.ftruncate(self.fd, max(self.size, self.allocated))
+                if exc.errno != errno.ENOSPC or target == need:
+                    raise
+                # short of space: reserve only what this batch needs
+
+    def _zero_fill(self, target: int) -> None:
+        zeros = bytes(1 << 20)
+        pos = self.allocated
+        while pos < target:
+            pos += os.pwrite(self.fd, zeros[: min(len(zeros), target - pos)], pos)
+        os.fdatasync(self.fd)
+        self.allocated = target
 
     def append(self, chunks: list[bytes]) -> int:
-        """Write ``chunks`` and make them durable; return the new file size.
+        """Write ``chunks`` at the log's end and make them durable; return the new end.
 
-        On failure (e.g. ENOSPC) the file is cut back to its previous size, so a
-        half-written batch never stays behind, and the error is raised.
+        On failure (e.g. ENOSPC) the file is cut back to the old end, so a half-written
+        batch never stays behind, and the error is raised.
         """
         before = self.size
         total = sum(len(c) for c in chunks)
         try:
-            written = os.writev(self.fd, chunks)
-            while written < total:  # rare: a partial write; finish it
+            self._extend(before + total)
+            written = os.pwritev(self.fd, chunks, before)
+            if written < total:  # rare: a partial write; finish it
                 rest = b"".join(chunks)[written:]
-                n = os.write(self.fd, rest)
-                if n <= 0:
-                    raise OSError(errno.EIO, "short write")
-                written += n
+                while rest:
+                    n = os.pwrite(self.fd, rest, before + written)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "short write")
+                    written += n
+                    rest = rest[n:]
             os.fdatasync(self.fd)
         except OSError:
             try:
                 os.ftruncate(self.fd, before)
+                self.allocated = before
             except OSError:
                 pass
             raise
@@ -57,9 +93,24 @@ class LogAppender:
         return self.size
 
     def close(self) -> None:
+        """Cut the zero-filled space off and close."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                if self.allocated > self.size:
+                    os.ftruncate(self.fd, self.size)
+                    os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def valid_end(path: Path) -> int:
+    """Where the valid records of a logfile end (zero-filled or torn space excluded)."""
+    scanner = LogScanner(path)
+    end = 0
+    for _, rec_end, _ in scanner:
+        end = rec_end
+    return end
 
 
 class StopKind(Enum):

@@ -211,11 +211,18 @@ class Logger:
                     f"{later}: this is damage inside the log, not a torn tail. Nothing was "
                     "cut; restore the logfile or resync this host (marsadm invalidate)",
                 )
-            torn = stop.describe(path) + f"; cut {stop.file_size - stop.offset} bytes"
-            self.log.warning("recovery: %s", torn)
+            cut = stop.file_size - stop.offset
             with open(path, "r+b") as f:
+                f.seek(stop.offset)
+                zero_tail = not any(f.read(cut))
                 f.truncate(stop.offset)
                 os.fsync(f.fileno())
+            if zero_tail:  # zero-filled space the appender had reserved: not a torn write
+                self.log.info("recovery: released %d bytes of reserved space in %s", cut,
+                              path.name)
+            else:
+                torn = stop.describe(path) + f"; cut {cut} bytes"
+                self.log.warning("recovery: %s", torn)
         self._write_map(replay_map, None)
         self.device.flush()
         self._next_seq = (pos.seq if pos else 0) + 1

@@ -200,7 +200,8 @@ class Replayer:
             "replay_records": self.stats.records,
             "replay_bytes": self.stats.bytes,
             "replay_rate": round(self.stats.bytes / secs),
-            "replay_paused": self.paused,
+            # paused only once the batch in progress has ended: the device is consistent
+            "replay_paused": self.paused and self._idle.is_set(),
             "replay_error": self.error,
             "corrupt_refetched": self.stats.corrupt_refetched,
             "replay_stamp_ns": self.stats.last_stamp_ns,

@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from marslib.logfile import LogScanner
+from marslib.position import LogPosition
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IS_ROOT = os.geteuid() == 0
@@ -170,3 +173,19 @@ def nbd_client(uri: str, *args: str, timeout: float = 120,
     if check and out.returncode != 0:
         raise AssertionError(f"nbd client {args} failed: {out.stdout} {out.stderr}")
     return out
+
+
+def state_at(primary_root: Path, pos: LogPosition, size: int) -> bytes:
+    """The primary's device as of log position ``pos``: every record up to it, in order,
+    over the zeroed device it started with."""
+    img = bytearray(size)
+    files = sorted((primary_root / "resource-r0").glob("log-*"))
+    for path in files:
+        number = int(path.name.split("-")[1])
+        if number > pos.number:
+            break
+        for _, end, rec in LogScanner(path):
+            if number == pos.number and end > pos.offset:
+                break
+            img[rec.offset : rec.offset + rec.data_len] = rec.data
+    return bytes(img)

@@ -21,10 +21,10 @@ from conftest import (
     loopback_ips,
     nbd_client,
     needs_libnbd,
+    state_at,
 )
 
 from marslib.formats.frame import MAGIC
-from marslib.logfile import LogScanner
 from marslib.position import LogPosition
 
 pytestmark = needs_libnbd
@@ -76,22 +76,6 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
     p.b.start()
     yield p
     p.close()
-
-
-def state_at(primary_root: Path, pos: LogPosition, size: int) -> bytes:
-    """The primary's device as of log position ``pos``: every record up to it, in order,
-    over the zeroed device it started with."""
-    img = bytearray(size)
-    files = sorted((primary_root / "resource-r0").glob("log-*"))
-    for path in files:
-        number = int(path.name.split("-")[1])
-        if number > pos.number:
-            break
-        for _, end, rec in LogScanner(path):
-            if number == pos.number and end > pos.offset:
-                break
-            img[rec.offset : rec.offset + rec.data_len] = rec.data
-    return bytes(img)
 
 
 def test_join_under_writes_then_identical(pair: Pair) -> None:

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -243,7 +242,7 @@ class Lab:
             if proc.poll() is not None:
                 raise LabError(f"marsd on {h.name} exited with {proc.returncode}:\n"
                                f"{self.marsd_log_tail(h)}")
-            if _unix_answers(sock):
+            if sock.exists():
                 reply = self.marsadm(h, "view", check=False, timeout=max(5.0, timeout))
                 if reply.get("marsd") is True:
                     return proc.pid
@@ -462,17 +461,6 @@ def _build(state: LabState, net: Net, count: int, size: int, ndev: int) -> None:
 
 def _clear_partitions(state: LabState) -> None:
     state.partitions.clear()
-
-
-def _unix_answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-            return True
-        except OSError:
-            return False
 
 
 def _pidfile(path: Path) -> int | None:

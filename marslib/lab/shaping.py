@@ -78,12 +78,17 @@ def apply(state: LabState) -> None:
                                    "--probability", f"{loss:.6f}", "-j", "DROP"])
             storms = [s for s in (mine.storm_json(), theirs.storm_json()) if s]
             delay = mine.delay + theirs.delay
+            rates = [r for r in (mine.rate, theirs.rate) if r]
             if delay > 0 or storms:
-                paths[peer.ip] = {"delay": delay, "storms": storms}
+                paths[peer.ip] = {"delay": delay, "storms": storms,
+                                  "rate_bps": min(rates) if rates else None}
         firewall.set_rules(h.netns, firewall.LOSS, loss_rules)
         if paths or proxyctl.current_paths(host_dir(lab_dir, h.name)):
             proxyctl.configure(host_dir(lab_dir, h.name), h.netns, lab_dir, paths)
-    log.info("lab: shaping %s", {n: k for n, k in links.items() if k != Link()})
+    shaped = {n: p for n, p in state.shapes.items() if not p.empty()}
+    log.info("lab: shaping %s", ", ".join(
+        f"{n}: " + " ".join(f"{k} {v}" for k, v in vars(p).items() if v and k != "since")
+        for n, p in shaped.items()) or "off")
 
 
 def _apply_rate(state: LabState, h: HostState, link: Link) -> None:

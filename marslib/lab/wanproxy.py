@@ -30,6 +30,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("marslib.lab.wanproxy")
 
@@ -60,13 +61,21 @@ class Storm:
 class PathConfig:
     delay: float = 0.0
     storms: tuple[Storm, ...] = ()
+    rate_bps: float | None = None  # the path's bottleneck (tbf), to size the queue
 
     @classmethod
-    def from_json(cls, obj: dict[str, object]) -> PathConfig:
-        storms = obj.get("storms") or []
-        assert isinstance(storms, list)
-        return cls(float(obj.get("delay", 0.0)),  # type: ignore[arg-type]
-                   tuple(Storm(**s) for s in storms))
+    def from_json(cls, obj: dict[str, Any]) -> PathConfig:
+        rate = obj.get("rate_bps")
+        return cls(float(obj.get("delay", 0.0)), tuple(Storm(**s) for s in obj.get("storms", [])),
+                   float(rate) if rate else None)
+
+    @property
+    def queue_limit(self) -> int:
+        """Bytes held per direction: the bandwidth-delay product plus slack, so that a
+        sender feels the path's rate instead of filling a huge buffer in the proxy."""
+        if self.rate_bps is None:
+            return QUEUE_LIMIT
+        return max(1 << 20, min(QUEUE_LIMIT, int(self.rate_bps / 8 * (self.delay + 0.02))))
 
     def storm_rate(self, now: float) -> float | None:
         rates = [r for s in self.storms if (r := s.rate_at(now)) is not None]
@@ -163,7 +172,7 @@ class Proxy:
                         return
                     queue.append((time.monotonic(), data))
                     queued += len(data)
-                    if queued >= QUEUE_LIMIT:
+                    if queued >= self.path(ip).queue_limit:
                         room.clear()
                     more.set()
             finally:
@@ -194,7 +203,7 @@ class Proxy:
                     await pacer.consume(len(piece), rate)
                     await loop.sock_sendall(dst, piece)
                 queued -= len(data)
-                if queued < QUEUE_LIMIT:
+                if queued < self.path(ip).queue_limit:
                     room.set()
 
         read_task = asyncio.create_task(reader())
