@@ -22,7 +22,8 @@ from marslib.formats.logrecord import LogRecord, Problem, RecordError
 READ_CHUNK = 8 << 20
 
 
-PREALLOC_CHUNK = 16 << 20
+PREALLOC_CHUNK = 4 << 20
+BIG_BATCH = 256 << 10  # batches this big append directly: a journal commit costs them little
 
 
 class LogAppender:
@@ -71,7 +72,8 @@ class LogAppender:
         before = self.size
         total = sum(len(c) for c in chunks)
         try:
-            self._extend(before + total)
+            if total < BIG_BATCH:
+                self._extend(before + total)
             written = os.pwritev(self.fd, chunks, before)
             if written < total:  # rare: a partial write; finish it
                 rest = b"".join(chunks)[written:]
@@ -82,6 +84,7 @@ class LogAppender:
                     written += n
                     rest = rest[n:]
             os.fdatasync(self.fd)
+            self.allocated = max(self.allocated, before + total)
         except OSError:
             try:
                 os.ftruncate(self.fd, before)
