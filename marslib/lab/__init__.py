@@ -6,6 +6,6 @@ the running one, ``bin/mars-lab`` drives it from a shell.
 """
 
 from marslib.lab.errors import LabCommandError, LabError, LabUnsupported
-from marslib.lab.lab import Lab, LabHost
+from marslib.lab.lab import Lab, LabHost, down_dir
 
-__all__ = ["Lab", "LabHost", "LabError", "LabUnsupported", "LabCommandError"]
+__all__ = ["Lab", "LabHost", "LabError", "LabUnsupported", "LabCommandError", "down_dir"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from marslib.lab import claims, devices, netns
 from marslib.lab.addresses import Net
 from marslib.lab.run import ancestors, pid_alive, run, terminate
-from marslib.lab.state import MARKER
+from marslib.lab.state import LAB_MARK, MARKER
 
 log = logging.getLogger("marslib.lab")
 
@@ -53,8 +53,11 @@ def mounts_under(lab_dir: Path) -> list[tuple[str, str]]:
     return sorted(found, key=lambda m: m[0].count("/"), reverse=True)
 
 
-def unmount_under(lab_dir: Path) -> None:
+def unmount_under(lab_dir: Path, fuse: bool | None = None) -> None:
+    """Lazily unmount what is mounted under ``lab_dir`` (only FUSE / only other if ``fuse``)."""
     for point, fstype in mounts_under(lab_dir):
+        if fuse is not None and fstype.startswith("fuse") != fuse:
+            continue
         if fstype.startswith("fuse") and shutil.which("fusermount3"):
             cmd = ["fusermount3", "-u", "-z", point]
         else:
@@ -64,23 +67,39 @@ def unmount_under(lab_dir: Path) -> None:
         log.info("lab: unmounted %s (%s)", point, fstype)
 
 
+def is_lab_dir(path: Path) -> bool:
+    """Only a directory the lab made (it holds LAB_MARK) has its mounts, loop devices and
+    files removed: ``MARS_LAB_DIR=/tmp mars-lab down`` must not detach other people's loops."""
+    return (path / LAB_MARK).exists()
+
+
 def teardown(lab_dir: Path, nets: list[Net]) -> list[str]:
     """Remove everything of the lab in ``lab_dir`` on ``nets``; returns what is left, if any."""
     lab_dir = lab_dir.absolute()
+    owned = is_lab_dir(lab_dir)
+    root = os.geteuid() == 0
+    if root and owned:
+        # loop devices first, while their backing files still show under lab_dir (a file
+        # on an nbdfuse mount loses its path once the FUSE daemon is gone)
+        unmount_under(lab_dir, fuse=False)
+        devices.detach_under(lab_dir)
+        unmount_under(lab_dir, fuse=True)
     pids = lab_processes(lab_dir, nets)
     if pids:
         log.info("lab: stopping processes %s", pids)
         terminate(pids, timeout=5)
-    if os.geteuid() == 0:
+    if root and owned:
         unmount_under(lab_dir)
         devices.detach_under(lab_dir)
-        unmount_under(lab_dir)  # a filesystem on a lab loop device
+    if root:
         for net in nets:
             if not net.local:
                 netns.destroy(net)
     for net in nets:
         claims.release(net.index, lab_dir)
     left = leftovers(lab_dir, nets)
+    if lab_dir.exists() and not owned:
+        left.append(f"{lab_dir} is not a lab directory (no {LAB_MARK}): left alone")
     if not left and lab_dir.exists():
         shutil.rmtree(lab_dir, ignore_errors=True)
     elif left:
@@ -88,11 +107,22 @@ def teardown(lab_dir: Path, nets: list[Net]) -> list[str]:
     return left
 
 
+def teardown_net(net: Net) -> list[str]:
+    """Stop what runs in ``net``'s namespaces and delete them, the veths and the bridge
+    (a crashed lab nobody claims any more); returns what is left."""
+    pids = [p for ns in netns.namespaces(net) for p in netns.netns_pids(ns)]
+    terminate([p for p in pids if p not in ancestors()], timeout=5)
+    netns.destroy(net)
+    left = [f"netns {n}" for n in netns.namespaces(net)]
+    return left + ([f"bridge {net.bridge}"] if netns.link_exists(net.bridge) else [])
+
+
 def leftovers(lab_dir: Path, nets: list[Net]) -> list[str]:
     """What of this lab still exists (empty after a complete teardown, before the rmtree)."""
     left = [f"process {p}" for p in lab_processes(lab_dir, nets)]
-    left += [f"mount {m}" for m, _ in mounts_under(lab_dir)]
-    left += [f"loop device {d} on {b}" for d, b in devices.loops_under(lab_dir)]
+    if is_lab_dir(lab_dir):
+        left += [f"mount {m}" for m, _ in mounts_under(lab_dir)]
+        left += [f"loop device {d} on {b}" for d, b in devices.loops_under(lab_dir)]
     for net in nets:
         if not net.local:
             left += [f"netns {n}" for n in netns.namespaces(net)]

@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                     "25 ms one-way delay")
     up.add_argument("--device-size", default="256M", help="size of each data device")
     up.add_argument("--devices", type=int, default=1, help="data devices per host")
-    up.add_argument("--net", help="lab net number or 'auto' (default: 0 for the default lab "
-                    "directory, else auto)")
+    up.add_argument("--net", type=_net_arg, help="lab net number or 'auto' (default: 0 for "
+                    "the default lab directory, else auto)")
     up.add_argument("--local", action="store_true",
                     help="no namespaces: hosts are processes on 127.0.N.x (as without root)")
 
@@ -73,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _net_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number or auto") from None
+
+
 def _strip_dashes(args: list[str]) -> list[str]:
     return args[1:] if args[:1] == ["--"] else args
 
@@ -91,11 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, lab_dir: Path) -> int:
     if args.command == "up":
-        net: Any = None
-        if args.net is not None:
-            net = args.net if args.net == "auto" else int(args.net)
         lab = Lab.up(args.hosts, args.secondaries_far, args.device_size, args.devices,
-                     lab_dir=lab_dir, net=net, mode="local" if args.local else None)
+                     lab_dir=lab_dir, net=args.net, mode="local" if args.local else None)
         _print_status(lab.status())
         return 0
     if args.command == "down":
@@ -122,10 +128,13 @@ def _dispatch(args: argparse.Namespace, lab_dir: Path) -> int:
         os.execvpe(argv[0], argv, h.env)
     if args.command == "ssh":
         lab.host(args.host)
-        lab._need_netns("ssh")
+        lab.require_netns("ssh")
         argv = ssh_argv(lab.ssh_config, args.host, *_strip_dashes(args.cmd))
         os.execvp(argv[0], argv)
     if args.command == "shape":
+        given = [args.rate, args.delay, args.loss, args.storm]
+        if args.clear == any(given):
+            raise LabError("shape HOST: give --rate/--delay/--loss/--storm, or --clear")
         if args.clear:
             lab.clear_shape(args.host)
         else:

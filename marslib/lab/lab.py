@@ -29,6 +29,7 @@ from marslib.lab.errors import LabCommandError, LabError, LabUnsupported
 from marslib.lab.run import ns_prefix, run
 from marslib.lab.state import (
     DEFAULT_LAB_DIR,
+    LAB_MARK,
     MARKER,
     REPO,
     HostState,
@@ -115,10 +116,14 @@ class Lab:
             raise LabUnsupported("a netns lab needs root, ip and nsenter; use mode local")
         local = chosen == "local"
         _down_dir(path)
-        index = _choose_net(path, net, local)
+        path.mkdir(parents=True)  # before the claim: a claim whose directory exists is live
+        (path / LAB_MARK).write_text("made by mars-lab up; `mars-lab down` removes it all\n")
+        try:
+            index = _choose_net(path, net, local)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         net_obj = Net(index, local=local)
-        path.mkdir(parents=True)
-        claims.claim(index, path)
         state = LabState(lab_dir=str(path), net=index, mode=chosen, far=far, hosts=[])
         try:
             _build(state, net_obj, hosts, size, devices)
@@ -137,7 +142,10 @@ class Lab:
         """
         for proc in self._procs.values():
             proc.poll()
-        with locked(self.dir):
+        if self.dir.is_dir():
+            with locked(self.dir):
+                left = cleanup.teardown(self.dir, [self.net])
+        else:
             left = cleanup.teardown(self.dir, [self.net])
         for proc in self._procs.values():
             proc.poll()
@@ -204,7 +212,7 @@ class Lab:
     def ssh(self, host: HostRef, *cmd: str, check: bool = True,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` in ``host`` over real ssh with the lab key."""
-        self._need_netns("ssh")
+        self.require_netns("ssh")
         out = run(sshd.ssh_argv(self.ssh_config, self.host(host).name, *cmd), check=check,
                   timeout=timeout)
         return out
@@ -213,7 +221,10 @@ class Lab:
                 timeout: float = 60) -> dict[str, Any]:
         """``marsadm ARGS --json`` in ``host``; the parsed reply with ``rc`` added."""
         h = self.host(host)
-        cmd = [str(venv_bin() / "marsadm"), *args, "--json"]
+        marsadm_bin = venv_bin() / "marsadm"
+        prog = ([str(marsadm_bin)] if marsadm_bin.exists()
+                else [str(venv_bin() / "python"), str(REPO / "bin" / "marsadm")])
+        cmd = [*prog, *args, "--json"]
         out = self.exec(h, *cmd, check=False, timeout=timeout)
         try:
             reply = json.loads(out.stdout) if out.stdout.strip() else {}
@@ -292,7 +303,7 @@ class Lab:
         MARS ports 7777-7779), ``loss`` "1%" (iptables, both directions), ``storm``
         "100x:2s/10s" (throughput / 100 for 2 s in every 10 s, MARS ports).
         """
-        self._need_netns("shape")
+        self.require_netns("shape")
         h = self.host(host)
         profile = LinkProfile(rate, delay, loss, storm, since=time.time())
         shaping.validate(profile)
@@ -322,7 +333,7 @@ class Lab:
         self._change_partitions(_clear_partitions)
 
     def _change_partitions(self, change: Callable[[LabState], object], *hosts: HostRef) -> None:
-        self._need_netns("partition")
+        self.require_netns("partition")
         names = {self.host(h).name for h in hosts}
         if hosts and len(names) < 2:
             raise LabError("a partition needs two different hosts")
@@ -333,7 +344,8 @@ class Lab:
             state.save()
             self.state = state
 
-    def _need_netns(self, what: str) -> None:
+    def require_netns(self, what: str) -> None:
+        """Raise LabUnsupported (saying why) unless this is a netns lab."""
         if self.local:
             raise LabUnsupported(
                 f"{what} needs a netns lab (run as root); this lab runs hosts as processes "
@@ -372,8 +384,12 @@ def _default_mode() -> Mode:
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
+    from marslib.errors import UsageError
     from marslib.sizes import parse_size
-    return parse_size(size)
+    try:
+        return parse_size(size)
+    except UsageError as exc:
+        raise LabError(f"--device-size: {exc}") from None
 
 
 def down_dir(path: Path) -> list[str]:
@@ -395,6 +411,11 @@ def down_dir(path: Path) -> list[str]:
 
 
 def _down_dir(path: Path) -> None:
+    if path.is_dir() and not cleanup.is_lab_dir(path):
+        if any(path.iterdir()):
+            raise LabError(f"{path} exists and is not a lab directory: pick a new or empty "
+                           "directory for MARS_LAB_DIR")
+        path.rmdir()
     left = down_dir(path)
     if left:
         raise LabError(f"cannot clean up the old lab in {path}: {'; '.join(left)}")
@@ -407,6 +428,8 @@ def _choose_net(path: Path, net: int | Literal["auto"] | None, local: bool) -> i
     if net is None:
         env = os.environ.get("MARS_LAB_NET")
         if env:
+            if env != "auto" and not env.isdigit():
+                raise LabError(f"MARS_LAB_NET={env!r}: use a number or auto")
             net = "auto" if env == "auto" else int(env)
         else:
             net = 0 if path == DEFAULT_LAB_DIR.absolute() else "auto"
@@ -419,9 +442,10 @@ def _choose_net(path: Path, net: int | Literal["auto"] | None, local: bool) -> i
         log.info("lab: net %d belongs to the lab in %s: taking it down", index, owner)
         _down_dir(owner)
     if not local:
-        left = cleanup.teardown(path, [Net(index)])  # leftovers of a crashed lab
+        left = cleanup.teardown_net(Net(index))  # leftovers of a crashed lab
         if left:
             raise LabError(f"cannot clean up net {index}: {'; '.join(left)}")
+    claims.claim(index, path)
     return index
 
 

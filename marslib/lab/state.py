@@ -19,6 +19,7 @@ from marslib.lab.errors import LabError
 DEFAULT_LAB_DIR = Path("/var/tmp/mars-lab")
 REPO = Path(__file__).resolve().parent.parent.parent
 MARKER = "MARS_LAB_OWNER"  # set on every process the lab starts, to find them again
+LAB_MARK = ".mars-lab"  # a file in every lab directory: only such a directory is removed
 
 
 def default_lab_dir() -> Path:
@@ -104,7 +105,8 @@ def host_dir(lab_dir: Path, name: str) -> Path:
 @contextlib.contextmanager
 def locked(lab_dir: Path) -> Iterator[None]:
     """Serialise changes to one lab (CLI calls and test processes may overlap)."""
-    lab_dir.mkdir(parents=True, exist_ok=True)
+    if not lab_dir.is_dir():
+        raise LabError(f"no lab in {lab_dir}: run `mars-lab up`")
     with open(lab_dir / "lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

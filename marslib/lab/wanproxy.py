@@ -141,6 +141,7 @@ class Proxy:
             done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
             for task in pending:
                 task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)  # before the fds close
             if any(not t.cancelled() and t.exception() is not None for t in done):
                 _reset(client)
                 _reset(upstream)
