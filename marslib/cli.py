@@ -204,7 +204,9 @@ def _bring_up(ctx: Ctx, name: str) -> dict[str, Any]:
 
     _wait_for(ctx, f"resource {name} to come up", up)
     st = ctx.daemon("status")["resources"].get(name, {})
-    if st:
+    if st.get("role") == "secondary":
+        ctx.say(f"{name} is up on {ctx.host} as a secondary ({st.get('phase')})")
+    elif st:
         ctx.say(f"{name} is up on {ctx.host}: NBD export at {st['nbd_socket']}")
         rec = st.get("recovery") or {}
         if rec.get("records_replayed"):
@@ -271,7 +273,7 @@ LIVE_KEYS = ("logfile", "log_end", "applied", "pending_bytes", "open_count", "wr
              "consistent", "fetch_logfile", "fetch_remote_end", "fetch_local_end",
              "fetch_rate", "replay_rate", "replay_paused", "fetch_paused", "replay_error",
              "sync_done", "sync_size", "sync_rate", "sync_eta", "corrupt_refetched",
-             "caught_up_at", "logfile_count", "logfile_bytes")
+             "caught_up_at", "logfile_count", "logfile_bytes", "fetch_contact_age")
 
 
 def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[str, Any]:
@@ -345,6 +347,9 @@ def _tree_lag(primary: str | None, mine: str | None) -> int | None:
     return max(0, p.offset - q.offset) if p.number == q.number else None
 
 
+DISCONNECTED_AFTER = 15.0  # seconds without an answer from the primary (long polls: 5 s)
+
+
 def _state(info: dict[str, Any]) -> str:
     if not info["attach"]:
         return "Detached"
@@ -362,6 +367,8 @@ def _state(info: dict[str, Any]) -> str:
         return "ReplayPaused"
     if not info["fetch"] or info.get("fetch_paused"):
         return "FetchPaused"
+    if (info.get("fetch_contact_age") or 0) > DISCONNECTED_AFTER:
+        return "Disconnected"  # the primary's progress is unknown: no lag to trust
     return "UpToDate" if info.get("lag_bytes") == 0 else "Replaying"
 
 
@@ -806,6 +813,8 @@ def wait_resource(ctx: Ctx) -> dict[str, Any]:
             return st.get("role") == "primary"
         if cond == "secondary":
             return st.get("role") == "secondary"
+        if st.get("role") == "primary":  # the primary's data is the reference
+            return cond in ("consistent", "up-to-date")
         if cond == "consistent":
             return bool(st.get("consistent"))
         return bool(st.get("consistent")) and _up_to_date(st)

@@ -128,6 +128,7 @@ class Fetcher:
         self.remote_finished = False
         self.bytes_fetched = 0
         self.started = time.monotonic()
+        self.last_contact = time.monotonic()  # the primary's last answer
         self.progress = asyncio.Event()  # set (and replaced) when local logfiles grow
         self.paused = False
         self._resume = asyncio.Event()
@@ -209,6 +210,7 @@ class Fetcher:
             offsets = [o for o in offsets if o < self.remote_end]
         wait = 0.0 if behind > 0 else 5.0
         replies = await asyncio.gather(*(self._request(o, CHUNK, wait) for o in offsets))
+        self.last_contact = time.monotonic()
         if self._restart or name != self.logfile:
             return
         for reply in replies:
@@ -270,4 +272,5 @@ class Fetcher:
             "fetch_paused": self.paused,
             "fetch_connections": self.bundle.connections,
             "fetch_error": self.bundle.last_error,
+            "fetch_contact_age": round(time.monotonic() - self.last_contact, 1),
         }

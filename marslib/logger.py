@@ -390,10 +390,15 @@ class Logger:
 
     # --------------------------------------------------------- emergency mode
     async def _write_direct(self, offset: int, data: bytes) -> None:
+        """Emergency mode: durable on the device before it is acknowledged."""
         await self._drained.wait()
         async with self._direct_lock:
-            await asyncio.to_thread(self.device.pwrite, offset, data)
+            await asyncio.to_thread(self._pwrite_durable, offset, data)
         self.stats.direct_writes += 1
+
+    def _pwrite_durable(self, offset: int, data: bytes) -> None:
+        self.device.pwrite(offset, data)
+        self.device.flush()
 
     async def _apply_directly(self, batch: list[_Pending]) -> None:
         """Write queued (unlogged) writes straight to the device, in order."""

@@ -92,6 +92,7 @@ class SecondaryResource:
                                  self.sync_bundle)
         self._task = asyncio.create_task(self._run(), name=f"secondary-{self.name}")
         self.meta.set(self._key(f"actual-{self.host}/is-primary"), "0")
+        self.meta.delete(self._key(f"actual-{self.host}/error"))
 
     async def _run(self) -> None:
         try:
