@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test soak bench lint clean
+.PHONY: setup demo demo-local test soak bench lint clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -10,8 +10,11 @@ setup:
 demo: setup
 	$(PY) bin/mars-demo
 
+demo-local: setup
+	$(PY) bin/mars-demo-local
+
 test: setup
-	$(VENV)/bin/ruff check marslib tests bench bin/mars-demo
+	$(VENV)/bin/ruff check marslib tests bench bin/mars-demo bin/mars-demo-local bin/mars-lab
 	$(PY) -m pytest -q -rs
 
 soak: setup
@@ -20,6 +23,8 @@ soak: setup
 bench: setup
 	$(PY) bench/write_path.py
 	$(PY) bench/writeback_order.py
+	$(PY) bench/replication.py
+	$(PY) bench/sync.py
 
 lint: setup
 	$(VENV)/bin/ruff check marslib tests bench

@@ -26,7 +26,7 @@ from marslib.errors import DeviceError, MarsError, Refused, TimedOut, UsageError
 from marslib.layout import MarsPaths, check_host_name, check_resource_name
 from marslib.meta import MetaStore, MetaValue
 from marslib.position import LogPosition
-from marslib.sizes import format_size, parse_size
+from marslib.sizes import format_size, human_size, parse_size
 
 
 @dataclass
@@ -382,7 +382,7 @@ def view(ctx: Ctx) -> dict[str, Any]:
     views = [resource_view(ctx, n, daemon) for n in names]
     extra = ""
     if daemon:
-        extra = f"  /mars free {format_size(daemon.get('space_free', 0))} " \
+        extra = f"  /mars free {human_size(daemon.get('space_free', 0))} " \
                 f"({daemon.get('space_level', '?')})"
     ctx.say(f"cluster {ctx.meta.get('uuid')}  host {ctx.host}  marsd "
             f"{'running' if daemon else 'NOT running'}{extra}")
@@ -393,7 +393,7 @@ def view(ctx: Ctx) -> dict[str, Any]:
     for v in views:
         for host, info in v["members"].items():
             lag = info.get("lag_bytes")
-            lag_text = "-" if lag is None else format_size(lag)
+            lag_text = "-" if lag is None else human_size(lag)
             if info.get("lag_seconds"):
                 lag_text += f"/{info['lag_seconds']:.0f}s"
             sync = info.get("sync_progress")

@@ -21,3 +21,13 @@ def format_size(n: int) -> str:
         if n >= _UNITS[unit.lower()] and n % _UNITS[unit.lower()] == 0:
             return f"{n // _UNITS[unit.lower()]}{unit}"
     return str(n)
+
+
+def human_size(n: int | float) -> str:
+    """Rounded for people: ``78.8G``, ``512K``, ``0``."""
+    value = float(n)
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(value) < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "" or value >= 100 else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(n)
