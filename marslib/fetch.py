@@ -21,6 +21,7 @@ from marslib.logfile import valid_end
 from marslib.logger import Logger
 from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
+from marslib.pausing import PauseSwitch
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,7 @@ class Fetcher:
         self.started = time.monotonic()
         self.last_contact = time.monotonic()  # the primary's last answer
         self.progress = asyncio.Event()  # set (and replaced) when local logfiles grow
-        self.paused = False
-        self._resume = asyncio.Event()
-        self._resume.set()
+        self._pausing = PauseSwitch()
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
         self._restart = False
         self.refetches: dict[tuple[str, int], int] = {}
@@ -158,13 +157,15 @@ class Fetcher:
             return False
         return parsed[0] < cur[0]
 
+    @property
+    def paused(self) -> bool:
+        return self._pausing.paused
+
     def pause(self) -> None:
-        self.paused = True
-        self._resume.clear()
+        self._pausing.pause()
 
     def resume(self) -> None:
-        self.paused = False
-        self._resume.set()
+        self._pausing.resume()
 
     def refetch_from(self, name: str, offset: int) -> int:
         """Throw away local bytes of ``name`` from ``offset`` (they failed a check) and fetch
@@ -185,7 +186,7 @@ class Fetcher:
 
     async def run(self) -> None:
         while True:
-            await self._resume.wait()
+            await self._pausing.wait()
             try:
                 await self._step()
             except (ConnectionError, RemoteError) as exc:

@@ -25,6 +25,7 @@ from marslib.logger import Logger
 from marslib.meta import MetaStore
 from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
+from marslib.pausing import PauseSwitch
 from marslib.position import LogPosition
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,7 @@ class SyncClient:
         self.bundle = bundle
         self.block_size = block_size
         self.progress = SyncProgress(size=size, started=time.monotonic())
-        self.paused = False
-        self._resume = asyncio.Event()
-        self._resume.set()
+        self._switch = PauseSwitch()
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
 
     def _key(self, name: str) -> str:
@@ -135,13 +134,15 @@ class SyncClient:
             raise RemoteError("the primary has no log end yet")
         return LogPosition.decode(str(value))
 
+    @property
+    def paused(self) -> bool:
+        return self._switch.paused
+
     def pause(self) -> None:
-        self.paused = True
-        self._resume.clear()
+        self._switch.pause()
 
     def resume(self) -> None:
-        self.paused = False
-        self._resume.set()
+        self._switch.resume()
 
     async def run(self) -> None:
         """Sync until done, retrying through network trouble; returns when consistent
@@ -176,7 +177,7 @@ class SyncClient:
 
         async def one(offset: int) -> None:
             async with sem:
-                await self._resume.wait()
+                await self._switch.wait()
                 await self._sync_window(offset, min(window, size - offset))
             finished.add(offset)
 
