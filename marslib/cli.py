@@ -831,6 +831,116 @@ def _up_to_date(st: dict[str, Any]) -> bool:
         pos.offset >= st.get("fetch_remote_end", -1) >= 0
 
 
+# -------------------------------------------------------------------- roles
+def _primary_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("--force", action="store_true",
+                   help="failover: take over from what this host has, without waiting for "
+                   "the old primary (it may cause a split brain)")
+
+
+NO_PRIMARY = "(none)"
+
+
+def _handover_refusal(ctx: Ctx, name: str, old: str | None, live: dict[str, Any]) -> str | None:
+    """Why this host cannot take over ``name`` by a planned handover, if it cannot."""
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    if live.get("role") != "secondary":
+        return f"{name} is not running here as a secondary: run 'marsadm up {name}'"
+    if ctx.meta.get(r(f"syncstatus-{ctx.host}")) != "done" or live.get("phase") != "replaying":
+        return f"{name} is still syncing here: wait with 'marsadm wait-resource {name} sync-off'"
+    if not live.get("consistent"):
+        return f"{name} is not consistent here yet: wait until it has replayed past its syncpos"
+    if live.get("replay_error"):
+        return f"{name} cannot replay here: {live['replay_error']}"
+    if live.get("fetch_paused") or live.get("replay_paused"):
+        return f"fetch or replay of {name} is paused here: resume them first"
+    if old and old != NO_PRIMARY:
+        if ctx.meta.get(r(f"actual-{old}/emergency")) == "1":
+            return f"the primary {old} is in emergency mode: its log is incomplete; free " \
+                   "space in its /mars first, then resync, or use --force"
+        opened = int(ctx.meta.get(r(f"actual-{old}/open-count")) or 0)
+        if opened:
+            return (f"the primary {old} still has {opened} NBD client(s) on {name}: stop the "
+                    "application there (umount, disconnect) first")
+        if (live.get("fetch_contact_age") or 0) > DISCONNECTED_AFTER:
+            return f"the primary {old} has not answered for {live['fetch_contact_age']:.0f}s: " \
+                   "if it is gone, use 'marsadm primary --force' (failover)"
+    return None
+
+
+@verb("primary", "make this host the primary: handover, or failover with --force",
+      _primary_args)
+def primary(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    if ctx.meta.get(r(f"data-{ctx.host}")) is None:
+        raise Refused(f"{ctx.host} is not a member of {name}: join-resource first")
+    old = ctx.meta.get(r("primary"))
+    if old == ctx.host:
+        return {"changed": False, "primary": ctx.host}
+    st = ctx.daemon("status")
+    live = st["resources"].get(name, {})
+    if ctx.meta.get(r(f"syncstatus-{ctx.host}")) != "done":
+        raise Refused(f"{name} is not fully synced here: it would not be consistent")
+    if not ctx.args.force:
+        why = _handover_refusal(ctx, name, old, live)
+        if why:
+            raise Refused(f"handover of {name} to {ctx.host} refused: {why}")
+    if ctx.dry_run:
+        ctx.say(f"would {'fail over' if ctx.args.force else 'hand over'} {name} from {old} "
+                f"to {ctx.host}")
+        return {"changed": True, "dry_run": True}
+    t0 = time.monotonic()
+    if ctx.args.force:
+        ctx.meta.set(r("primary"), ctx.host, durable=True)
+        ctx.say(f"failover: {ctx.host} takes over {name} from what it has replayed; if "
+                f"{old} still writes, that is a split brain")
+    else:
+        ctx.meta.set(r("primary"), NO_PRIMARY, durable=True)
+        _poke(ctx)
+        try:
+            _wait_old_primary_done(ctx, name, old)
+        except TimedOut:
+            if old and old != NO_PRIMARY:
+                ctx.meta.set(r("primary"), old, durable=True)  # leave it as it was
+            raise
+        ctx.meta.set(r("primary"), ctx.host, durable=True)
+    _poke(ctx)
+    _wait_for(ctx, f"{name} to come up as primary here",
+              lambda: ctx.daemon("status")["resources"].get(name, {}).get("role") == "primary"
+              or ctx.daemon("status").get("failures", {}).get(name) or False)
+    secs = round(time.monotonic() - t0, 3)
+    now = ctx.daemon("status")["resources"][name]
+    ctx.say(f"{ctx.host} is now the primary of {name} ({secs}s): NBD export at "
+            f"{now.get('nbd_socket')}")
+    return {"changed": True, "primary": ctx.host, "previous": old, "seconds": secs,
+            "forced": bool(ctx.args.force)}
+
+
+def _wait_old_primary_done(ctx: Ctx, name: str, old: str | None) -> None:
+    """Wait until the old primary has ended its log and this host has replayed all of it."""
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    if not old or old == NO_PRIMARY:
+        return
+
+    def done() -> bool:
+        if ctx.meta.get(r(f"actual-{old}/is-primary")) != "0":
+            return False
+        final = ctx.meta.get(r(f"replay-{old}"))
+        live = ctx.daemon("status")["resources"].get(name, {})
+        if not final or "applied" not in live:
+            return False
+        f, mine = LogPosition.decode(final), LogPosition.decode(live["applied"])
+        _show_progress(ctx, f"handover {name}: replayed {mine.number}:{mine.offset} of "
+                       f"{f.number}:{f.offset}")
+        return (mine.number, mine.offset) >= (f.number, f.offset)
+
+    _wait_for(ctx, f"{old} to end its log and {ctx.host} to replay all of it", done)
+    _show_progress(ctx, "\n")
+
+
 # --------------------------------------------------------------------- main
 def _common_options(suppress: bool) -> argparse.ArgumentParser:
     """Options every verb takes, before or after the verb (after wins)."""

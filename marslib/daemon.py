@@ -279,7 +279,9 @@ class Marsd:
                     else:
                         sec.apply_switches()
                 if running is not None and running != want:
-                    await self._stop_resource(name)
+                    # a primary giving up its role (handover) ends its log for the others
+                    await self._stop_resource(name, end_log=running == "primary"
+                                              and want == "secondary")
                     running = None
                 if want is not None and running is None:
                     failed = self.failures.get(name)
@@ -308,11 +310,12 @@ class Marsd:
         else:
             self.secondaries[name] = res
 
-    async def _stop_resource(self, name: str) -> None:
-        res: PrimaryResource | SecondaryResource | None = self.primaries.pop(name, None)
-        if res is None:
-            res = self.secondaries.pop(name)
-        await res.stop()
+    async def _stop_resource(self, name: str, end_log: bool = False) -> None:
+        primary = self.primaries.pop(name, None)
+        if primary is not None:
+            await primary.stop(end_marker=end_log)
+        else:
+            await self.secondaries.pop(name).stop()
 
     def poke(self) -> None:
         self._poke.set()

@@ -85,6 +85,9 @@ class PrimaryResource:
             self.device.close()
             raise
         self.nbd.on_open_count_change = self._open_count_changed
+        # the primary's data is the reference: it needs no sync if it becomes a secondary
+        if self.meta.get(self._key(f"syncstatus-{self.host}")) != "done":
+            self.meta.set(self._key(f"syncstatus-{self.host}"), "done")
         self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
         self.meta.set(self._key(f"actual-{self.host}/is-primary"), "1")
         self.meta.delete(self._key(f"actual-{self.host}/error"))

@@ -1,0 +1,119 @@
+"""Roles between two real marsd processes: planned handover back and forth under an
+application that stops and restarts around it; refusals leave the cluster unchanged."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import NBD_CLIENT, SYSTEM_PYTHON, BlockDev, MarsHost, loopback_ips, needs_libnbd
+
+from marslib import control
+
+pytestmark = needs_libnbd
+SIZE = 64 << 20
+
+
+class Pair:
+    def __init__(self, base: Path) -> None:
+        ip_a, ip_b = loopback_ips(2)
+        self.hosts = {"alpha": MarsHost(base / "a", "alpha", ip_a),
+                      "beta": MarsHost(base / "b", "beta", ip_b)}
+        self.devs = {"alpha": BlockDev(base / "a.img", SIZE),
+                     "beta": BlockDev(base / "b.img", SIZE)}
+
+    def status(self, name: str) -> dict:  # type: ignore[type-arg]
+        h = self.hosts[name]
+        return control.request(h.run_dir / "marsd.sock", "status")["resources"].get("r0", {})
+
+    def writer(self, name: str, seconds: float, seed: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [SYSTEM_PYTHON, str(NBD_CLIENT), self.hosts[name].nbd_uri("r0"), "writer",
+             str(seed), "8", "512", "65536", str(seconds)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_in_sync(self, primary: str, secondary: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            p, s = self.status(primary), self.status(secondary)
+            if s.get("applied") == p.get("log_end") and s.get("consistent"):
+                return
+            assert time.monotonic() < deadline, f"{secondary} never caught up: {s} vs {p}"
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = Pair(tmp_path)
+    a, b = p.hosts["alpha"], p.hosts["beta"]
+    a.marsadm("create-cluster", "--ip", a.ip)
+    a.marsadm("create-resource", "r0", p.devs["alpha"].path)
+    a.start()
+    a.marsadm("up", "r0")
+    b.marsadm("join-cluster", "alpha", "--ip", b.ip, "--from-root", str(a.root))
+    b.start()
+    b.marsadm("join-resource", "r0", p.devs["beta"].path, "--wait")
+    yield p
+    for h in p.hosts.values():
+        h.stop()
+    for d in p.devs.values():
+        d.close()
+
+
+def test_handover_back_and_forth_loses_nothing(pair: Pair) -> None:
+    primary, secondary = "alpha", "beta"
+    acked = 0
+    times = []
+    for round_no in range(4):
+        w = pair.writer(primary, 2, seed=100 + round_no)
+        out, err = w.communicate(timeout=60)  # the application stops
+        assert "E " not in out, err
+        acked += out.count("\nA ")
+        pair.wait_in_sync(primary, secondary)
+        r = pair.hosts[secondary].marsadm("primary", "r0")
+        assert r["changed"] and r["previous"] == primary
+        times.append(r["seconds"])
+        view = pair.hosts[primary].marsadm("view")["resources"]["r0"]
+        assert view["primary"] == secondary
+        primary, secondary = secondary, primary
+        deadline = time.monotonic() + 30
+        while pair.status(secondary).get("role") != "secondary":
+            assert time.monotonic() < deadline, "the old primary did not become a secondary"
+            time.sleep(0.1)
+    pair.wait_in_sync(primary, secondary)
+    pair.hosts[secondary].marsadm("pause-replay", "r0")
+    assert pair.devs["alpha"].read() == pair.devs["beta"].read()
+    assert acked > 200
+    # each handover started a new logfile on the new primary
+    names = [p.name for p in sorted((pair.hosts[primary].root / "resource-r0").glob("log-*"))]
+    assert len({n.split("-")[1] for n in names}) >= 4
+    print(f"handover times: {times}")
+
+
+def test_handover_refused_while_the_export_is_open(pair: Pair) -> None:
+    w = pair.writer("alpha", 20, seed=7)
+    try:
+        deadline = time.monotonic() + 10
+        while not pair.status("alpha").get("open_count"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # open-count travels to beta with the metadata
+        r = pair.hosts["beta"].marsadm("primary", "r0", check=False)
+        assert r["rc"] == 1 and "still has 1 NBD client" in r["error"]
+        assert pair.hosts["beta"].marsadm("view")["resources"]["r0"]["primary"] == "alpha"
+        assert pair.status("alpha").get("role") == "primary"
+    finally:
+        w.kill()
+        w.wait()
+
+
+def test_handover_refused_while_replay_is_paused_then_succeeds(pair: Pair) -> None:
+    pair.hosts["beta"].marsadm("pause-replay", "r0")
+    r = pair.hosts["beta"].marsadm("primary", "r0", check=False)
+    assert r["rc"] == 1 and "paused" in r["error"]
+    assert pair.hosts["alpha"].marsadm("view")["resources"]["r0"]["primary"] == "alpha"
+    pair.hosts["beta"].marsadm("resume-replay", "r0")
+    assert pair.hosts["beta"].marsadm("primary", "r0")["changed"]
