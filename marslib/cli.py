@@ -291,11 +291,17 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
     )
     primary = m.get(r("primary"))
     logfiles = ctx.paths.logfiles(name)
+    from marslib.history import forks
+    split = forks(m, name)
     view: dict[str, Any] = {
         "resource": name,
         "size": int(m.get(r("size")) or 0),
         "primary": primary,
         "history_gap": m.get(r("history-gap")),
+        "split_brain": [{"logfile": f.number, "views": {w: {"logfile_host": v[0], "end": v[1],
+                                                             "seq": v[2]}
+                                                         for w, v in f.views.items()}}
+                        for f in split],
         "members": {},
         "logfiles": [p.name for _, _, p in logfiles],
         "log_bytes": sum(p.stat().st_size for _, _, p in logfiles if p.exists()),
@@ -331,7 +337,10 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
                     info["error"] = live["replay_error"]
             if name in daemon.get("failures", {}):
                 info["error"] = daemon["failures"][name]
-        info["state"] = _state(info)
+        info["split_brain"] = any(
+            host in f.views and primary in f.views and f.views[host] != f.views[primary]
+            for f in split)
+        info["state"] = "SplitBrain" if info["split_brain"] else _state(info)
         view["members"][host] = info
     return view
 
@@ -410,6 +419,12 @@ def view(ctx: Ctx) -> dict[str, Any]:
         ctx.say("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     for err in errors:
         ctx.say(f"note: {err}")
+    for v in views:
+        for fork in v["split_brain"]:
+            ctx.say(f"SPLIT BRAIN in {v['resource']}: logfile {fork['logfile']:09d} ends "
+                    + "; ".join(f"at {x['end']} for {w}" for w, x in fork["views"].items())
+                    + f" -- run 'marsadm invalidate {v['resource']}' on each host that "
+                    "should follow the designated primary")
     return {"cluster": ctx.meta.get("uuid"), "host": ctx.host, "marsd": daemon is not None,
             "space_free": daemon.get("space_free") if daemon else None,
             "space_level": daemon.get("space_level") if daemon else None,
@@ -754,9 +769,12 @@ def invalidate(ctx: Ctx) -> dict[str, Any]:
     if ctx.dry_run:
         return {"changed": True, "dry_run": True}
     size = int(ctx.meta.get(ctx.rkey(name, "size")) or 0)
+    from marslib.history import forget_links
+    dropped = forget_links(ctx.meta, name, ctx.host)  # this host's history is discarded
     ctx.meta.set(ctx.rkey(name, f"syncstatus-{ctx.host}"), f"0/{size}")
     _poke(ctx)
-    ctx.say(f"{name}: full sync from the primary restarted on {ctx.host}")
+    ctx.say(f"{name}: full sync from the primary restarted on {ctx.host}"
+            + (f" ({dropped} version links of its old history dropped)" if dropped else ""))
     if ctx.args.wait:
         _wait_sync(ctx, name)
     return {"changed": True}
@@ -939,6 +957,27 @@ def _wait_old_primary_done(ctx: Ctx, name: str, old: str | None) -> None:
 
     _wait_for(ctx, f"{old} to end its log and {ctx.host} to replay all of it", done)
     _show_progress(ctx, "\n")
+
+
+@verb("view-split-brain", "show where the members' histories of a resource fork",
+      _resource_arg)
+def view_split_brain(ctx: Ctx) -> dict[str, Any]:
+    from marslib.history import forks
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    split = forks(ctx.meta, name)
+    primary = ctx.meta.get(ctx.rkey(name, "primary"))
+    losers = sorted({w for f in split for w, v in f.views.items()
+                     if primary in f.views and v != f.views[primary]})
+    for f in split:
+        ctx.say(f.describe())
+    if split:
+        ctx.say(f"designated primary: {primary}; hosts to resync (marsadm invalidate {name} "
+                f"on each): {', '.join(losers) or '-'}")
+    else:
+        ctx.say(f"{name}: no split brain")
+    return {"changed": False, "split_brain": bool(split), "losers": losers,
+            "forks": [f.describe() for f in split]}
 
 
 # --------------------------------------------------------------------- main

@@ -97,8 +97,10 @@ class FetchService:
             else:
                 await asyncio.sleep(min(0.2, remaining))
         if offset > end:
-            return Frame(FrameType.ERROR, {
-                "error": f"{name} on the primary ends at {end}, before offset {offset}"})
+            # the asker holds more of this logfile than we do: its history forked from ours
+            return Frame(FrameType.FETCH_DATA, {"logfile": name, "offset": offset, "end": end,
+                                                "finished": finished, "next": nxt,
+                                                "diverged": True})
         length = min(max_len, end - offset)
         data = await asyncio.to_thread(_read_range, path, offset, length) if length else b""
         self.bytes_served += len(data)
@@ -135,6 +137,7 @@ class Fetcher:
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
         self._restart = False
         self.refetches: dict[tuple[str, int], int] = {}
+        self.diverged: tuple[str, int] | None = None  # (logfile, primary's end) on a fork
 
     def _path(self, name: str) -> Path:
         return self.paths.resource_dir(self.resource) / name
@@ -215,6 +218,13 @@ class Fetcher:
         if self._restart or name != self.logfile:
             return
         for reply in replies:
+            if reply.get("diverged"):
+                self.diverged = (name, int(reply.get("end", -1)))
+                self.log.error("%s: this host holds %d bytes, the primary's copy ends at %s: "
+                               "the histories forked", name, self.local_end, reply.get("end"))
+                self._signal()
+                await asyncio.sleep(2.0)
+                return
             if reply.get("missing"):
                 nxt = reply.get("next")
                 if nxt and self.local_end == 0:

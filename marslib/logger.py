@@ -24,7 +24,7 @@ from marslib.errors import DeviceError, LogCorrupt
 from marslib.extents import ExtentMap
 from marslib.formats import logrecord
 from marslib.formats.logrecord import FLAG_END, FLAG_GAP, LogRecord
-from marslib.formats.versionlink import GENESIS, VersionLink
+from marslib.history import write_link
 from marslib.layout import MarsPaths, logfile_name
 from marslib.logfile import LogAppender, LogScanner, StopKind, find_record_after
 from marslib.meta import MetaStore
@@ -231,6 +231,9 @@ class Logger:
             number = last_file[0]  # continue our own unfinished logfile
         elif last_file is not None:
             number = last_file[0] + 1
+            if pos is not None and last_file[1] != self.host:
+                # taking over: record where this host saw the previous primary's log end
+                self._finish_logfile(pos)
         else:
             # nothing on disk: a fresh resource, or our last logfile was deleted
             number = (start.number + (1 if start.offset else 0)) if start else 1
@@ -263,14 +266,8 @@ class Logger:
         self._log_end = LogPosition(number, self._appender.size, durable_seq, self.host)
 
     def _finish_logfile(self, end: LogPosition) -> None:
-        """Write the version link of a logfile that will get no more records."""
-        prev = GENESIS
-        for item in self.meta.items(f"resource-{self.resource}"):
-            name = item.key.rsplit("/", 1)[-1]
-            if name.startswith(f"version-{end.number - 1:09d}-") and item.value:
-                prev = item.value.split(",")[0]
-        link = VersionLink(end.number, end.host, end.offset, end.seq, prev)
-        self.meta.set(link.key(self.resource), link.encode())
+        """Write this host's version link of a logfile that will get no more records."""
+        write_link(self.meta, self.resource, self.host, end)
 
     # ----------------------------------------------------------------- writes
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

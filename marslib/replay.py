@@ -19,6 +19,7 @@ from marslib.device import Device
 from marslib.errors import LogCorrupt
 from marslib.extents import ExtentMap
 from marslib.fetch import Fetcher
+from marslib.history import forks, write_link
 from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.logfile import LogScanner, StopKind
 from marslib.meta import MetaStore
@@ -89,6 +90,17 @@ class Replayer:
         while True:
             self._note_caught_up()
             await self._resume.wait()
+            div = self.fetcher.diverged
+            if div is not None and div[0] == self.position.logfile:
+                # our copy of this logfile goes further than the primary's: say so in the
+                # history, so that every member sees the split brain
+                write_link(self.meta, self.resource, self.host, self.position)
+                self.error = (f"split brain: this host's {div[0]} goes to "
+                              f"{self.position.offset}, the primary's ends at {div[1]}; not "
+                              f"replaying the primary's history. Resync this host with "
+                              f"'marsadm invalidate {self.resource}'")
+                await asyncio.sleep(1.0)
+                continue
             progress = self.fetcher.progress
             self._idle.clear()
             try:
@@ -100,8 +112,9 @@ class Replayer:
             if applied:
                 self.meta.set(self._key, self.position.encode())
                 continue
-            if self.blocked:
+            if self.blocked:  # look again later: a resync elsewhere may resolve it
                 await asyncio.sleep(1.0)
+                self.blocked = False
                 continue
             if self._advance_logfile():
                 continue
@@ -174,10 +187,19 @@ class Replayer:
             raise LogCorrupt(name, offset, "damaged on the primary")
 
     def _advance_logfile(self) -> bool:
-        """At the end of a finished logfile, continue with the next local one."""
+        """At the end of a finished logfile, continue with the next local one, unless the
+        members' histories fork there."""
         pos = self.position
         name = self._path(pos).name
         if not self.fetcher.is_finished(name):
+            return False
+        write_link(self.meta, self.resource, self.host, pos)
+        split = [f for f in forks(self.meta, self.resource) if f.number <= pos.number]
+        if split:
+            self.error = (f"split brain: {split[0].describe()}; not replaying past it. "
+                          f"Resync the losing host(s) with 'marsadm invalidate "
+                          f"{self.resource}'")
+            self.blocked = True
             return False
         gap = int(self.meta.get(f"resource-{self.resource}/history-gap") or 0)
         for number, host, _ in self.paths.logfiles(self.resource):

@@ -117,3 +117,41 @@ def test_handover_refused_while_replay_is_paused_then_succeeds(pair: Pair) -> No
     assert pair.hosts["alpha"].marsadm("view")["resources"]["r0"]["primary"] == "alpha"
     pair.hosts["beta"].marsadm("resume-replay", "r0")
     assert pair.hosts["beta"].marsadm("primary", "r0")["changed"]
+
+
+def test_failover_split_brain_detected_and_resolved_by_invalidate(pair: Pair) -> None:
+    a, b = pair.hosts["alpha"], pair.hosts["beta"]
+    pair.wait_in_sync("alpha", "beta")
+    b.marsadm("pause-fetch", "r0")
+    w = pair.writer("alpha", 2, seed=31)  # alpha writes what beta never gets
+    assert w.communicate(timeout=60)[0].count("\nA ") > 50
+    a.kill9()  # alpha is gone (crashed, or cut off)
+    r = b.marsadm("primary", "r0", "--force")
+    assert r["changed"] and r["forced"]
+    w = pair.writer("beta", 2, seed=32)  # beta's applications go on
+    assert w.communicate(timeout=60)[0].count("\nA ") > 50
+    a.start()  # alpha comes back with its own history
+    deadline = time.monotonic() + 60
+    while True:
+        va = a.marsadm("view")["resources"]["r0"]
+        vb = b.marsadm("view")["resources"]["r0"]
+        if va["split_brain"] and vb["split_brain"]:
+            break
+        assert time.monotonic() < deadline, f"split brain not detected: {va} {vb}"
+        time.sleep(0.3)
+    assert va["primary"] == vb["primary"] == "beta"
+    assert va["members"]["alpha"]["state"] == "SplitBrain"
+    sb = a.marsadm("view-split-brain", "r0")
+    assert sb["split_brain"] and sb["losers"] == ["alpha"]
+    # alpha never replays beta's history past the fork
+    before = pair.devs["alpha"].read()
+    time.sleep(2)
+    assert pair.devs["alpha"].read() == before
+    a.marsadm("invalidate", "r0", "--wait")
+    pair.wait_in_sync("beta", "alpha")
+    a.marsadm("pause-replay", "r0")
+    assert pair.devs["alpha"].read() == pair.devs["beta"].read()
+    deadline = time.monotonic() + 30
+    while a.marsadm("view-split-brain", "r0")["split_brain"]:
+        assert time.monotonic() < deadline, "the split brain did not clear after invalidate"
+        time.sleep(0.3)
