@@ -155,3 +155,68 @@ def test_failover_split_brain_detected_and_resolved_by_invalidate(pair: Pair) ->
     while a.marsadm("view-split-brain", "r0")["split_brain"]:
         assert time.monotonic() < deadline, "the split brain did not clear after invalidate"
         time.sleep(0.3)
+
+
+def test_three_replicas_handover_to_any_and_log_deletion_waits_for_the_slowest(
+        tmp_path: Path) -> None:
+    ips = loopback_ips(3)
+    names = ("alpha", "beta", "gamma")
+    hosts = {n: MarsHost(tmp_path / n, n, ip) for n, ip in zip(names, ips, strict=True)}
+    devs = {n: BlockDev(tmp_path / f"{n}.img", SIZE) for n in names}
+    try:
+        a = hosts["alpha"]
+        a.marsadm("create-cluster", "--ip", a.ip)
+        a.marsadm("create-resource", "r0", devs["alpha"].path)
+        a.start()
+        a.marsadm("up", "r0")
+        for n in ("beta", "gamma"):
+            hosts[n].marsadm("join-cluster", "alpha", "--ip", hosts[n].ip, "--from-root",
+                             str(a.root))
+            hosts[n].start()
+            hosts[n].marsadm("join-resource", "r0", devs[n].path, "--wait")
+
+        def status(n: str) -> dict:  # type: ignore[type-arg]
+            return control.request(hosts[n].run_dir / "marsd.sock", "status")[
+                "resources"]["r0"]
+
+        def in_sync(primary: str) -> None:
+            deadline = time.monotonic() + 60
+            while True:
+                end = status(primary).get("log_end")
+                if all(status(n).get("applied") == end for n in names if n != primary):
+                    return
+                assert time.monotonic() < deadline, "replicas did not catch up"
+                time.sleep(0.1)
+
+        def write(n: str, seed: int) -> None:
+            w = subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), hosts[n].nbd_uri("r0"),
+                                  "writer", str(seed), "8", "512", "65536", "1.5"],
+                                 stdout=subprocess.PIPE, text=True)
+            assert w.communicate(timeout=60)[0].count("\nA ") > 20
+
+        write("alpha", 41)
+        in_sync("alpha")
+        hosts["gamma"].marsadm("primary", "r0")  # hand over to the second secondary
+        write("gamma", 42)
+        in_sync("gamma")
+        # gamma is the slowest now: its fetch is paused; deletion must wait for it
+        hosts["beta"].marsadm("primary", "r0")
+        hosts["gamma"].marsadm("pause-fetch", "r0")
+        write("beta", 43)
+        for _ in range(2):
+            hosts["beta"].marsadm("log-rotate", "r0")
+        time.sleep(1.0)
+        hosts["beta"].marsadm("log-delete", "r0")
+        gamma_pos = status("gamma")["applied"].split(",")[0]
+        kept = [p.name for p in (hosts["beta"].root / "resource-r0").glob("log-*")]
+        assert gamma_pos in kept, "deleted a logfile the slowest member still needs"
+        hosts["gamma"].marsadm("resume-fetch", "r0")
+        in_sync("beta")
+        for n in ("alpha", "gamma"):
+            hosts[n].marsadm("pause-replay", "r0")
+        assert devs["alpha"].read() == devs["beta"].read() == devs["gamma"].read()
+    finally:
+        for h in hosts.values():
+            h.stop()
+        for d in devs.values():
+            d.close()
