@@ -74,9 +74,11 @@ def blockdev(tmp_path: Path) -> Iterator[BlockDev]:
 class MarsHost:
     """One host's state root, run dir and marsd process, driven like an operator would."""
 
-    def __init__(self, base: Path, name: str = "alpha", ip: str = "127.0.0.1") -> None:
+    def __init__(self, base: Path, name: str = "alpha", ip: str = "127.0.0.1",
+                 code: Path | None = None) -> None:
         self.name = name
         self.ip = ip
+        self.code = code  # run marsd from this copy of the package (a test double)
         self.root = base / "mars"
         self.run_dir = base / "run"
         self.log_path = base / f"marsd-{name}.log"
@@ -99,8 +101,12 @@ class MarsHost:
 
     def start(self, *extra: str) -> None:
         logf = open(self.log_path, "ab")
+        marsd = [str(BIN / "marsd")]
+        if self.code is not None:
+            marsd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(self.code)!r}); "
+                     "from marslib.daemon import main; raise SystemExit(main())"]
         self.proc = subprocess.Popen(
-            [str(BIN / "marsd"), "--listen", self.ip, "--metrics", f"{self.ip}:9577", *extra],
+            [*marsd, "--listen", self.ip, "--metrics", f"{self.ip}:9577", *extra],
             env=self.env,
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
         )
