@@ -384,7 +384,8 @@ def _state(info: dict[str, Any]) -> str:
 @verb("view", "show resources, members, roles, states, lag", _view_args)
 def view(ctx: Ctx) -> dict[str, Any]:
     ctx.require_cluster()
-    names = [ctx.args.resource] if ctx.args.resource else ctx.paths.resources()
+    names = [ctx.args.resource] if ctx.args.resource else [
+        n for n in ctx.paths.resources() if ctx.meta.get(ctx.rkey(n, "size")) is not None]
     if ctx.args.resource:
         ctx.require_resource(ctx.args.resource)
     daemon = ctx.daemon_status()
@@ -978,6 +979,106 @@ def view_split_brain(ctx: Ctx) -> dict[str, Any]:
         ctx.say(f"{name}: no split brain")
     return {"changed": False, "split_brain": bool(split), "losers": losers,
             "forks": [f.describe() for f in split]}
+
+
+def _resize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("size", nargs="?", help="new size (default: the smallest member device)")
+
+
+@verb("resize", "grow a resource online once every member's device is grown", _resize_args)
+def resize(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    if ctx.meta.get(r("primary")) != ctx.host:
+        raise Refused(f"resize {name} on its primary ({ctx.meta.get(r('primary'))})")
+    old = int(ctx.meta.get(r("size")) or 0)
+    members = [mv.key.rsplit("/data-", 1)[1] for mv in ctx.meta.items(f"resource-{name}")
+               if "/data-" in mv.key and mv.value is not None]
+    sizes: dict[str, int] = {}
+    for host in members:
+        value = ctx.meta.get(r(f"device-size-{host}"))
+        if value is None:
+            raise Refused(f"the device size of {name} on {host} is unknown: start marsd and "
+                          f"'marsadm up {name}' there")
+        sizes[host] = int(value)
+    if ctx.daemon_status() is not None:  # this host's device may have grown just now
+        sizes[ctx.host] = probe_size(ctx.meta.get(r(f"data-{ctx.host}")) or "")
+    new = parse_size(ctx.args.size) if ctx.args.size else min(sizes.values())
+    new -= new % 4096
+    if new < old:
+        raise Refused(f"{name} is {format_size(old)}: shrinking to {format_size(new)} is "
+                      "refused (it would destroy data)")
+    small = {h: s for h, s in sizes.items() if s < new}
+    if small:
+        raise Refused("grow the device first on " + ", ".join(
+            f"{h} ({format_size(s)} < {format_size(new)})" for h, s in sorted(small.items())))
+    if new == old:
+        return {"changed": False, "size": old}
+    if ctx.dry_run:
+        ctx.say(f"would grow {name} from {format_size(old)} to {format_size(new)}")
+        return {"changed": True, "dry_run": True}
+    ctx.meta.set(r("size"), str(new), durable=True)
+    _poke(ctx)
+    ctx.say(f"{name} grown from {format_size(old)} to {format_size(new)}; secondaries sync the "
+            "new tail; NBD clients see the new size when they reconnect")
+    return {"changed": True, "old_size": old, "size": new}
+
+
+@verb("secondary", "give up the primary role (no host is primary until 'primary')",
+      _resource_arg)
+def secondary(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    r = lambda k: ctx.rkey(name, k)  # noqa: E731
+    if ctx.meta.get(r("primary")) != ctx.host:
+        return {"changed": False}
+    opened = int(ctx.meta.get(r(f"actual-{ctx.host}/open-count")) or 0)
+    if opened:
+        raise Refused(f"{name} still has {opened} NBD client(s) here: stop the application "
+                      "first")
+    if ctx.dry_run:
+        return {"changed": True, "dry_run": True}
+    ctx.meta.set(r("primary"), NO_PRIMARY, durable=True)
+    _poke(ctx)
+    _wait_for(ctx, f"{name} to end its log here",
+              lambda: ctx.daemon("status")["resources"].get(name, {}).get("role") != "primary")
+    ctx.say(f"{ctx.host} is no longer the primary of {name}; make another member primary "
+            "with 'marsadm primary'")
+    return {"changed": True}
+
+
+verb("attach", "the same as up: attach the resource here", _resource_arg)(up)
+verb("detach", "the same as down: write back, detach", _down_args)(down)
+
+
+def _delete_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource")
+    p.add_argument("--force", action="store_true", help="even if NBD clients are connected")
+
+
+@verb("delete-resource", "delete a resource whose last member is this host", _delete_args)
+def delete_resource(ctx: Ctx) -> dict[str, Any]:
+    name = ctx.args.resource
+    ctx.require_resource(name)
+    others = sorted(mv.key.rsplit("/data-", 1)[1] for mv in ctx.meta.items(f"resource-{name}")
+                    if "/data-" in mv.key and mv.value is not None
+                    and not mv.key.endswith(f"/data-{ctx.host}"))
+    if others:
+        raise Refused(f"{name} still has members {', '.join(others)}: run 'marsadm "
+                      f"leave-resource {name}' on each first")
+    if ctx.dry_run:
+        return {"changed": True, "dry_run": True}
+    if ctx.daemon_status() is not None:
+        down(ctx)
+    for mv in ctx.meta.items(f"resource-{name}"):
+        if mv.value is not None:
+            ctx.meta.delete(mv.key)
+    for _, _, path in ctx.paths.logfiles(name):
+        path.unlink()
+    ctx.say(f"{name} deleted; its data device was left as it is")
+    return {"changed": True}
 
 
 # --------------------------------------------------------------------- main

@@ -269,8 +269,19 @@ class Marsd:
                 want = self._wanted_role(name)
                 running = "primary" if name in self.primaries else \
                     "secondary" if name in self.secondaries else None
+                size = int(self.meta.get(f"resource-{name}/size") or 0)
+                self._publish_device_size(name)
+                if running == "primary" and want == "primary":
+                    try:
+                        self.primaries[name].grow(size)
+                    except RuntimeError as exc:
+                        self.meta.set(f"resource-{name}/actual-{self.host}/error", str(exc))
                 if running == "secondary" and want == "secondary":
                     sec = self.secondaries[name]
+                    if sec.size and size > sec.size and sec.phase != "syncing":
+                        # grown: sync the new tail from the primary, then replay on
+                        self.meta.set(f"resource-{name}/syncstatus-{self.host}",
+                                      f"{sec.size}/{size}")
                     syncing = self.meta.get(f"resource-{name}/syncstatus-{self.host}") != \
                         SYNC_DONE
                     if syncing and sec.phase != "syncing":
@@ -288,6 +299,19 @@ class Marsd:
                     if failed and time.monotonic() - failed[0] < RETRY_FAILED_AFTER:
                         continue
                     await self._start_resource(name, want)
+
+    def _publish_device_size(self, name: str) -> None:
+        """Keep ``device-size-HOST`` current: resize checks every member's device."""
+        res = self.primaries.get(name) or self.secondaries.get(name)
+        if res is None or res.device is None or res.device.fd < 0:
+            return
+        key = f"resource-{name}/device-size-{self.host}"
+        try:
+            size = str(res.device.size)
+        except OSError:
+            return
+        if self.meta.get(key) != size:
+            self.meta.set(key, size)
 
     async def _start_resource(self, name: str, role: str = "primary") -> None:
         res: PrimaryResource | SecondaryResource

@@ -70,6 +70,7 @@ class PrimaryResource:
         self.device = Device(dev_path, buffered=buffered)
         try:
             size = int(self.meta.get(self._key("size")) or 0) or None
+            self.meta.set(self._key(f"device-size-{self.host}"), str(self.device.size))
             self.logger = Logger(self.name, self.host, self.paths, self.meta, self.device,
                                  self.config, size=size)
             self.recovery = await self.logger.start()
@@ -91,6 +92,18 @@ class PrimaryResource:
         self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
         self.meta.set(self._key(f"actual-{self.host}/is-primary"), "1")
         self.meta.delete(self._key(f"actual-{self.host}/error"))
+
+    def grow(self, size: int) -> bool:
+        """Serve a grown resource (new NBD clients see the new size); True if it grew."""
+        if self.logger is None or self.device is None or size <= self.logger.size:
+            return False
+        if size > self.device.size:
+            raise RuntimeError(f"{self.device.path} has {self.device.size} bytes, "
+                               f"resource {self.name} needs {size}")
+        old, self.logger.size = self.logger.size, size
+        self.log.info("resized from %d to %d bytes; NBD clients see it when they reconnect",
+                      old, size)
+        return True
 
     def _open_count_changed(self, count: int) -> None:
         self.meta.set(self._key(f"actual-{self.host}/open-count"), str(count))

@@ -55,6 +55,7 @@ class SecondaryResource:
         self.error: str | None = None
         self.phase = "starting"
         self.space_blocks_fetch = False  # /mars is too full to fetch
+        self.size = 0  # the resource size this secondary runs with
 
     def _key(self, name: str) -> str:
         return f"resource-{self.name}/{name}"
@@ -76,6 +77,8 @@ class SecondaryResource:
         buffered = self.meta.get(self._key(f"buffered-{self.host}")) == "1"
         self.device = Device(dev_path, buffered=buffered)
         size = int(self.meta.get(self._key("size")) or 0)
+        self.size = size
+        self.meta.set(self._key(f"device-size-{self.host}"), str(self.device.size))
         if size > self.device.size:
             self.device.close()
             raise RuntimeError(f"{dev_path} has {self.device.size} bytes, resource {self.name} "

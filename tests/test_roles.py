@@ -220,3 +220,51 @@ def test_three_replicas_handover_to_any_and_log_deletion_waits_for_the_slowest(
             h.stop()
         for d in devs.values():
             d.close()
+
+
+def grow(dev: BlockDev, size: int) -> None:
+    with open(dev.image, "r+b") as f:
+        f.truncate(size)
+    if dev.loop:
+        subprocess.run(["losetup", "-c", dev.loop], check=True)
+
+
+def test_online_resize_syncs_the_new_tail(pair: Pair) -> None:
+    a, b = pair.hosts["alpha"], pair.hosts["beta"]
+    new = SIZE + (16 << 20)
+    r = a.marsadm("resize", "r0", str(new), check=False)
+    assert r["rc"] == 1 and "grow the device first" in r["error"]
+    grow(pair.devs["alpha"], new)
+    # garbage in beta's new tail: the sync must replace it with the primary's
+    grow(pair.devs["beta"], new)
+    with open(pair.devs["beta"].image, "r+b") as f:
+        f.seek(SIZE)
+        f.write(b"\xab" * (1 << 20))
+    time.sleep(3)  # marsd publishes the grown device sizes
+    r = a.marsadm("resize", "r0", str(SIZE - 4096), check=False)
+    assert r["rc"] == 1 and "shrinking" in r["error"]
+    assert a.marsadm("resize", "r0")["size"] == new
+    assert a.marsadm("resize", "r0")["changed"] is False
+    w = pair.writer("alpha", 1.5, seed=61)  # a new client sees the new size
+    assert w.communicate(timeout=60)[0].count("\nA ") > 20
+    from conftest import nbd_client
+    assert nbd_client(a.nbd_uri("r0"), "info").stdout.split()[0] == str(new)
+    nbd_client(a.nbd_uri("r0"), "pwrite", str(new - 4096), "5a" * 4096)
+    pair.wait_in_sync("alpha", "beta")
+    b.marsadm("pause-replay", "r0")
+    assert pair.devs["alpha"].read() == pair.devs["beta"].read()
+    assert pair.devs["beta"].read(new - 4096, 4096) == b"\x5a" * 4096
+
+
+def test_leave_and_delete_resource(pair: Pair) -> None:
+    a, b = pair.hosts["alpha"], pair.hosts["beta"]
+    r = a.marsadm("leave-resource", "r0", check=False)
+    assert r["rc"] == 1 and "primary" in r["error"]
+    r = a.marsadm("delete-resource", "r0", check=False)
+    assert r["rc"] == 1 and "beta" in r["error"]
+    assert b.marsadm("leave-resource", "r0")["changed"]
+    time.sleep(1.0)  # the departure travels with the metadata
+    assert list(a.marsadm("view")["resources"]["r0"]["members"]) == ["alpha"]
+    assert a.marsadm("delete-resource", "r0")["changed"]
+    assert a.marsadm("view")["resources"] == {}
+    assert not list((a.root / "resource-r0").glob("log-*"))
