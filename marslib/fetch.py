@@ -126,6 +126,8 @@ class Fetcher:
         self.bundle = bundle
         self.logfile = start_logfile
         self.parallel = max(1, parallel)
+        self.window = 2 * self.parallel  # requests in flight while behind
+        self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
         self.remote_finished = False
@@ -205,50 +207,69 @@ class Fetcher:
             "max_len": max_len, "wait": wait}), timeout=MAX_WAIT + 30)
 
     async def _step(self) -> None:
+        """Fetch the current logfile: a window of requests in flight while behind, one
+        long poll when caught up; replies are appended strictly in order."""
         self._restart = False
         name = self.logfile
-        behind = self.remote_end - self.local_end
-        n = self.parallel if behind > CHUNK else 1
-        offsets = [self.local_end + i * CHUNK for i in range(n)]
-        if n > 1:
-            offsets = [o for o in offsets if o < self.remote_end]
-        wait = 0.0 if behind > 0 else 5.0
-        replies = await asyncio.gather(*(self._request(o, CHUNK, wait) for o in offsets))
-        self.last_contact = time.monotonic()
-        if self._restart or name != self.logfile:
-            return
-        for reply in replies:
-            if reply.get("diverged"):
-                self.diverged = (name, int(reply.get("end", -1)))
-                self.log.error("%s: this host holds %d bytes, the primary's copy ends at %s: "
-                               "the histories forked", name, self.local_end, reply.get("end"))
-                self._signal()
-                await asyncio.sleep(2.0)
-                return
-            if reply.get("missing"):
-                nxt = reply.get("next")
-                if nxt and self.local_end == 0:
-                    self.log.info("%s is gone on the primary; continuing with %s", name, nxt)
-                    self._switch(str(nxt))
+        pending: dict[int, asyncio.Task[Frame]] = {}
+        next_off = self.local_end
+        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            while not self._restart and name == self.logfile and not self.paused:
+                # only bytes known to be durable on the primary are asked for in bulk
+                while len(pending) < self.window and next_off < self.remote_end:
+                    n = min(CHUNK, self.remote_end - next_off)
+                    pending[next_off] = asyncio.create_task(self._request(next_off, n, 0.0))
+                    next_off += n
+                if not pending:
+                    pending[next_off] = asyncio.create_task(self._request(next_off, CHUNK, 5.0))
+                first = min(pending)
+                reply = await pending.pop(first)
+                self.last_contact = time.monotonic()
+                if self._restart or name != self.logfile:
                     return
-                await asyncio.sleep(1.0)
-                return
-            off = int(reply.get("offset", -1))
-            if off != self.local_end:
-                break  # an earlier reply was short: fetch the rest next round
-            data = reply.payload
-            if data:
-                await asyncio.to_thread(self._append, name, off, bytes(data))
-                self.local_end += len(data)
-                self.bytes_fetched += len(data)
-            self.remote_end = int(reply.get("end", self.remote_end))
-            self.remote_finished = bool(reply.get("finished"))
-        self._signal()
-        if self.remote_finished and self.local_end >= self.remote_end:
-            nxt = replies[-1].get("next")
-            if nxt:
-                await asyncio.to_thread(self._sync_file, name)
-                self._switch(str(nxt))
+                if reply.get("diverged"):
+                    self.diverged = (name, int(reply.get("end", -1)))
+                    self.log.error("%s: this host holds %d bytes, the primary's copy ends at "
+                                   "%s: the histories forked", name, self.local_end,
+                                   reply.get("end"))
+                    self._signal()
+                    await asyncio.sleep(2.0)
+                    return
+                if reply.get("missing"):
+                    nxt = reply.get("next")
+                    if nxt and self.local_end == 0:
+                        self.log.info("%s is gone on the primary; continuing with %s", name,
+                                      nxt)
+                        self._switch(str(nxt))
+                        return
+                    await asyncio.sleep(1.0)
+                    return
+                data = reply.payload
+                if int(reply.get("offset", -1)) != self.local_end:
+                    return  # out of step (cannot happen with in-order appends): start over
+                if data:
+                    await asyncio.to_thread(os.pwrite, fd, bytes(data), first)
+                    self.local_end += len(data)
+                    self.bytes_fetched += len(data)
+                self.remote_end = max(self.remote_end, int(reply.get("end", self.remote_end)))
+                self.remote_finished = bool(reply.get("finished"))
+                self._signal()
+                if next_off < self.local_end:
+                    next_off = self.local_end
+                if self.remote_finished and self.local_end >= self.remote_end and not pending:
+                    nxt = reply.get("next")
+                    if nxt:
+                        # durable in the background: the next logfile need not wait
+                        bg = asyncio.create_task(asyncio.to_thread(self._sync_file, name))
+                        self._background.add(bg)
+                        bg.add_done_callback(self._background.discard)
+                        self._switch(str(nxt))
+                    return
+        finally:
+            for task in pending.values():
+                task.cancel()
+            os.close(fd)
 
     def _switch(self, name: str) -> None:
         self.logfile = name
@@ -257,13 +278,6 @@ class Fetcher:
         self.remote_finished = False
         self._path(name).touch(exist_ok=True)
         self._signal()
-
-    def _append(self, name: str, offset: int, data: bytes) -> None:
-        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            os.pwrite(fd, data, offset)
-        finally:
-            os.close(fd)
 
     def _sync_file(self, name: str) -> None:
         fd = os.open(self._path(name), os.O_RDONLY)

@@ -167,6 +167,8 @@ async def serve(bind: str, port: int, handler: Handler, *, host: str, uuid: str,
                        conn.peer.host, exc)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # marsd is stopping: end this connection quietly
         finally:
             for task in tasks:
                 task.cancel()
