@@ -251,17 +251,32 @@ class Marsd:
             self.proc = None
             shutil.rmtree(self.base, ignore_errors=True)
 
+    def _gone(self) -> str:
+        """Why marsd no longer answers: its exit status, as far as it can be told."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return f"marsd (pid {self.pid}) is running but its control socket is gone"
+        why = {0: "exited cleanly: someone sent it SIGTERM or SIGINT",
+               -9: "was killed with SIGKILL"}.get(code, f"exited with status {code}")
+        return f"marsd (pid {self.pid}) {why} during the benchmark"
+
     def show_log(self, what: str) -> None:
         with contextlib.suppress(OSError):
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            print(f"--- last lines of the log of {what}:\n{tail}\n---", file=sys.stderr,
-                  flush=True)
+            tail = self.log_path.read_text(errors="replace")[-3000:].strip()
+            if tail:
+                print(f"--- last lines of the log of {what}:\n{tail}\n---",
+                      file=sys.stderr, flush=True)
 
     def status(self) -> dict[str, Any]:
         """The resource's live counters, straight from marsd's control socket."""
         from marslib import control  # the venv's marslib: run the benches with .venv/bin/python
 
-        reply = control.request(self.control_socket, "status", timeout=30)
+        try:
+            reply = control.request(self.control_socket, "status", timeout=30)
+        except control.DaemonNotRunning:
+            raise RuntimeError(self._gone()) from None
         res: dict[str, Any] = reply["resources"][RESOURCE]
         return res
 
@@ -337,6 +352,7 @@ def fio(job: Job, target: list[str], out: Path, runtime: float,
     cmd = [
         "fio", f"--name={job.name}", *target, *job.args, f"--size={size}", "--offset=0",
         "--time_based", f"--runtime={runtime:g}", "--norandommap", "--randrepeat=0",
+        "--thread",  # one process: killing it on an interrupt leaves no job process behind
         "--group_reporting", "--output-format=json", f"--output={out}",
     ]
     run(cmd, timeout=runtime + 120)
@@ -397,7 +413,11 @@ def py_spy_start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]
 
 
 def py_spy_summary(path: Path, top: int = 12) -> str:
-    """Self and inclusive shares of the busiest functions in a collapsed-stack file."""
+    """Self and inclusive shares of the busiest functions in a collapsed-stack file.
+
+    Self: the function was on top of the stack. Inclusive (marslib's functions only, the
+    asyncio and threading frames around them would top that list): anywhere in it.
+    """
     self_n: dict[str, int] = {}
     incl_n: dict[str, int] = {}
     total = 0
@@ -408,30 +428,31 @@ def py_spy_summary(path: Path, top: int = 12) -> str:
                 continue
             n = int(count)
             total += n
-            frames = [f.split(" (", 1)[0] + _where(f) for f in stack.split(";")]
-            frames = [f for f in frames if not f.startswith("process ") and
-                      not f.startswith("thread ")]
+            frames = [f for f in map(_frame, stack.split(";")) if f is not None]
             if not frames:
                 continue
-            self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
-            for f in set(frames):
-                incl_n[f] = incl_n.get(f, 0) + n
+            top_name = frames[-1][0]
+            self_n[top_name] = self_n.get(top_name, 0) + n
+            for name in {name for name, ours in frames if ours}:
+                incl_n[name] = incl_n.get(name, 0) + n
     if not total:
         return "  (no samples)"
-    lines = [f"  {total} samples of busy threads; self = on top of the stack, "
-             "incl = anywhere in it"]
+    lines = [f"  {total} samples; self% = on top of the stack (where the time is spent), "
+             "incl% = marslib function anywhere in the stack"]
     lines.append("  self%  function")
-    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * n / total:5.1f}  {f}")
+    for name, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}  {name}")
     lines.append("  incl%  function")
-    for f, n in sorted(incl_n.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * n / total:5.1f}  {f}")
+    for name, n in sorted(incl_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * n / total:5.1f}  {name}")
     return "\n".join(lines)
 
 
-def _where(frame: str) -> str:
-    """' (module.py)' of a py-spy frame 'func (path/module.py:123)'."""
-    if " (" not in frame:
-        return ""
-    loc = frame.rsplit(" (", 1)[1].rstrip(")")
-    return f" ({Path(loc.rsplit(':', 1)[0]).name})"
+def _frame(frame: str) -> tuple[str, bool] | None:
+    """('func (module.py)', is marslib's) of a py-spy frame 'func (path/module.py:123)'."""
+    if frame.startswith(("process ", "thread ")) or " (" not in frame:
+        return None
+    func, loc = frame.rsplit(" (", 1)
+    file = loc.rstrip(")").rsplit(":", 1)[0]
+    ours = (file.startswith("marslib/") or "/marslib/" in file) and func != "main"
+    return f"{func} ({Path(file).name})", ours

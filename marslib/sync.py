@@ -209,11 +209,18 @@ class SyncClient:
     async def _sync_window(self, offset: int, length: int) -> None:
         bs = self.block_size
         count = -(-length // bs)
-        remote = await self.bundle.request(Frame(FrameType.SYNC_SUMS_REQ, {
-            "resource": self.resource, "offset": offset, "block_size": bs, "count": count}))
+        def local_window() -> list[int]:
+            return block_sums(self.device.pread(offset, length), bs)
+
+        local_task = asyncio.create_task(asyncio.to_thread(local_window))  # meanwhile: remote
+        try:
+            remote = await self.bundle.request(Frame(FrameType.SYNC_SUMS_REQ, {
+                "resource": self.resource, "offset": offset, "block_size": bs, "count": count}))
+        except BaseException:
+            local_task.cancel()
+            raise
         remote_sums = struct.unpack(f"<{len(remote.payload) // 4}I", remote.payload)
-        local = await asyncio.to_thread(self.device.pread, offset, length)
-        local_sums = await asyncio.to_thread(block_sums, local, bs)
+        local_sums = await local_task
         runs: list[tuple[int, int]] = []  # (first block, number of blocks) that differ
         for i, (a, b) in enumerate(zip(local_sums, remote_sums, strict=False)):
             if a != b:
