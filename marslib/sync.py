@@ -73,6 +73,23 @@ class SyncService:
             sums = await asyncio.to_thread(block_sums, data, bs)
             return Frame(FrameType.SYNC_SUMS, {"offset": offset, "block_size": bs},
                          struct.pack(f"<{len(sums)}I", *sums))
+        if frame.type == FrameType.SYNC_DIFF_REQ:
+            # one read: compare with the asker's checksums, send only what differs
+            offset = int(frame.get("offset", 0))
+            bs = int(frame.get("block_size", BLOCK_SIZE))
+            count = int(frame.get("count", 1))
+            if bs <= 0 or bs > (8 << 20) or count <= 0 or bs * count > MAX_READ:
+                raise ValueError(f"bad diff request: {count} blocks of {bs}")
+            theirs = struct.unpack(f"<{len(frame.payload) // 4}I", frame.payload)
+            length = min(bs * count, logger.size - offset)
+            data = await logger.read(offset, length)
+            ours = await asyncio.to_thread(block_sums, data, bs)
+            blocks = [i for i, s in enumerate(ours) if i >= len(theirs) or theirs[i] != s]
+            view = memoryview(data)
+            payload = b"".join(bytes(view[i * bs : (i + 1) * bs]) for i in blocks)
+            self.bytes_served += len(payload)
+            return Frame(FrameType.SYNC_DIFF, {"offset": offset, "block_size": bs,
+                                               "blocks": blocks}, payload)
         if frame.type == FrameType.SYNC_READ_REQ:
             offset = int(frame.get("offset", 0))
             length = int(frame.get("length", 0))
@@ -120,6 +137,7 @@ class SyncClient:
         self.bundle = bundle
         self.block_size = block_size
         self.progress = SyncProgress(size=size, started=time.monotonic())
+        self.diff_supported = True
         self._switch = PauseSwitch()
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
 
@@ -207,6 +225,55 @@ class SyncClient:
                       "replayed past %s", size, self.progress.copied, p1.encode())
 
     async def _sync_window(self, offset: int, length: int) -> None:
+        if self.diff_supported:
+            try:
+                await self._sync_window_diff(offset, length)
+                return
+            except RemoteError as exc:
+                if "unexpected frame" not in str(exc):
+                    raise
+                self.diff_supported = False  # an older primary: checksums, then reads
+                self.log.info("the primary predates one-read sync; using checksums + reads")
+        await self._sync_window_two_step(offset, length)
+
+    async def _sync_window_diff(self, offset: int, length: int) -> None:
+        """Send our checksums; the primary answers with the blocks that differ."""
+        bs = self.block_size
+        count = -(-length // bs)
+        local = await asyncio.to_thread(lambda: block_sums(self.device.pread(offset, length),
+                                                           bs))
+        reply = await self.bundle.request(Frame(FrameType.SYNC_DIFF_REQ, {
+            "resource": self.resource, "offset": offset, "block_size": bs, "count": count},
+            struct.pack(f"<{len(local)}I", *local)))
+        blocks = [int(i) for i in reply.get("blocks", [])]
+        data = memoryview(reply.payload)
+        pos = 0
+        writes: list[tuple[int, memoryview]] = []
+        for i in blocks:
+            start = offset + i * bs
+            n = min(bs, offset + length - start)
+            writes.append((start, data[pos : pos + n]))
+            pos += n
+        if pos != len(data):
+            raise RemoteError(f"sync diff at {offset}: {len(data)} bytes for {len(blocks)} "
+                              "blocks")
+
+        def apply() -> None:
+            run_start, run = -1, bytearray()
+            for start, chunk in writes:  # merge adjacent blocks into one device write
+                if run and run_start + len(run) == start:
+                    run += chunk
+                    continue
+                if run:
+                    self.device.pwrite(run_start, run)
+                run_start, run = start, bytearray(chunk)
+            if run:
+                self.device.pwrite(run_start, run)
+
+        await asyncio.to_thread(apply)
+        self.progress.copied += pos
+
+    async def _sync_window_two_step(self, offset: int, length: int) -> None:
         bs = self.block_size
         count = -(-length // bs)
         def local_window() -> list[int]:

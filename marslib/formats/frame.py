@@ -41,6 +41,10 @@ class FrameType(IntEnum):
     SYNC_SUMS = 31  # header {"rid", "offset", "block_size", "sums": [...]}
     SYNC_READ_REQ = 32  # header {"rid", "resource", "offset", "length"}
     SYNC_DATA = 33  # header {"rid", "offset"}, payload: the bytes
+    SYNC_DIFF_REQ = 34  # header {"rid", "resource", "offset", "block_size", "count"},
+    #                     payload: the asker's crc32c per block (u32 LE each)
+    SYNC_DIFF = 35  # header {"rid", "offset", "block_size", "blocks": [index, ...]},
+    #                 payload: the data of those blocks, back to back
     STATUS_REQ = 40  # header {"rid", "resource"}
     STATUS = 41  # header {"rid", ...}
 
