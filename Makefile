@@ -25,6 +25,7 @@ bench: setup
 	$(PY) bench/writeback_order.py
 	$(PY) bench/replication.py
 	$(PY) bench/sync.py
+	$(PY) bench/handover.py --far
 
 lint: setup
 	$(VENV)/bin/ruff check marslib tests bench
