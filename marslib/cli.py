@@ -917,6 +917,7 @@ def primary(ctx: Ctx) -> dict[str, Any]:
         ctx.say(f"failover: {ctx.host} takes over {name} from what it has replayed; if "
                 f"{old} still writes, that is a split brain")
     else:
+        _wait_caught_up(ctx, name)  # while the old primary still serves: no change yet
         ctx.meta.set(r("primary"), NO_PRIMARY, durable=True)
         _poke(ctx)
         try:
@@ -936,6 +937,18 @@ def primary(ctx: Ctx) -> dict[str, Any]:
             f"{now.get('nbd_socket')}")
     return {"changed": True, "primary": ctx.host, "previous": old, "seconds": secs,
             "forced": bool(ctx.args.force)}
+
+
+def _wait_caught_up(ctx: Ctx, name: str) -> None:
+    """Wait (within --timeout) until this secondary has applied all it knows of; on a
+    timeout nothing has changed."""
+    def done() -> bool:
+        live = ctx.daemon("status")["resources"].get(name, {})
+        from marslib.metrics import lag_bytes
+        lag = lag_bytes(live)
+        _show_progress(ctx, f"handover {name}: {human_size(lag or 0)} still to replay")
+        return lag == 0
+    _wait_for(ctx, f"{name} to catch up here before the handover", done)
 
 
 def _wait_old_primary_done(ctx: Ctx, name: str, old: str | None) -> None:

@@ -268,3 +268,21 @@ def test_leave_and_delete_resource(pair: Pair) -> None:
     assert a.marsadm("delete-resource", "r0")["changed"]
     assert a.marsadm("view")["resources"] == {}
     assert not list((a.root / "resource-r0").glob("log-*"))
+
+
+def test_handover_times_out_while_lagging_and_leaves_everything_as_it_was(pair: Pair) -> None:
+    a, b = pair.hosts["alpha"], pair.hosts["beta"]
+    b.marsadm("pause-replay", "r0")
+    src = pair.hosts["alpha"].root.parent / "backlog"
+    import os
+    src.write_bytes(os.urandom(60 << 20))
+    subprocess.run(["nbdcopy", str(src), a.nbd_uri("r0")], check=True, timeout=120)
+    b.marsadm("resume-replay", "r0")
+    r = b.marsadm("primary", "r0", "--timeout", "0.01", check=False)
+    if r["rc"] == 0:
+        pytest.skip("beta replayed 60 MiB before the timeout could expire")
+    assert r["rc"] == 3 and "catch up" in r["error"]
+    assert b.marsadm("view")["resources"]["r0"]["primary"] == "alpha"
+    assert pair.status("alpha").get("role") == "primary"
+    r = b.marsadm("primary", "r0", "--timeout", "60")
+    assert r["changed"] and pair.status("beta").get("role") == "primary"
