@@ -874,6 +874,11 @@ def _handover_refusal(ctx: Ctx, name: str, old: str | None, live: dict[str, Any]
         return f"{name} cannot replay here: {live['replay_error']}"
     if live.get("fetch_paused") or live.get("replay_paused"):
         return f"fetch or replay of {name} is paused here: resume them first"
+    from marslib.history import forks
+    split = forks(ctx.meta, name)
+    if split:
+        return (f"split brain ({split[0].describe()}): resolve it first ('marsadm "
+                f"view-split-brain {name}'), or use --force")
     if old and old != NO_PRIMARY:
         if ctx.meta.get(r(f"actual-{old}/emergency")) == "1":
             return f"the primary {old} is in emergency mode: its log is incomplete; free " \
