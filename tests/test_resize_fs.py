@@ -71,7 +71,7 @@ def test_xfs_grows_online_and_survives_a_handover(tmp_path: Path) -> None:
         grow(dev_b, NEW)
         deadline = time.monotonic() + 20
         while True:
-            r = a.marsadm("resize", "r0", check=False)
+            r = a.marsadm("resize", "r0", str(NEW), check=False)
             if r["rc"] == 0:
                 break
             assert time.monotonic() < deadline, r
