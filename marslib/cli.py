@@ -699,8 +699,11 @@ def leave_resource(ctx: Ctx) -> dict[str, Any]:
         _wait_for(ctx, f"resource {name} to stop here",
                   lambda: name not in ctx.daemon("status")["resources"])
     for key in (f"data-{ctx.host}", f"replay-{ctx.host}", f"syncstatus-{ctx.host}",
-                f"syncpos-{ctx.host}", f"buffered-{ctx.host}"):
+                f"syncpos-{ctx.host}", f"buffered-{ctx.host}", f"device-size-{ctx.host}",
+                f"synced-size-{ctx.host}"):
         ctx.meta.delete(ctx.rkey(name, key))
+    from marslib.history import forget_links
+    forget_links(ctx.meta, name, ctx.host)
     for mv in ctx.meta.items(f"resource-{name}/todo-{ctx.host}") + \
             ctx.meta.items(f"resource-{name}/actual-{ctx.host}"):
         ctx.meta.delete(mv.key)
@@ -884,6 +887,10 @@ def _handover_refusal(ctx: Ctx, name: str, old: str | None, live: dict[str, Any]
             return f"the primary {old} is in emergency mode: its log is incomplete; free " \
                    "space in its /mars first, then resync, or use --force"
         opened = int(ctx.meta.get(r(f"actual-{old}/open-count")) or 0)
+        deadline = time.monotonic() + min(2.0, ctx.timeout)
+        while opened and time.monotonic() < deadline:  # the count travels with the metadata
+            time.sleep(0.1)
+            opened = int(ctx.meta.get(r(f"actual-{old}/open-count")) or 0)
         if opened:
             return (f"the primary {old} still has {opened} NBD client(s) on {name}: stop the "
                     "application there (umount, disconnect) first")
@@ -906,6 +913,8 @@ def primary(ctx: Ctx) -> dict[str, Any]:
         return {"changed": False, "primary": ctx.host}
     st = ctx.daemon("status")
     live = st["resources"].get(name, {})
+    if ctx.meta.get(r(f"todo-{ctx.host}/attach")) != "1" or not live:
+        raise Refused(f"{name} is not attached here: run 'marsadm up {name}' first")
     if ctx.meta.get(r(f"syncstatus-{ctx.host}")) != "done":
         raise Refused(f"{name} is not fully synced here: it would not be consistent")
     if not ctx.args.force:

@@ -280,8 +280,10 @@ class Marsd:
                     sec = self.secondaries[name]
                     if sec.size and size > sec.size and sec.phase != "syncing":
                         # grown: sync the new tail from the primary, then replay on
+                        synced = int(self.meta.get(
+                            f"resource-{name}/synced-size-{self.host}") or sec.size)
                         self.meta.set(f"resource-{name}/syncstatus-{self.host}",
-                                      f"{sec.size}/{size}")
+                                      f"{min(synced, sec.size)}/{size}")
                     syncing = self.meta.get(f"resource-{name}/syncstatus-{self.host}") != \
                         SYNC_DONE
                     if syncing and sec.phase != "syncing":

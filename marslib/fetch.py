@@ -236,6 +236,7 @@ class Fetcher:
                     self._signal()
                     await asyncio.sleep(2.0)
                     return
+                self.diverged = None  # the (possibly new) primary's copy goes on from here
                 if reply.get("missing"):
                     nxt = reply.get("next")
                     if nxt and self.local_end == 0:

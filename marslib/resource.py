@@ -89,6 +89,7 @@ class PrimaryResource:
         # the primary's data is the reference: it needs no sync if it becomes a secondary
         if self.meta.get(self._key(f"syncstatus-{self.host}")) != "done":
             self.meta.set(self._key(f"syncstatus-{self.host}"), "done")
+        self.meta.set(self._key(f"synced-size-{self.host}"), str(self.logger.size))
         self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
         self.meta.set(self._key(f"actual-{self.host}/is-primary"), "1")
         self.meta.delete(self._key(f"actual-{self.host}/error"))
@@ -101,6 +102,7 @@ class PrimaryResource:
             raise RuntimeError(f"{self.device.path} has {self.device.size} bytes, "
                                f"resource {self.name} needs {size}")
         old, self.logger.size = self.logger.size, size
+        self.meta.set(self._key(f"synced-size-{self.host}"), str(size))
         self.log.info("resized from %d to %d bytes; NBD clients see it when they reconnect",
                       old, size)
         return True

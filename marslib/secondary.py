@@ -79,6 +79,13 @@ class SecondaryResource:
         size = int(self.meta.get(self._key("size")) or 0)
         self.size = size
         self.meta.set(self._key(f"device-size-{self.host}"), str(self.device.size))
+        synced_key = self._key(f"synced-size-{self.host}")
+        synced = int(self.meta.get(synced_key) or 0)
+        if self.meta.get(self._key(f"syncstatus-{self.host}")) == SYNC_DONE:
+            if synced and synced < size:  # grown while this host was down: sync the tail
+                self.meta.set(self._key(f"syncstatus-{self.host}"), f"{synced}/{size}")
+            elif not synced:
+                self.meta.set(synced_key, str(size))
         if size > self.device.size:
             self.device.close()
             raise RuntimeError(f"{dev_path} has {self.device.size} bytes, resource {self.name} "

@@ -220,6 +220,7 @@ class SyncClient:
         await asyncio.to_thread(self.device.flush)
         p1 = await self._status()
         self.meta.set(self._key("syncpos"), p1.encode())
+        self.meta.set(self._key("synced-size"), str(size))
         self.meta.set(self._key("syncstatus"), SYNC_DONE, durable=True)
         self.log.info("full sync done: %d bytes compared, %d copied; consistent once "
                       "replayed past %s", size, self.progress.copied, p1.encode())

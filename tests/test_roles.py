@@ -288,3 +288,27 @@ def test_handover_times_out_while_lagging_and_leaves_everything_as_it_was(pair: 
     assert pair.status("alpha").get("role") == "primary"
     r = b.marsadm("primary", "r0", "--timeout", "60")
     assert r["changed"] and pair.status("beta").get("role") == "primary"
+
+
+def test_resize_while_a_secondary_is_down_syncs_its_tail_when_it_returns(pair: Pair) -> None:
+    a, b = pair.hosts["alpha"], pair.hosts["beta"]
+    new = SIZE + (8 << 20)
+    grow(pair.devs["alpha"], new)
+    grow(pair.devs["beta"], new)
+    with open(pair.devs["beta"].image, "r+b") as f:
+        f.seek(SIZE)
+        f.write(b"\xcd" * (1 << 20))
+    deadline = time.monotonic() + 20
+    while b.marsadm("view")["resources"]["r0"]["members"]["beta"]["device"] and \
+            int((a.root / "resource-r0" / "device-size-beta").readlink().name
+                if (a.root / "resource-r0" / "device-size-beta").is_symlink() else 0) < new:
+        assert time.monotonic() < deadline, "beta's grown device was never published"
+        time.sleep(0.3)
+    b.marsadm("down", "r0")
+    assert a.marsadm("resize", "r0", str(new))["size"] == new
+    from conftest import nbd_client
+    nbd_client(a.nbd_uri("r0"), "pwrite", str(new - 8192), "77" * 8192)
+    b.marsadm("up", "r0")
+    pair.wait_in_sync("alpha", "beta")
+    b.marsadm("pause-replay", "r0")
+    assert pair.devs["alpha"].read() == pair.devs["beta"].read()

@@ -49,6 +49,7 @@ class Connection:
         self.parser = parser
         self._pending = pending
         self.peer = peer
+        self.address: tuple[str, int] | None = None  # where it was dialled (client side)
         self._send_lock = asyncio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -237,6 +238,7 @@ class PeerBundle:
                 raise ConnectionError(self.last_error) from None
             self._backoff = 0.1
             self.last_error = None
+            conn.address = addr
             if not self._conns:
                 self.connected_since = loop.time()
             self.reconnects += 1
@@ -246,6 +248,11 @@ class PeerBundle:
             return conn
 
     async def _pick(self) -> Connection:
+        addr = self.address()
+        for conn in [c for c in self._conns if c.address != addr]:
+            # the peer moved (a new primary): connections to the old address must go
+            self.last_error = f"{self.channel}: {self.peer} is now at {addr}"
+            self._drop(conn)
         idle = [c for c in self._conns if self._busy.get(c, 0) == 0]
         if idle:
             return idle[0]
