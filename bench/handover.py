@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from marslib.lab import Lab  # noqa: E402
+from marslib.lab.scenario import replicate  # noqa: E402
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 NBD_CLIENT = REPO / "tests" / "tools" / "nbd_client.py"
@@ -50,15 +51,7 @@ def main() -> int:
     rounds = 4 if args.quick else args.rounds
     lab = Lab.up(hosts=2, far=args.far, device_size="128M", lab_dir="/var/tmp/mars-bench-ho")
     try:
-        l1, l2 = lab.host("lab1"), lab.host("lab2")
-        lab.marsadm("lab1", "create-cluster", "--ip", l1.ip)
-        lab.marsadm("lab1", "create-resource", "r0", l1.devices[0])
-        lab.marsd_start("lab1")
-        lab.marsadm("lab1", "up", "r0")
-        lab.marsadm("lab2", "join-cluster", l1.ip, "--ip", l2.ip, "--ssh-key", str(lab.key),
-                    "--remote-root", str(l1.root), "--accept-new-host-key")
-        lab.marsd_start("lab2")
-        lab.marsadm("lab2", "join-resource", "r0", l2.devices[0], "--wait", timeout=300)
+        replicate(lab)  # lab1 primary, lab2 joined over ssh and synced
         primary, secondary = "lab1", "lab2"
         marsadm_times, command_times = [], []
         for i in range(rounds):

@@ -19,17 +19,10 @@ SIZE = 64 << 20
 @pytest.fixture
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from marslib.lab import Lab
+    from marslib.lab.scenario import replicate
     lab = Lab.up(hosts=2, device_size="64M", lab_dir=tmp_path_factory.mktemp("lab"))
     try:
-        l1, l2 = lab.host("lab1"), lab.host("lab2")
-        lab.marsadm("lab1", "create-cluster", "--ip", l1.ip)
-        lab.marsadm("lab1", "create-resource", "r0", l1.devices[0])
-        lab.marsd_start("lab1")
-        lab.marsadm("lab1", "up", "r0")
-        lab.marsadm("lab2", "join-cluster", l1.ip, "--ip", l2.ip, "--ssh-key", str(lab.key),
-                    "--remote-root", str(l1.root), "--accept-new-host-key")
-        lab.marsd_start("lab2")
-        lab.marsadm("lab2", "join-resource", "r0", l2.devices[0], "--wait", timeout=120)
+        replicate(lab, timeout=120)  # the real join path: ssh with the lab key into lab1
         yield lab
     finally:
         lab.down()
