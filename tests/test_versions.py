@@ -139,3 +139,39 @@ def test_unknown_json_keys_and_a_newer_version_field_are_accepted() -> None:
     client.receive(server_auth[0])
     assert server.done and client.done and server.peer is not None
     assert server.peer.proto == 1 and client.peer is not None and client.peer.proto == 1
+
+
+def make_previous_release(dest: Path) -> Path:
+    """A copy of marslib whose primary does not know the one-read sync (SYNC_DIFF_REQ)."""
+    pkg = dest / "marslib"
+    shutil.copytree(REPO / "marslib", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    patch(pkg / "sync.py", "        if frame.type == FrameType.SYNC_DIFF_REQ:",
+          "        if False:  # the previous release had no one-read sync")
+    return dest
+
+
+@needs_libnbd
+def test_sync_from_a_primary_without_one_read_sync_falls_back(tmp_path: Path) -> None:
+    prev = make_previous_release(tmp_path / "prev")
+    ip_a, ip_b = loopback_ips(2)
+    old = MarsHost(tmp_path / "old", "old", ip_a, code=prev)
+    new = MarsHost(tmp_path / "new", "new", ip_b)
+    dev_old, dev_new = BlockDev(tmp_path / "old.img", SIZE), BlockDev(tmp_path / "new.img", SIZE)
+    try:
+        old.marsadm("create-cluster", "--ip", old.ip)
+        old.marsadm("create-resource", "r0", dev_old.path)
+        old.start()
+        old.marsadm("up", "r0")
+        assert write(old, 71) > 20
+        new.marsadm("join-cluster", "old", "--ip", new.ip, "--from-root", str(old.root))
+        new.start()
+        new.marsadm("join-resource", "r0", dev_new.path, "--wait")
+        assert "checksums + reads" in new.logtail(200)
+        wait_in_sync(old, new)
+        new.marsadm("pause-replay", "r0")
+        assert dev_old.read() == dev_new.read()
+    finally:
+        old.stop()
+        new.stop()
+        dev_old.close()
+        dev_new.close()
