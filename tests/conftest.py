@@ -142,6 +142,12 @@ class MarsHost:
                 self.kill9()
         self.proc = None
 
+    def status(self, resource: str = "r0") -> dict[str, Any]:
+        """marsd's live status of ``resource`` on this host ({} if it does not run it)."""
+        from marslib import control
+        reply = control.request(self.run_dir / "marsd.sock", "status")
+        return dict(reply["resources"].get(resource, {}))
+
     def logtail(self, n: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-n:])
@@ -195,3 +201,17 @@ def state_at(primary_root: Path, pos: LogPosition, size: int) -> bytes:
                 break
             img[rec.offset : rec.offset + rec.data_len] = rec.data
     return bytes(img)
+
+
+def wait_in_sync(primary: MarsHost, secondary: MarsHost, timeout: float = 60,
+                 resource: str = "r0") -> dict[str, Any]:
+    """Wait until ``secondary`` has applied the primary's whole log and is consistent;
+    return its status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p, s = primary.status(resource), secondary.status(resource)
+        if s.get("applied") == p.get("log_end") and s.get("consistent"):
+            return s
+        assert time.monotonic() < deadline, \
+            f"{secondary.name} never caught up with {primary.name}: {s} vs {p}"
+        time.sleep(0.1)

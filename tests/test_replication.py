@@ -23,6 +23,7 @@ from conftest import (
     nbd_client,
     needs_libnbd,
     state_at,
+    wait_in_sync,
 )
 
 from marslib.formats.frame import MAGIC
@@ -47,18 +48,10 @@ class Pair:
         self.dev_b.close()
 
     def status(self, host: MarsHost) -> dict:  # type: ignore[type-arg]
-        from marslib import control
-        return control.request(host.run_dir / "marsd.sock", "status")["resources"]["r0"]
+        return host.status()
 
     def wait_up_to_date(self, timeout: float = 60) -> dict:  # type: ignore[type-arg]
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status(self.b)
-            a = self.status(self.a)
-            if st.get("applied") == a.get("log_end") and st.get("consistent"):
-                return st
-            assert time.monotonic() < deadline, f"beta never caught up: {st} vs {a}"
-            time.sleep(0.1)
+        return wait_in_sync(self.a, self.b, timeout)
 
     def writer(self, seconds: float, seed: int = 1, qd: int = 8) -> subprocess.Popen[str]:
         return subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), self.a.nbd_uri("r0"),
@@ -271,14 +264,7 @@ def test_emergency_mode_keeps_the_primary_writing(tmp_path: Path, small_fs: Path
             time.sleep(0.2)
             bst = control.request(b.run_dir / "marsd.sock", "status")["resources"]["r0"]
         b.marsadm("invalidate", "r0", "--wait")
-        deadline = time.monotonic() + 60
-        while True:
-            bst = control.request(b.run_dir / "marsd.sock", "status")["resources"]["r0"]
-            ast = control.request(a.run_dir / "marsd.sock", "status")["resources"]["r0"]
-            if bst.get("applied") == ast.get("log_end") and bst.get("consistent"):
-                break
-            assert time.monotonic() < deadline, f"no catch-up after invalidate: {bst}"
-            time.sleep(0.2)
+        wait_in_sync(a, b)
         b.marsadm("pause-replay", "r0")
         assert dev_a.read() == dev_b.read()
     finally:
@@ -356,15 +342,7 @@ def test_sync_resumes_after_a_crash_of_the_secondary(tmp_path: Path) -> None:
         b.marsadm("wait-resource", "r0", "sync-off", "--timeout", "300")
         assert "resumes at" in b.logtail(400), "the sync started over instead of resuming"
         nbd_client(a.nbd_uri("r0"), "pwrite", "0", "99" * 4096)
-        deadline = time.monotonic() + 60
-        from marslib import control
-        while True:
-            st = control.request(b.run_dir / "marsd.sock", "status")["resources"]["r0"]
-            ast = control.request(a.run_dir / "marsd.sock", "status")["resources"]["r0"]
-            if st.get("applied") == ast.get("log_end") and st.get("consistent"):
-                break
-            assert time.monotonic() < deadline, f"no catch-up after the sync: {st}"
-            time.sleep(0.2)
+        wait_in_sync(a, b)
         b.marsadm("pause-replay", "r0")
         assert hashlib.sha256(dev_a.read()).digest() == hashlib.sha256(dev_b.read()).digest()
     finally:

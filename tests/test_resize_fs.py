@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, BlockDev, MarsHost, have_libnbd, loopback_ips
+from conftest import IS_ROOT, BlockDev, MarsHost, have_libnbd, loopback_ips, wait_in_sync
 from test_filesystem import Attached
-
-from marslib import control
 
 pytestmark = pytest.mark.skipif(
     not IS_ROOT or not have_libnbd() or not shutil.which("mkfs.xfs")
@@ -91,14 +89,7 @@ def test_xfs_grows_online_and_survives_a_handover(tmp_path: Path) -> None:
         att.close()
         att = None
         # handover: the new primary serves the grown filesystem with every file
-        deadline = time.monotonic() + 60
-        while True:
-            sa = control.request(a.run_dir / "marsd.sock", "status")["resources"]["r0"]
-            sb = control.request(b.run_dir / "marsd.sock", "status")["resources"]["r0"]
-            if sb.get("applied") == sa.get("log_end") and sb.get("consistent"):
-                break
-            assert time.monotonic() < deadline, f"beta did not catch up: {sb}"
-            time.sleep(0.2)
+        wait_in_sync(a, b)
         b.marsadm("primary", "r0")
         att = Attached(b.nbd_uri("r0"), tmp_path / "fb")
         subprocess.run(["mount", att.loop, str(mnt)], check=True)

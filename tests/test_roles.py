@@ -9,7 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NBD_CLIENT, SYSTEM_PYTHON, BlockDev, MarsHost, loopback_ips, needs_libnbd
+from conftest import (
+    NBD_CLIENT,
+    SYSTEM_PYTHON,
+    BlockDev,
+    MarsHost,
+    loopback_ips,
+    needs_libnbd,
+    wait_in_sync,
+)
 
 from marslib import control
 
@@ -26,8 +34,7 @@ class Pair:
                      "beta": BlockDev(base / "b.img", SIZE)}
 
     def status(self, name: str) -> dict:  # type: ignore[type-arg]
-        h = self.hosts[name]
-        return control.request(h.run_dir / "marsd.sock", "status")["resources"].get("r0", {})
+        return self.hosts[name].status()
 
     def writer(self, name: str, seconds: float, seed: int) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -36,13 +43,7 @@ class Pair:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_in_sync(self, primary: str, secondary: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            p, s = self.status(primary), self.status(secondary)
-            if s.get("applied") == p.get("log_end") and s.get("consistent"):
-                return
-            assert time.monotonic() < deadline, f"{secondary} never caught up: {s} vs {p}"
-            time.sleep(0.1)
+        wait_in_sync(self.hosts[primary], self.hosts[secondary], timeout)
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from conftest import (
     MarsHost,
     loopback_ips,
     needs_libnbd,
+    wait_in_sync,
 )
 
-from marslib import control
 from marslib.formats.frame import Frame, FrameType
 from marslib.logfile import LogScanner
 from marslib.net.handshake import Handshake, HandshakeError
@@ -75,17 +75,6 @@ def write(host: MarsHost, seed: int) -> int:
                           str(seed), "8", "512", "65536", "1.5"], stdout=subprocess.PIPE,
                          text=True)
     return w.communicate(timeout=60)[0].count("\nA ")
-
-
-def wait_in_sync(primary: MarsHost, secondary: MarsHost) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        p = control.request(primary.run_dir / "marsd.sock", "status")["resources"]["r0"]
-        s = control.request(secondary.run_dir / "marsd.sock", "status")["resources"]["r0"]
-        if s.get("applied") == p.get("log_end") and s.get("consistent"):
-            return
-        assert time.monotonic() < deadline, f"no catch-up: {s} vs {p}"
-        time.sleep(0.1)
 
 
 @needs_libnbd
