@@ -95,6 +95,37 @@ def _resource_arg(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------- cluster
 def _create_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip", default="127.0.0.1", help="address other hosts reach this one at")
+    p.add_argument("--uuid", help="cluster id to use (default: a new random one)")
+    p.add_argument("--secret-file", help="file with the cluster secret, '-' for stdin "
+                   "(default: a new random secret)")
+
+
+def _read_secret_arg(path: str) -> bytes:
+    """The cluster secret from a file or stdin: at least 16 bytes, no whitespace around."""
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--secret-file {path}: {exc.strerror}") from None
+    secret = raw.strip()
+    if len(secret) < 16 or any(c in secret for c in b" \t\r\n"):
+        raise UsageError(f"--secret-file {path}: the secret must be one word of at least 16 "
+                         "characters (e.g. 'openssl rand -hex 32')")
+    return secret
+
+
+def _check_uuid(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise UsageError(f"--uuid {value!r} is not a UUID") from None
+
+
+def _write_secret(ctx: Ctx, secret: bytes, exclusive: bool) -> None:
+    ctx.paths.root.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(ctx.paths.secret, flags, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
 
 
 @verb("create-cluster", "start a new cluster with this host as its first member",
@@ -103,14 +134,15 @@ def create_cluster(ctx: Ctx) -> dict[str, Any]:
     if ctx.meta.get("uuid") is not None:
         raise Refused(f"{ctx.paths.root} already belongs to cluster {ctx.meta.get('uuid')}; "
                       "use 'marsadm leave-cluster' first or another --root")
-    cluster = str(uuid.uuid4())
+    cluster = _check_uuid(ctx.args.uuid) if ctx.args.uuid else str(uuid.uuid4())
+    secret = (_read_secret_arg(ctx.args.secret_file) if ctx.args.secret_file
+              else secrets.token_hex(32).encode())
     if ctx.dry_run:
         ctx.say(f"would create cluster in {ctx.paths.root} with host {ctx.host}")
         return {"changed": True, "dry_run": True}
-    ctx.paths.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ctx.paths.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+    if ctx.paths.secret.exists():
+        ctx.paths.secret.unlink()  # left by a cluster that was left: a new one has its own
+    _write_secret(ctx, secret, exclusive=True)
     ctx.meta.set(f"ips/ip-{ctx.host}", ctx.args.ip)
     ctx.meta.set(f"version-{ctx.host}", __version__)
     ctx.meta.set("uuid", cluster, durable=True)
@@ -324,6 +356,7 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
             "replaying": m.get(r(f"todo-{host}/replay"), "1") == "1",
             "error": m.get(r(f"actual-{host}/error")),
             "lag_bytes": _tree_lag(primary_replay, m.get(r(f"replay-{host}"))),
+            "version": m.get(f"version-{host}"),
         }
         if host == ctx.host and daemon is not None:
             live = daemon["resources"].get(name)
@@ -427,6 +460,9 @@ def view(ctx: Ctx) -> dict[str, Any]:
                     + f" -- run 'marsadm invalidate {v['resource']}' on each host that "
                     "should follow the designated primary")
     return {"cluster": ctx.meta.get("uuid"), "host": ctx.host, "marsd": daemon is not None,
+            "version": __version__,
+            "marsd_version": daemon.get("version") if daemon else None,
+            "peers": daemon.get("peers") if daemon else None,
             "space_free": daemon.get("space_free") if daemon else None,
             "space_level": daemon.get("space_level") if daemon else None,
             "resources": {v["resource"]: v for v in views}}
@@ -541,6 +577,10 @@ def _join_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="trust an unknown ssh host key (first contact, labs)")
     p.add_argument("--from-root", help="read the cluster from this local state root instead "
                    "of ssh (a member on the same machine, tests)")
+    p.add_argument("--uuid", help="the cluster id, known already (with --secret-file and "
+                   "--peer-name: no ssh to the peer; Ansible distributes both)")
+    p.add_argument("--secret-file", help="file with the cluster secret, '-' for stdin")
+    p.add_argument("--peer-name", help="the peer's host name (with --uuid)")
 
 
 ClusterFacts = tuple[bytes, str, int, list[tuple[str, str, int]]]
@@ -603,17 +643,23 @@ def join_cluster(ctx: Ctx) -> dict[str, Any]:
     if ctx.meta.get("uuid") is not None:
         raise Refused(f"{ctx.paths.root} already belongs to cluster {ctx.meta.get('uuid')}")
     a = ctx.args
+    given = [a.uuid is not None, a.secret_file is not None, a.peer_name is not None]
+    if any(given) and not all(given):
+        raise UsageError("--uuid, --secret-file and --peer-name go together")
+    known: ClusterFacts | None = None
+    if all(given):
+        # the peer's own entry (with its real stamp) replaces this one on first contact
+        known = (_read_secret_arg(a.secret_file), _check_uuid(a.uuid), 0,
+                 [(f"ip-{check_host_name(a.peer_name)}", a.peer, 0)])
     if ctx.dry_run:
         ctx.say(f"would join the cluster of {a.peer} as {ctx.host} ({a.ip})")
         return {"changed": True, "dry_run": True}
     secret, uuid_value, uuid_stamp, ips = (
+        known if known is not None else
         _cluster_from_dir(ctx) if a.from_root else _cluster_over_ssh(ctx))
     if not uuid_value:
         raise Refused(f"{a.peer}:{a.remote_root}/uuid is empty")
-    ctx.paths.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ctx.paths.secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret + b"\n")
+    _write_secret(ctx, secret, exclusive=False)
     for name, value, stamp in ips:
         if name.startswith("ip-") and value:
             ctx.meta.merge(MetaValue(f"ips/{name}", value, stamp))

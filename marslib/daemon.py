@@ -242,6 +242,7 @@ class Marsd:
                                "error": bundle.last_error}
         return {
             "host": self.host,
+            "version": __version__,
             "peers": peers,
             "space_free": self.space_free,
             "space_level": LEVEL_NAMES[self.space_level],

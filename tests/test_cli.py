@@ -153,3 +153,58 @@ def test_options_before_the_verb(host: MarsHost, blockdev: BlockDev) -> None:
                           "--root", str(host.root), "view"], capture_output=True, text=True,
                          env=env)
     assert out.returncode == 0 and '"ok": true' in out.stdout
+
+
+def test_cluster_from_a_given_id_and_secret_needs_no_ssh(tmp_path: Path) -> None:
+    """What Ansible does: it holds the cluster id and secret (from a vault) and hands them
+    to every host; the joining host names one member and learns the rest from it."""
+    from conftest import loopback_ips
+    ip_a, ip_b = loopback_ips(2)
+    a = MarsHost(tmp_path / "a", "alpha", ip_a)
+    b = MarsHost(tmp_path / "b", "beta", ip_b)
+    secret = tmp_path / "secret"
+    secret.write_text("short\n")
+    cluster = "0b5a6f0e-53c6-4c1e-9a57-8a4f7d0c2f11"
+    r = a.marsadm("create-cluster", "--ip", ip_a, "--uuid", cluster, "--secret-file",
+                  str(secret), check=False)
+    assert r["rc"] == 2 and "at least 16" in r["error"] and not a.root.exists()
+    r = a.marsadm("create-cluster", "--uuid", "not-a-uuid", check=False)
+    assert r["rc"] == 2 and "not a UUID" in r["error"]
+    secret.write_text("f" * 64 + "\n")
+    assert a.marsadm("create-cluster", "--ip", ip_a, "--uuid", cluster, "--secret-file",
+                     str(secret))["uuid"] == cluster
+    assert (a.root / "secret").read_text() == "f" * 64 + "\n"
+    assert (a.root / "secret").stat().st_mode & 0o077 == 0
+    r = b.marsadm("join-cluster", ip_a, "--ip", ip_b, "--uuid", cluster, check=False)
+    assert r["rc"] == 2 and "go together" in r["error"]
+    b.marsadm("join-cluster", ip_a, "--ip", ip_b, "--uuid", cluster, "--secret-file",
+              str(secret), "--peer-name", "alpha")
+    dev_a = BlockDev(tmp_path / "a.img", 16 << 20)
+    dev_b = BlockDev(tmp_path / "b.img", 16 << 20)
+    try:
+        a.start()
+        b.start()
+        a.marsadm("create-resource", "r0", dev_a.path, "--wait")
+        # beta learns the resource (and alpha's own stamped address) over the mesh
+        b.marsadm("join-resource", "r0", dev_b.path, "--wait", timeout=90)
+        view = a.marsadm("view", "r0")
+        assert set(view["resources"]["r0"]["members"]) == {"alpha", "beta"}
+        assert view["version"] == view["marsd_version"]
+        assert view["resources"]["r0"]["members"]["beta"]["version"] == view["version"]
+        # a wrong secret is refused by the peers: that host never learns anything
+        c = MarsHost(tmp_path / "c", "gamma", loopback_ips(3)[2])
+        secret.write_text("0" * 64 + "\n")
+        c.marsadm("join-cluster", ip_a, "--ip", c.ip, "--uuid", cluster, "--secret-file",
+                  str(secret), "--peer-name", "alpha")
+        c.start()
+        try:
+            time.sleep(3)
+            assert c.marsadm("view")["resources"] == {}
+            assert "gamma" not in str(a.marsadm("view")["peers"])
+        finally:
+            c.stop()
+    finally:
+        a.stop()
+        b.stop()
+        dev_a.close()
+        dev_b.close()

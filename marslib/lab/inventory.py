@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from marslib.lab.state import LabState, venv_bin
+from marslib.lab.state import REPO, LabState, venv_bin
 
 
 def write_ssh_config(state: LabState, key: Path) -> Path:
@@ -19,10 +19,25 @@ def write_ssh_config(state: LabState, key: Path) -> Path:
     return path
 
 
-def write_inventory(state: LabState, key: Path | None, roots: dict[str, tuple[Path, Path]]) -> Path:
+def host_vars(host_dir: Path, root: Path, run_dir: Path, devices: list[str],
+              images: list[Path]) -> dict[str, str]:
+    """The variables the roles and playbooks in ``ansible/`` read for one lab host."""
+    return {
+        "mars_root": str(root), "mars_run_dir": str(run_dir),
+        "mars_devices": ",".join(devices), "mars_images": ",".join(str(p) for p in images),
+        "mars_prefix": str(host_dir / "opt"),  # per-host venvs: /opt/marslib on real hosts
+        "mars_app_dir": str(host_dir / "app"),
+        # the lab's own marsd pidfile and log, so `mars-lab marsd stop` and the role agree
+        "mars_pidfile": str(host_dir / "marsd.pid"),
+        "mars_logfile": str(host_dir / "log" / "marsd.log"),
+    }
+
+
+def write_inventory(state: LabState, key: Path | None,
+                    hosts_vars: dict[str, dict[str, str]]) -> Path:
     """``inventory.ini``: group ``mars`` with every host; ``mars_near``/``mars_far`` if far.
 
-    ``roots`` maps each host name to its (MARS_ROOT, MARS_RUN_DIR).
+    ``hosts_vars`` maps each host name to its variables (:func:`host_vars`).
     """
     path = Path(state.lab_dir) / "inventory.ini"
     if key is None:
@@ -33,12 +48,18 @@ def write_inventory(state: LabState, key: Path | None, roots: dict[str, tuple[Pa
                 "-o UserKnownHostsFile=/dev/null'")
     lines = [f"# mars-lab inventory: ansible -i {path} mars -m ping", "[mars]"]
     for h in state.hosts:
-        root, run_dir = roots[h.name]
+        extra = " ".join(f"{k}={v}" for k, v in hosts_vars[h.name].items())
         lines.append(
             f"{h.name} ansible_host={h.ip} {conn} "
             f"ansible_python_interpreter={venv_bin() / 'python'} "
-            f"mars_ip={h.ip} mars_host={h.name} mars_root={root} mars_run_dir={run_dir} "
-            f"mars_devices={','.join(h.devices)}")
+            f"mars_ip={h.ip} mars_host={h.name} {extra}")
+    site_packages = next((venv_bin().parent / "lib").glob("python3*/site-packages"), None)
+    lines += ["", "[mars:vars]",
+              "mars_supervisor=pidfile",  # no systemd inside a lab namespace
+              f"mars_lab_dir={state.lab_dir}",
+              f"mars_repo={REPO}",
+              # offline installs into per-host venvs reuse the repo venv's dependencies
+              f"mars_deps_site_packages={site_packages or ''}"]
     if state.far:
         lines += ["", "[mars_near]", state.hosts[0].name, "", "[mars_far]",
                   *(h.name for h in state.hosts[1:])]

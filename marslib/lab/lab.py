@@ -479,7 +479,9 @@ def _build(state: LabState, net: Net, count: int, size: int, ndev: int) -> None:
             for far_host in state.hosts[1:]:
                 state.shapes[far_host.name] = LinkProfile(**shaping.FAR_PROFILE, since=now)
             shaping.apply(state)
-    inventory.write_inventory(state, key, {h.name: (h.root, h.run_dir) for h in lab.hosts})
+    inventory.write_inventory(state, key, {
+        h.name: inventory.host_vars(h.dir, h.root, h.run_dir, h.devices, h.images)
+        for h in lab.hosts})
     state.save()
 
 
