@@ -305,7 +305,8 @@ LIVE_KEYS = ("logfile", "log_end", "applied", "pending_bytes", "open_count", "wr
              "consistent", "fetch_logfile", "fetch_remote_end", "fetch_local_end",
              "fetch_rate", "replay_rate", "replay_paused", "fetch_paused", "replay_error",
              "sync_done", "sync_size", "sync_rate", "sync_eta", "corrupt_refetched",
-             "caught_up_at", "logfile_count", "logfile_bytes", "fetch_contact_age")
+             "caught_up_at", "logfile_count", "logfile_bytes", "fetch_contact_age",
+             "fetch_bytes", "sync_copied")
 
 
 def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[str, Any]:
@@ -357,6 +358,7 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
             "error": m.get(r(f"actual-{host}/error")),
             "lag_bytes": _tree_lag(primary_replay, m.get(r(f"replay-{host}"))),
             "version": m.get(f"version-{host}"),
+            "last_sync": _sync_result(m.get(r(f"syncresult-{host}"))),
         }
         if host == ctx.host and daemon is not None:
             live = daemon["resources"].get(name)
@@ -376,6 +378,15 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
         info["state"] = "SplitBrain" if info["split_brain"] else _state(info)
         view["members"][host] = info
     return view
+
+
+def _sync_result(value: str | None) -> dict[str, float] | None:
+    """``compared,copied,seconds`` of a member's last finished full sync."""
+    try:
+        compared, copied, seconds = (value or "").split(",")
+        return {"compared": int(compared), "copied": int(copied), "seconds": float(seconds)}
+    except ValueError:
+        return None
 
 
 def _tree_lag(primary: str | None, mine: str | None) -> int | None:
@@ -746,7 +757,7 @@ def leave_resource(ctx: Ctx) -> dict[str, Any]:
                   lambda: name not in ctx.daemon("status")["resources"])
     for key in (f"data-{ctx.host}", f"replay-{ctx.host}", f"syncstatus-{ctx.host}",
                 f"syncpos-{ctx.host}", f"buffered-{ctx.host}", f"device-size-{ctx.host}",
-                f"synced-size-{ctx.host}"):
+                f"synced-size-{ctx.host}", f"syncresult-{ctx.host}"):
         ctx.meta.delete(ctx.rkey(name, key))
     from marslib.history import forget_links
     forget_links(ctx.meta, name, ctx.host)

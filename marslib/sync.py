@@ -222,6 +222,9 @@ class SyncClient:
         self.meta.set(self._key("syncpos"), p1.encode())
         self.meta.set(self._key("synced-size"), str(size))
         self.meta.set(self._key("syncstatus"), SYNC_DONE, durable=True)
+        # what this sync moved, for operators and playbooks (view: members' last_sync)
+        seconds = time.monotonic() - self.progress.started if self.progress.started else 0.0
+        self.meta.set(self._key("syncresult"), f"{size},{self.progress.copied},{seconds:.1f}")
         self.log.info("full sync done: %d bytes compared, %d copied; consistent once "
                       "replayed past %s", size, self.progress.copied, p1.encode())
 

@@ -58,10 +58,29 @@ def write_inventory(state: LabState, key: Path | None,
               "mars_supervisor=pidfile",  # no systemd inside a lab namespace
               f"mars_lab_dir={state.lab_dir}",
               f"mars_repo={REPO}",
+              # the demo application that stands in for a customer's container
+              f"mars_app_command={REPO / 'bin' / 'mars-app'}",
               # offline installs into per-host venvs reuse the repo venv's dependencies
-              f"mars_deps_site_packages={site_packages or ''}"]
+              f"mars_deps_site_packages={site_packages or ''}",
+              f"mars_python={_base_python()}",
+              # grow a lab "LV": its backing file, then tell the loop device
+              'mars_grow_device_command="truncate -s {size} {image} && losetup -c {device}"']
     if state.far:
         lines += ["", "[mars_near]", state.hosts[0].name, "", "[mars_far]",
                   *(h.name for h in state.hosts[1:])]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _base_python() -> str:
+    """The interpreter the repo venv was made from: per-host venvs made with it can use
+    the repo venv's compiled dependencies."""
+    try:
+        cfg = (venv_bin().parent / "pyvenv.cfg").read_text()
+    except OSError:
+        return "/usr/bin/python3"
+    values = {k.strip(): v.strip() for k, _, v in
+              (line.partition("=") for line in cfg.splitlines())}
+    if values.get("executable"):
+        return values["executable"]
+    return f"{values['home']}/python3" if values.get("home") else "/usr/bin/python3"
