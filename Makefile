@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-local test soak bench lint clean
+.PHONY: setup demo demo-local test soak bench lint clean molecule
 
 setup:
 	@scripts/bootstrap.sh
@@ -14,8 +14,13 @@ demo-local: setup
 	$(PY) bin/mars-demo-local
 
 test: setup
-	$(VENV)/bin/ruff check marslib tests bench bin/mars-demo bin/mars-demo-local bin/mars-lab
+	$(VENV)/bin/ruff check marslib tests bench ansible/library ansible/module_utils \
+		bin/mars-demo bin/mars-demo-local bin/mars-lab bin/mars-app
 	$(PY) -m pytest -q -rs
+
+# every Molecule scenario (the test suite runs `default` and `handover`)
+molecule: setup
+	cd $(CURDIR) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/molecule test --all
 
 soak: setup
 	$(PY) -m pytest -q -rs -m soak

@@ -1,0 +1,257 @@
+"""The operators' path: ansible-playbook over real SSH against the lab, with the demo
+application writing into a filesystem on the resource the whole time.
+
+site.yml builds the cluster; handover.yml, football.yml (lab1 -> lab3) and expand.yml run
+twice each: the second run must change nothing, and after every run the application's
+data must check out (no acknowledged record lost) and the replicas' devices must equal
+the primary's. rolling_upgrade.yml upgrades a cluster installed from the previous release
+(v0.1.0, built from git history) to this working tree while the application writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import IS_ROOT, REPO
+
+pytestmark = pytest.mark.skipif(
+    not IS_ROOT or not shutil.which("nbdfuse") or not shutil.which("sshd"),
+    reason="the lab needs root (namespaces), sshd and nbdfuse (libnbd-bin)")
+
+VENV = REPO / ".venv" / "bin"
+RESOURCE = "r0"
+
+
+@dataclass
+class Run:
+    rc: int
+    output: str
+    recap: dict[str, dict[str, int]]
+    seconds: float
+
+    def changed(self, host: str | None = None) -> int:
+        hosts = [host] if host else list(self.recap)
+        return sum(self.recap[h]["changed"] for h in hosts if h != "localhost")
+
+
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
+
+
+def playbook(lab: Any, name: str, *extra: str, check: bool = False,
+             expect_ok: bool = True) -> Run:
+    """Run ansible/NAME against the lab's inventory; print its output (timings included)."""
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
+           "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+           "PATH": f"{VENV}:{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)
+    cmd = [str(VENV / "ansible-playbook"), "-i", str(lab.inventory),
+           str(REPO / "ansible" / name), "-e", f"mars_wheel_dir={lab.dir / 'dist'}", *extra]
+    if check:
+        cmd.append("--check")
+    started = time.monotonic()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    seconds = time.monotonic() - started
+    text = out.stdout + out.stderr
+    print(f"\n===== ansible-playbook {name} {' '.join(extra)}"
+          f"{' --check' if check else ''}: rc {out.returncode}, {seconds:.1f} s\n{text}")
+    recap = {m[1]: {"ok": int(m[2]), "changed": int(m[3]), "unreachable": int(m[4]),
+                    "failed": int(m[5])}
+             for m in (RECAP.match(line) for line in text.splitlines()) if m}
+    if expect_ok:
+        assert out.returncode == 0, f"{name} failed:\n{text[-6000:]}"
+        assert recap and all(r["failed"] == 0 and r["unreachable"] == 0
+                             for r in recap.values()), recap
+    return Run(out.returncode, text, recap, seconds)
+
+
+def app(lab: Any, host: str, *args: str) -> dict[str, Any]:
+    h = lab.host(host)
+    env = {**h.lab_env, "MARS_APP_DIR": str(h.dir / "app")}
+    out = lab.exec(host, "env", *(f"{k}={v}" for k, v in env.items()),
+                   str(REPO / "bin" / "mars-app"), *args, RESOURCE, "--json", check=False,
+                   timeout=120)
+    reply: dict[str, Any] = json.loads(out.stdout)
+    return reply
+
+
+def view(lab: Any, host: str) -> dict[str, Any]:
+    return dict(lab.marsadm(host, "view", RESOURCE)["resources"][RESOURCE])
+
+
+def wait_up_to_date(lab: Any, primary: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = view(lab, primary)
+        states = {h: lab.marsadm(h, "view", RESOURCE)["resources"][RESOURCE]["members"][h]
+                  ["state"] for h in v["members"]}
+        if all(s == "UpToDate" for h, s in states.items() if h != primary):
+            return v
+        assert time.monotonic() < deadline, f"replicas never caught up: {states}"
+        time.sleep(0.5)
+
+
+def device_digests(lab: Any, members: list[str], size: int) -> dict[str, str]:
+    """sha256 of the first ``size`` bytes of each member's data device."""
+    out = {}
+    for host in members:
+        h = lab.host(host)
+        digest = hashlib.sha256()
+        with open(h.devices[0], "rb") as f:
+            left = size
+            while left:
+                chunk = f.read(min(left, 4 << 20))
+                assert chunk, f"{h.devices[0]} is shorter than {size}"
+                digest.update(chunk)
+                left -= len(chunk)
+        out[host] = digest.hexdigest()
+    return out
+
+
+def check_identical(lab: Any, primary: str) -> dict[str, str]:
+    """Stop the application, let the replicas catch up, compare every member's device."""
+    app(lab, primary, "stop")
+    v = wait_up_to_date(lab, primary)
+    digests = device_digests(lab, sorted(v["members"]), v["size"])
+    assert len(set(digests.values())) == 1, f"devices differ: {digests}"
+    return digests
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from marslib.lab import Lab
+    lab = Lab.up(hosts=3, device_size="256M", lab_dir=tmp_path_factory.mktemp("alab") / "lab")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_site_handover_football_expand(lab: Any) -> None:
+    times: dict[str, float] = {}
+    # -- the cluster from inventory variables, twice
+    first = playbook(lab, "site.yml", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"))
+    assert first.changed() > 0
+    again = playbook(lab, "site.yml", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"))
+    assert again.changed() == 0, again.recap
+    times["site"] = first.seconds
+    v = view(lab, "lab1")
+    assert v["primary"] == "lab1" and sorted(v["members"]) == ["lab1", "lab2"]
+
+    # -- the application writes into a filesystem on r0, on lab1
+    started = app(lab, "lab1", "start", "--mkfs")
+    assert started["ok"], started
+    time.sleep(3)
+
+    # -- handover to lab2 with the application, then again: nothing to do
+    ho = playbook(lab, "handover.yml", "-e", f"resource={RESOURCE}", "-e", "target=lab2")
+    assert "handover" in ho.output and ho.changed("lab2") > 0
+    assert view(lab, "lab2")["primary"] == "lab2"
+    assert app(lab, "lab2", "status")["running"]
+    ho2 = playbook(lab, "handover.yml", "-e", f"resource={RESOURCE}", "-e", "target=lab2")
+    assert ho2.changed() == 0, ho2.recap
+    times["handover"] = ho.seconds
+
+    # -- football lab2 -> lab3: a dry run first changes nothing
+    before = view(lab, "lab2")
+    dry = playbook(lab, "football.yml", "-e", f"resource={RESOURCE}", "-e", "from=lab2",
+                   "-e", "to=lab3", check=True)
+    assert "join lab3: to do" in dry.output
+    after = view(lab, "lab2")
+    assert sorted(after["members"]) == sorted(before["members"]) and after["primary"] == "lab2"
+    assert app(lab, "lab2", "status")["running"]
+
+    fb = playbook(lab, "football.yml", "-e", f"resource={RESOURCE}", "-e", "from=lab2",
+                  "-e", "to=lab3")
+    v = view(lab, "lab3")
+    assert v["primary"] == "lab3" and sorted(v["members"]) == ["lab1", "lab3"], v
+    status = app(lab, "lab3", "status")
+    assert status["running"], status
+    assert not app(lab, "lab2", "status")["running"]
+    moved = v["members"]["lab3"]["last_sync"]
+    assert moved and moved["compared"] == v["size"], moved
+    times["football"] = fb.seconds
+    fb2 = playbook(lab, "football.yml", "-e", f"resource={RESOURCE}", "-e", "from=lab2",
+                   "-e", "to=lab3")
+    assert fb2.changed() == 0, fb2.recap
+    time.sleep(2)
+    check = app(lab, "lab3", "verify", "--allow-torn-tail")
+    assert check["ok"], check
+
+    # -- expand to 384 MiB with the filesystem, twice
+    ex = playbook(lab, "expand.yml", "-e", f"resource={RESOURCE}", "-e", "size=384M")
+    assert view(lab, "lab3")["size"] == 384 << 20
+    grown = app(lab, "lab3", "status")
+    assert grown["running"], grown
+    ex2 = playbook(lab, "expand.yml", "-e", f"resource={RESOURCE}", "-e", "size=384M")
+    assert ex2.changed() == 0, ex2.recap
+    times["expand"] = ex.seconds
+
+    # -- the data: every acknowledged record, and the replicas equal the primary
+    digests = check_identical(lab, "lab3")
+    final = app(lab, "lab3", "verify", "--min-seq", str(app(lab, "lab3", "status")["acked_seq"]))
+    assert final["ok"] and final["records"] > 0, final
+    print(f"\nplaybook times: {times}; records {final['records']}; devices {digests}; "
+          f"football sync: {moved}")
+
+
+@pytest.fixture(scope="module")
+def old_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from marslib.lab import Lab
+    ok = subprocess.run(["git", "-C", str(REPO), "rev-parse", "-q", "--verify",
+                         "v0.1.0^{commit}"], capture_output=True)
+    if ok.returncode != 0:
+        fetch = subprocess.run(["git", "-C", str(REPO), "fetch", "-q", "--depth", "1",
+                                "origin", "refs/tags/v0.1.0:refs/tags/v0.1.0"],
+                               capture_output=True, text=True)
+        if fetch.returncode != 0:
+            pytest.skip(f"the previous release v0.1.0 is not in this clone: {fetch.stderr}")
+    lab = Lab.up(hosts=3, device_size="128M",
+                 lab_dir=tmp_path_factory.mktemp("ulab") / "lab")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
+    lab = old_lab
+    dist = lab.dir / "dist"
+    old_wheel = subprocess.run([str(REPO / "scripts" / "build-wheel.sh"), "--ref", "v0.1.0",
+                                str(dist)], capture_output=True, text=True, check=True)
+    wheel = old_wheel.stdout.strip().splitlines()[-1]
+    assert wheel.endswith("marslib-0.1.0-py3-none-any.whl")
+    lab_vars = str(REPO / "ansible" / "lab-vars.yml")
+    # three members: a secondary stays while lab1 and lab2 swap roles
+    playbook(lab, "site.yml", "-e", f"@{lab_vars}", "-e", f"marslib_wheel={wheel}",
+             "-e", "marslib_version=0.1.0", "-e", '{"lab_members": ["lab1", "lab2", "lab3"]}')
+    for host in ("lab1", "lab2", "lab3"):
+        old = subprocess.run([str(lab.host(host).dir / "opt" / "current" / "bin" / "marsadm"),
+                              "--version"], capture_output=True, text=True)
+        assert old.stdout.strip() == "marsadm 0.1.0", old
+    assert app(lab, "lab1", "start", "--mkfs")["ok"]
+    time.sleep(3)
+
+    up = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")
+    for host in ("lab1", "lab2", "lab3"):
+        v = lab.marsadm(host, "view")
+        assert v["marsd_version"] == "0.2.0", (host, v)
+    v = view(lab, "lab1")
+    assert v["primary"] == "lab1", "hand_back=true returns r0 to lab1"
+    assert {m["version"] for m in v["members"].values()} == {"0.2.0"}
+    assert app(lab, "lab1", "status")["running"]
+    up2 = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")
+    assert up2.changed() == 0, up2.recap
+    check_identical(lab, "lab1")
+    final = app(lab, "lab1", "verify", "--min-seq", str(app(lab, "lab1", "status")["acked_seq"]))
+    assert final["ok"], final
+    print(f"\nrolling upgrade 0.1.0 -> 0.2.0: {up.seconds:.1f} s (second run {up2.seconds:.1f} s)"
+          f"; records {final['records']}")
