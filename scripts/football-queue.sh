@@ -1,5 +1,5 @@
 #!/bin/sh
-# football-queue.sh --queue FILE --inventory INV [--once-lock-wait SECONDS]
+# football-queue.sh --queue FILE --inventory INV [--lock-wait SECONDS] [--ansible-playbook CMD]
 #   Take the next migration ("RESOURCE FROM TO") from the head of FILE and run
 #   ansible/football.yml for it. A lock (flock on FILE.lock) makes sure two runs never
 #   overlap: a second run exits at once with status 75 while one is busy. On success the
@@ -7,13 +7,15 @@
 #   (every football step is idempotent). Empty lines and # comments are skipped.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
-queue="" inventory="" wait=0
+queue="" inventory="" wait=0 ansible_playbook="$here/.venv/bin/ansible-playbook"
 while [ $# -gt 0 ]; do
     case "$1" in
         --queue) queue=$2; shift 2 ;;
         --inventory) inventory=$2; shift 2 ;;
         --lock-wait) wait=$2; shift 2 ;;
-        *) echo "usage: football-queue.sh --queue FILE --inventory INV [--lock-wait S]" >&2; exit 2 ;;
+        --ansible-playbook) ansible_playbook=$2; shift 2 ;;
+        *) echo "usage: football-queue.sh --queue FILE --inventory INV [--lock-wait S]" \
+                "[--ansible-playbook CMD]" >&2; exit 2 ;;
     esac
 done
 [ -n "$queue" ] && [ -n "$inventory" ] || { echo "football-queue: --queue and --inventory are required" >&2; exit 2; }
@@ -37,8 +39,7 @@ logdir=$(dirname "$queue")/log
 mkdir -p "$logdir"
 log="$logdir/$(date +%Y%m%dT%H%M%S)-$resource-$from-$to.log"
 echo "football-queue: $(date -Is) moving $resource from $from to $to (log $log)"
-ansible_playbook="$here/.venv/bin/ansible-playbook"
-[ -x "$ansible_playbook" ] || ansible_playbook=ansible-playbook
+command -v "$ansible_playbook" >/dev/null || ansible_playbook=ansible-playbook
 if ANSIBLE_CONFIG="$here/ansible/ansible.cfg" "$ansible_playbook" -i "$inventory" \
         "$here/ansible/football.yml" -e "resource=$resource" -e "from=$from" -e "to=$to" \
         >"$log" 2>&1; then

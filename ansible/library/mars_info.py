@@ -1,0 +1,188 @@
+#!/usr/bin/python
+# marslib Ansible module: facts about the cluster and its resources, as this host sees them.
+
+# ruff: noqa: E402  (Ansible modules import after their documentation)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: mars_info
+short_description: Gather facts about marslib on this host
+description:
+  - Reads C(marsadm view --json) and returns it as the fact C(ansible_facts.mars) - the
+    cluster, this host, whether C(marsd) runs, the versions, and each resource with its
+    members' roles, states, lag and sync progress.
+  - Read-only; never changes anything, also runs in check mode.
+  - Without a cluster on this host the facts have C(cluster=null) and no resources.
+version_added: "0.2.0"
+author:
+  - marslib developers
+options:
+  name:
+    description:
+      - Only this resource. A resource not known here gives no entry in C(resources).
+    type: str
+    aliases: [resource]
+  marsadm:
+    description:
+      - Path of marsadm. Default C(/opt/marslib/current/bin/marsadm) if it exists, else
+        C(marsadm) on the PATH.
+    type: path
+  root:
+    description:
+      - The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
+    type: path
+  run_dir:
+    description:
+      - Where C(marsd.sock) and the NBD sockets live (C(--run-dir)). Default
+        C($MARS_RUN_DIR), else C(/run/mars).
+    type: path
+  host:
+    description:
+      - This host's name in the cluster (C(--host)). Default C($MARS_HOST), else the
+        hostname.
+    type: str
+  timeout:
+    description:
+      - Not used by this module (C(view) does not wait); accepted like in the other
+        modules.
+    type: float
+    default: 600.0
+notes:
+  - States and lag of other hosts are as this host last heard of them; a replica's own
+    view (run the module there) is exact.
+requirements:
+  - marsadm on the managed host
+"""
+
+EXAMPLES = r"""
+- name: Gather marslib facts
+  mars_info:
+
+- name: Fail unless r0 is up to date here
+  ansible.builtin.assert:
+    that:
+      - ansible_facts.mars.resources.r0.members[ansible_facts.mars.host].state
+        in ['Primary', 'UpToDate']
+
+- name: Only r0
+  mars_info:
+    name: r0
+  register: info
+"""
+
+RETURN = r"""
+ansible_facts:
+  description: Facts about marslib on this host.
+  returned: always
+  type: dict
+  contains:
+    mars:
+      description: The cluster as this host sees it.
+      returned: always
+      type: dict
+      contains:
+        cluster:
+          description: The cluster id, null without a cluster.
+          type: str
+          returned: always
+        host:
+          description: This host's name (null without a cluster unless known from O(host)).
+          type: str
+          returned: always
+        marsd:
+          description: Whether C(marsd) answers on this host.
+          type: bool
+          returned: always
+        version:
+          description: marsadm's version.
+          type: str
+          returned: always
+        marsd_version:
+          description: The running C(marsd)'s version (null if not running or too old to
+            tell).
+          type: str
+          returned: always
+        space_free:
+          description: Free bytes in the state root (null without C(marsd)).
+          type: int
+          returned: always
+        space_level:
+          description: The free-space level (C(ok), C(warn), ...; null without C(marsd)).
+          type: str
+          returned: always
+        resources:
+          description: Per resource C(primary), C(size), C(split_brain) (bool),
+            C(history_gap) and C(members), per host C(role), C(state), C(lag_bytes),
+            C(lag_seconds), C(sync_progress), C(emergency), C(split_brain), C(version),
+            C(device), C(open_count), C(error).
+          type: dict
+          returned: always
+          sample:
+            r0:
+              primary: alpha
+              size: 67108864
+              split_brain: false
+              history_gap: null
+              members:
+                alpha: {role: primary, state: Primary, lag_bytes: 0, lag_seconds: null,
+                        sync_progress: null, emergency: false, split_brain: false,
+                        version: 0.2.0, device: /dev/vg0/r0, open_count: 1, error: null}
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible.module_utils.mars_common import Marsadm, common_spec
+
+MEMBER_KEYS = ("role", "state", "lag_bytes", "lag_seconds", "sync_progress", "emergency",
+               "split_brain", "version", "device", "open_count", "error")
+
+
+def argument_spec():
+    return common_spec(name=dict(type="str", aliases=["resource"]))
+
+
+MODULE_KWARGS = dict(supports_check_mode=True)
+
+
+def facts(view, name=None, host=None, version=None):
+    """The ``mars`` fact from marsadm's view (None: no cluster here). Keys missing in an
+    older marsadm's view come out as null."""
+    if view is None:
+        return dict(cluster=None, host=host, marsd=False, version=version, marsd_version=None,
+                    space_free=None, space_level=None, resources={})
+    resources = {}
+    for rname, res in sorted((view.get("resources") or {}).items()):
+        if name and rname != name:
+            continue
+        resources[rname] = dict(
+            primary=res.get("primary"),
+            size=res.get("size"),
+            split_brain=bool(res.get("split_brain")),
+            history_gap=res.get("history_gap"),
+            members={h: {k: m.get(k) for k in MEMBER_KEYS}
+                     for h, m in sorted((res.get("members") or {}).items())},
+        )
+    return dict(cluster=view.get("cluster"), host=view.get("host"),
+                marsd=bool(view.get("marsd")), version=view.get("version") or version,
+                marsd_version=view.get("marsd_version"), space_free=view.get("space_free"),
+                space_level=view.get("space_level"), resources=resources)
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), **MODULE_KWARGS)
+    p = module.params
+    marsadm = Marsadm(module)
+    view = marsadm.view()
+    version = None
+    if view is None or "version" not in view:
+        version = marsadm.version()
+    mars = facts(view, p.get("name"), host=p.get("host") or os.environ.get("MARS_HOST"),
+                 version=version)
+    module.exit_json(changed=False, ansible_facts=dict(mars=mars))
+
+
+if __name__ == "__main__":
+    main()
