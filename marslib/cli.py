@@ -8,6 +8,8 @@ socket. Every verb accepts ``--json``, ``--timeout`` and ``--dry-run``. Exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import secrets
@@ -471,6 +473,7 @@ def view(ctx: Ctx) -> dict[str, Any]:
                     + f" -- run 'marsadm invalidate {v['resource']}' on each host that "
                     "should follow the designated primary")
     return {"cluster": ctx.meta.get("uuid"), "host": ctx.host, "marsd": daemon is not None,
+            "ip": ctx.meta.get(f"ips/ip-{ctx.host}"),  # None once this host left
             "version": __version__,
             "marsd_version": daemon.get("version") if daemon else None,
             "peers": daemon.get("peers") if daemon else None,
@@ -690,6 +693,9 @@ def leave_cluster(ctx: Ctx) -> dict[str, Any]:
     if mine:
         raise Refused(f"this host still holds resources {', '.join(mine)}: run "
                       "leave-resource for each first")
+    if ctx.meta.get(f"ips/ip-{ctx.host}") is None:
+        ctx.say(f"{ctx.host} is not a member of the cluster (any more)")
+        return {"changed": False}
     if ctx.dry_run:
         return {"changed": True, "dry_run": True}
     ctx.meta.delete(f"ips/ip-{ctx.host}")
@@ -1102,7 +1108,7 @@ def resize(ctx: Ctx) -> dict[str, Any]:
         return {"changed": False, "size": old}
     if ctx.dry_run:
         ctx.say(f"would grow {name} from {format_size(old)} to {format_size(new)}")
-        return {"changed": True, "dry_run": True}
+        return {"changed": True, "dry_run": True, "old_size": old, "size": new}
     ctx.meta.set(r("size"), str(new), durable=True)
     _poke(ctx)
     ctx.say(f"{name} grown from {format_size(old)} to {format_size(new)}; secondaries sync the "
@@ -1204,12 +1210,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     want_json = "--json" in argv
+    stderr = io.StringIO()
     try:
-        args = parser.parse_args(argv)
+        with contextlib.redirect_stderr(stderr if want_json else sys.stderr):
+            args = parser.parse_args(argv)
     except SystemExit as exc:
         if want_json and exc.code not in (0, None):
-            print(json.dumps({"ok": False, "error": "usage error (see marsadm --help)",
-                              "code": 2}))
+            sys.stderr.write(stderr.getvalue())
+            reason = (stderr.getvalue().strip().splitlines() or ["see marsadm --help"])[-1]
+            print(json.dumps({"ok": False, "error": f"usage error: {reason}", "code": 2}))
         return int(exc.code or 0)
     if not args.verb:
         parser.print_help(sys.stderr)

@@ -208,3 +208,16 @@ def test_cluster_from_a_given_id_and_secret_needs_no_ssh(tmp_path: Path) -> None
         b.stop()
         dev_a.close()
         dev_b.close()
+
+
+def test_json_usage_errors_say_what_is_wrong_and_leave_cluster_is_idempotent(
+        host: MarsHost) -> None:
+    r = host.marsadm("resize", check=False)
+    assert r["rc"] == 2 and "required: resource" in r["error"]
+    r = host.marsadm("create-cluster", "--ip", "10.0.0.1", "--bogus", check=False)
+    assert r["rc"] == 2 and "--bogus" in r["error"]
+    host.marsadm("create-cluster", "--ip", "127.0.0.1")
+    assert host.marsadm("view")["ip"] == "127.0.0.1"
+    assert host.marsadm("leave-cluster")["changed"] is True
+    assert host.marsadm("view")["ip"] is None
+    assert host.marsadm("leave-cluster")["changed"] is False
