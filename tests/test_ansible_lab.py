@@ -147,7 +147,7 @@ def test_site_handover_football_expand(lab: Any) -> None:
     assert v["primary"] == "lab1" and sorted(v["members"]) == ["lab1", "lab2"]
 
     # -- the application writes into a filesystem on r0, on lab1
-    started = app(lab, "lab1", "start", "--mkfs")
+    started = app(lab, "lab1", "start", "--mkfs", "--rate", "50")
     assert started["ok"], started
     time.sleep(3)
 
@@ -214,7 +214,7 @@ def old_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                                capture_output=True, text=True)
         if fetch.returncode != 0:
             pytest.skip(f"the previous release v0.1.0 is not in this clone: {fetch.stderr}")
-    lab = Lab.up(hosts=3, device_size="128M",
+    lab = Lab.up(hosts=3, device_size="256M",
                  lab_dir=tmp_path_factory.mktemp("ulab") / "lab")
     try:
         yield lab
@@ -237,7 +237,7 @@ def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
         old = subprocess.run([str(lab.host(host).dir / "opt" / "current" / "bin" / "marsadm"),
                               "--version"], capture_output=True, text=True)
         assert old.stdout.strip() == "marsadm 0.1.0", old
-    assert app(lab, "lab1", "start", "--mkfs")["ok"]
+    assert app(lab, "lab1", "start", "--mkfs", "--rate", "50")["ok"]
     time.sleep(3)
 
     up = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")

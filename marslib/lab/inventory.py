@@ -63,6 +63,8 @@ def write_inventory(state: LabState, key: Path | None,
               # offline installs into per-host venvs reuse the repo venv's dependencies
               f"mars_deps_site_packages={site_packages or ''}",
               f"mars_python={_base_python()}",
+              # releases before 0.2 join over ssh: the lab key works between lab hosts
+              f"mars_join_ssh_key={key or ''}",
               # grow a lab "LV": its backing file, then tell the loop device
               'mars_grow_device_command="truncate -s {size} {image} && losetup -c {device}"']
     if state.far:
