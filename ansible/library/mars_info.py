@@ -115,7 +115,8 @@ ansible_facts:
           description: Per resource C(primary), C(size), C(split_brain) (bool),
             C(history_gap) and C(members), per host C(role), C(state), C(lag_bytes),
             C(lag_seconds), C(sync_progress), C(emergency), C(split_brain), C(version),
-            C(device), C(open_count), C(error).
+            C(device), C(open_count), C(error), C(last_sync) (what the member's last full
+            sync C(compared) and C(copied) in bytes, and its C(seconds); null if none).
           type: dict
           returned: always
           sample:
@@ -127,7 +128,8 @@ ansible_facts:
               members:
                 alpha: {role: primary, state: Primary, lag_bytes: 0, lag_seconds: null,
                         sync_progress: null, emergency: false, split_brain: false,
-                        version: 0.2.0, device: /dev/vg0/r0, open_count: 1, error: null}
+                        version: 0.2.0, device: /dev/vg0/r0, open_count: 1, error: null,
+                        last_sync: null}
 """
 
 import os
@@ -137,7 +139,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.mars_common import Marsadm, common_spec
 
 MEMBER_KEYS = ("role", "state", "lag_bytes", "lag_seconds", "sync_progress", "emergency",
-               "split_brain", "version", "device", "open_count", "error")
+               "split_brain", "version", "device", "open_count", "error", "last_sync")
 
 
 def argument_spec():
