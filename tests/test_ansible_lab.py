@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -71,6 +72,30 @@ def playbook(lab: Any, name: str, *extra: str, check: bool = False,
         assert recap and all(r["failed"] == 0 and r["unreachable"] == 0
                              for r in recap.values()), recap
     return Run(out.returncode, text, recap, seconds)
+
+
+def interrupted_playbook(lab: Any, name: str, kill_at: str, *extra: str) -> str:
+    """Start ansible/NAME and SIGKILL it (and its ssh children) once ``kill_at`` shows."""
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
+           "ANSIBLE_NOCOLOR": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{VENV}:{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([str(VENV / "ansible-playbook"), "-i", str(lab.inventory),
+                             str(REPO / "ansible" / name), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if kill_at in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    text = "".join(seen)
+    print(f"\n===== ansible-playbook {name} {' '.join(extra)}: killed at {kill_at!r}\n{text}")
+    assert kill_at in text, f"{name} never reached {kill_at!r}"
+    return text
 
 
 def app(lab: Any, host: str, *args: str) -> dict[str, Any]:
@@ -160,8 +185,16 @@ def test_site_football_expand(lab: Any) -> None:
     assert sorted(after["members"]) == sorted(before["members"]) and after["primary"] == "lab1"
     assert app(lab, "lab1", "status")["running"]
 
+    # the first run dies after the join, while it waits for the sync (the operator's
+    # laptop goes away): running it again finishes the move
+    killed = interrupted_playbook(lab, "football.yml", "TASK [Poll r0 on lab3]",
+                                  "-e", f"resource={RESOURCE}", "-e", "from=lab1",
+                                  "-e", "to=lab3")
+    assert "lab3" in view(lab, "lab1")["members"], killed
+    assert view(lab, "lab1")["primary"] == "lab1"
     fb = playbook(lab, "football.yml", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
                   "-e", "to=lab3")
+    assert "join lab3: done" in fb.output
     assert re.search(r"r0 lab1 -> lab3: stop application [0-9.]+ s, handover [0-9.]+ s",
                      fb.output), "no handover timings printed"
     assert re.search(r"join \+ sync: [0-9.]+ s, compared 256", fb.output), "no sync figures"

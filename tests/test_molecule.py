@@ -52,7 +52,9 @@ def test_scenario(scenario: str, tmp_path: Path) -> None:
     if scenario != "default":
         steps.append("prepare")  # site.yml and the application; converge is the handover
     for step in steps:
-        assert re.search(rf"{scenario} ➜ {step}: Executed: Successful", text), \
+        # "default ➜ create: Executed: Successful" on a terminal, "[default > create]
+        # Executed: Successful" without one
+        assert re.search(rf"\[?{scenario} (?:➜|>) {step}\]?:? Executed: Successful", text), \
             f"step {step} did not run successfully"
     assert re.search(r"2 members hold the same [0-9.]+ MB: sha256", text), \
         "verify did not compare the members' devices"
