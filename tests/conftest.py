@@ -127,6 +127,25 @@ class MarsHost:
             time.sleep(0.02)
         raise AssertionError(f"marsd did not start: {self.logtail()}")
 
+    def serve(self, device: str, *marsd_args: str, resource: str = "r0") -> None:
+        """A new cluster with this host as the primary of ``resource`` on ``device``:
+        marsd running (with ``marsd_args``) and the resource up."""
+        self.marsadm("create-cluster", "--ip", self.ip)
+        self.marsadm("create-resource", resource, device)
+        self.start(*marsd_args)
+        self.marsadm("up", resource)
+
+    def join_cluster_of(self, member: MarsHost) -> None:
+        """Join ``member``'s cluster (read from its state root) and start marsd."""
+        self.marsadm("join-cluster", member.name, "--ip", self.ip, "--from-root",
+                     str(member.root))
+        self.start()
+
+    def join(self, primary: MarsHost, device: str, resource: str = "r0") -> None:
+        """Join ``primary``'s cluster and its ``resource``, waiting for the full sync."""
+        self.join_cluster_of(primary)
+        self.marsadm("join-resource", resource, device, "--wait")
+
     def kill9(self) -> None:
         if self.proc is not None:
             os.killpg(self.proc.pid, signal.SIGKILL)

@@ -673,10 +673,7 @@ def test_upgrade_installs_switches_and_restarts_marsd(tmp_path: Path) -> None:
                                 h.name, "--listen", h.ip, "--metrics", "off"],
             "timeout": 120}
     try:
-        h.marsadm("create-cluster", "--ip", h.ip)
-        h.marsadm("create-resource", "r0", dev.path)
-        h.start()
-        h.marsadm("up", "r0")
+        h.serve(dev.path)
         assert h.proc is not None
         old_pid = h.proc.pid
         pidfile.write_text(str(old_pid))

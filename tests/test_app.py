@@ -256,10 +256,7 @@ def primary(tmp_path: Path) -> Iterator[tuple[MarsHost, BlockDev, App]]:
     h = MarsHost(tmp_path, "alpha", loopback_ips(1)[0])
     app = App(h, tmp_path / "app")
     try:
-        h.marsadm("create-cluster", "--ip", h.ip)
-        h.marsadm("create-resource", "r0", dev.path)
-        h.start()
-        h.marsadm("up", "r0")
+        h.serve(dev.path)
         yield h, dev, app
     finally:
         app.cleanup()
@@ -362,10 +359,7 @@ def test_grow_after_a_resize(tmp_path: Path, fs: str) -> None:
     h = MarsHost(tmp_path, "alpha", loopback_ips(1)[0])
     app = App(h, tmp_path / "app")
     try:
-        h.marsadm("create-cluster", "--ip", h.ip)
-        h.marsadm("create-resource", "r0", dev.path)
-        h.start()
-        h.marsadm("up", "r0")
+        h.serve(dev.path)
         r = app("start", "r0", "--mkfs", "--fs", fs, "--rate", "500", "--fsync-every", "5")
         assert r["fs"] == fs
         g = app("grow", "r0")  # nothing to grow yet
@@ -405,13 +399,8 @@ def test_handover_to_a_second_host_loses_no_acknowledged_record(tmp_path: Path) 
     dev_a, dev_b = BlockDev(tmp_path / "a.img", 64 << 20), BlockDev(tmp_path / "b.img", 64 << 20)
     app_a, app_b = App(a, tmp_path / "a" / "app"), App(b, tmp_path / "b" / "app")
     try:
-        a.marsadm("create-cluster", "--ip", ip_a)
-        a.marsadm("create-resource", "r0", dev_a.path)
-        a.start()
-        a.marsadm("up", "r0")
-        b.marsadm("join-cluster", "alpha", "--ip", ip_b, "--from-root", str(a.root))
-        b.start()
-        b.marsadm("join-resource", "r0", dev_b.path, "--wait")
+        a.serve(dev_a.path)
+        b.join(a, dev_b.path)
         app_a("start", "r0", "--mkfs", "--rate", "1000")
         r = app_b("start", "r0", "--mkfs", check=False)  # beta is a secondary
         assert r["rc"] == 1 and "not the primary" in r["error"]

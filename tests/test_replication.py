@@ -62,12 +62,8 @@ class Pair:
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
     p = Pair(tmp_path)
-    p.a.marsadm("create-cluster", "--ip", p.a.ip)
-    p.a.marsadm("create-resource", "r0", p.dev_a.path)
-    p.a.start()
-    p.a.marsadm("up", "r0")
-    p.b.marsadm("join-cluster", "alpha", "--ip", p.b.ip, "--from-root", str(p.a.root))
-    p.b.start()
+    p.a.serve(p.dev_a.path)
+    p.b.join_cluster_of(p.a)
     yield p
     p.close()
 
@@ -225,13 +221,8 @@ def test_emergency_mode_keeps_the_primary_writing(tmp_path: Path, small_fs: Path
     dev_a, dev_b = BlockDev(tmp_path / "a.img", SIZE), BlockDev(tmp_path / "b.img", SIZE)
     limits = ("--space-limits", "warn=24M,drop=20M,no-fetch=16M,emergency=12M")
     try:
-        a.marsadm("create-cluster", "--ip", ip_a)
-        a.marsadm("create-resource", "r0", dev_a.path)
-        a.start(*limits)
-        a.marsadm("up", "r0")
-        b.marsadm("join-cluster", "alpha", "--ip", ip_b, "--from-root", str(a.root))
-        b.start()
-        b.marsadm("join-resource", "r0", dev_b.path, "--wait")
+        a.serve(dev_a.path, *limits)
+        b.join(a, dev_b.path)
         free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
         (small_fs / "filler").write_bytes(bytes(free - (14 << 20)))
         w = subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), a.nbd_uri("r0"), "writer", "9",
@@ -319,15 +310,11 @@ def test_sync_resumes_after_a_crash_of_the_secondary(tmp_path: Path) -> None:
     big = 256 << 20
     dev_a, dev_b = BlockDev(tmp_path / "a.img", big), BlockDev(tmp_path / "b.img", big)
     try:
-        a.marsadm("create-cluster", "--ip", ip_a)
-        a.marsadm("create-resource", "r0", dev_a.path)
-        a.start()
-        a.marsadm("up", "r0")
+        a.serve(dev_a.path)
         src = tmp_path / "payload"
         src.write_bytes(os.urandom(big))
         subprocess.run(["nbdcopy", str(src), a.nbd_uri("r0")], check=True, timeout=300)
-        b.marsadm("join-cluster", "alpha", "--ip", ip_b, "--from-root", str(a.root))
-        b.start()
+        b.join_cluster_of(a)
         b.marsadm("join-resource", "r0", dev_b.path)
         key = b.root / "resource-r0" / "syncstatus-beta"
         deadline = time.monotonic() + 60

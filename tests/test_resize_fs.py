@@ -52,13 +52,8 @@ def test_xfs_grows_online_and_survives_a_handover(tmp_path: Path) -> None:
         d.mkdir()
     att: Attached | None = None
     try:
-        a.marsadm("create-cluster", "--ip", ip_a)
-        a.marsadm("create-resource", "r0", dev_a.path)
-        a.start()
-        a.marsadm("up", "r0")
-        b.marsadm("join-cluster", "alpha", "--ip", ip_b, "--from-root", str(a.root))
-        b.start()
-        b.marsadm("join-resource", "r0", dev_b.path, "--wait")
+        a.serve(dev_a.path)
+        b.join(a, dev_b.path)
         att = Attached(a.nbd_uri("r0"), tmp_path / "fa")
         subprocess.run(["mkfs.xfs", "-q", "-f", att.loop], check=True)
         subprocess.run(["mount", att.loop, str(mnt)], check=True)

@@ -50,13 +50,8 @@ class Pair:
 def pair(tmp_path: Path) -> Iterator[Pair]:
     p = Pair(tmp_path)
     a, b = p.hosts["alpha"], p.hosts["beta"]
-    a.marsadm("create-cluster", "--ip", a.ip)
-    a.marsadm("create-resource", "r0", p.devs["alpha"].path)
-    a.start()
-    a.marsadm("up", "r0")
-    b.marsadm("join-cluster", "alpha", "--ip", b.ip, "--from-root", str(a.root))
-    b.start()
-    b.marsadm("join-resource", "r0", p.devs["beta"].path, "--wait")
+    a.serve(p.devs["alpha"].path)
+    b.join(a, p.devs["beta"].path)
     yield p
     for h in p.hosts.values():
         h.stop()
@@ -166,15 +161,9 @@ def test_three_replicas_handover_to_any_and_log_deletion_waits_for_the_slowest(
     devs = {n: BlockDev(tmp_path / f"{n}.img", SIZE) for n in names}
     try:
         a = hosts["alpha"]
-        a.marsadm("create-cluster", "--ip", a.ip)
-        a.marsadm("create-resource", "r0", devs["alpha"].path)
-        a.start()
-        a.marsadm("up", "r0")
+        a.serve(devs["alpha"].path)
         for n in ("beta", "gamma"):
-            hosts[n].marsadm("join-cluster", "alpha", "--ip", hosts[n].ip, "--from-root",
-                             str(a.root))
-            hosts[n].start()
-            hosts[n].marsadm("join-resource", "r0", devs[n].path, "--wait")
+            hosts[n].join(a, devs[n].path)
 
         def status(n: str) -> dict:  # type: ignore[type-arg]
             return control.request(hosts[n].run_dir / "marsd.sock", "status")[

@@ -80,13 +80,8 @@ def write(host: MarsHost, seed: int) -> int:
 @needs_libnbd
 def test_old_and_new_release_replicate_both_ways(mixed) -> None:  # type: ignore[no-untyped-def]
     old, new, dev_old, dev_new = mixed
-    old.marsadm("create-cluster", "--ip", old.ip)
-    old.marsadm("create-resource", "r0", dev_old.path)
-    old.start()
-    old.marsadm("up", "r0")
-    new.marsadm("join-cluster", "old", "--ip", new.ip, "--from-root", str(old.root))
-    new.start()
-    new.marsadm("join-resource", "r0", dev_new.path, "--wait")
+    old.serve(dev_old.path)
+    new.join(old, dev_new.path)
     deadline = time.monotonic() + 10
     link = old.root / "version-new"
     while not link.is_symlink() or str(link.readlink()) != NEXT_VERSION:
@@ -147,14 +142,9 @@ def test_sync_from_a_primary_without_one_read_sync_falls_back(tmp_path: Path) ->
     new = MarsHost(tmp_path / "new", "new", ip_b)
     dev_old, dev_new = BlockDev(tmp_path / "old.img", SIZE), BlockDev(tmp_path / "new.img", SIZE)
     try:
-        old.marsadm("create-cluster", "--ip", old.ip)
-        old.marsadm("create-resource", "r0", dev_old.path)
-        old.start()
-        old.marsadm("up", "r0")
+        old.serve(dev_old.path)
         assert write(old, 71) > 20
-        new.marsadm("join-cluster", "old", "--ip", new.ip, "--from-root", str(old.root))
-        new.start()
-        new.marsadm("join-resource", "r0", dev_new.path, "--wait")
+        new.join(old, dev_new.path)
         assert "checksums + reads" in new.logtail(200)
         wait_in_sync(old, new)
         new.marsadm("pause-replay", "r0")
