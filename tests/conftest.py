@@ -184,15 +184,16 @@ def host(tmp_path: Path) -> Iterator[MarsHost]:
     h.stop()
 
 
-_next_ip = [20]
+_ip_count = [0]
 
 
 def loopback_ips(n: int) -> list[str]:
-    """Fresh 127.0.0.x addresses so that tests never share ports (all of 127/8 is local)."""
+    """Fresh addresses 127.X.Y.1 (all of 127/8 is local), X from this process's pid, so that
+    tests never share ports, not even with a pytest run next to this one."""
     out = []
     for _ in range(n):
-        _next_ip[0] = _next_ip[0] + 1 if _next_ip[0] < 250 else 20
-        out.append(f"127.0.0.{_next_ip[0]}")
+        _ip_count[0] += 1
+        out.append(f"127.{100 + os.getpid() % 150}.{_ip_count[0] % 250 + 1}.1")
     return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT, REPO, BlockDev, MarsHost, wait_in_sync
+from conftest import IS_ROOT, REPO, BlockDev, MarsHost, loopback_ips, wait_in_sync
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -194,19 +194,6 @@ pytest_root = pytest.mark.skipif(
     not IS_ROOT or not all(shutil.which(t) for t in ("nbdfuse", "fusermount3", "nbdinfo",
                                                      "mkfs.ext4", "mkfs.xfs")),
     reason="needs root, nbdfuse and nbdinfo (libnbd-bin), fusermount3, e2fsprogs, xfsprogs")
-
-
-_ip_count = [0]
-
-
-def loopback_ips(n: int) -> list[str]:
-    """Fresh addresses in 127.X.Y.1 with X from our pid: conftest's 127.0.0.x sequence
-    starts anew in every pytest process and clashes with test runs next to this one."""
-    out = []
-    for _ in range(n):
-        _ip_count[0] += 1
-        out.append(f"127.{100 + os.getpid() % 150}.{_ip_count[0] % 250 + 1}.1")
-    return out
 
 
 class App:
