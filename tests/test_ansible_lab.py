@@ -5,7 +5,7 @@ site.yml builds the cluster; football.yml (lab1 -> lab3) and expand.yml run twic
 the second run must change nothing, and after every run the application's data must
 check out (no acknowledged record lost) and the replicas' devices must equal the
 primary's. rolling_upgrade.yml upgrades a cluster installed from the previous release
-(v0.1.0, built from git history) to this working tree while the application writes."""
+(the commit in scripts/previous-release) to this working tree while the application writes."""
 
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import IS_ROOT, REPO
+
+from marslib import __version__
 
 pytestmark = pytest.mark.skipif(
     not IS_ROOT or not shutil.which("nbdfuse") or not shutil.which("sshd"),
@@ -234,14 +237,6 @@ def test_site_football_expand(lab: Any) -> None:
 @pytest.fixture(scope="module")
 def old_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from marslib.lab import Lab
-    ok = subprocess.run(["git", "-C", str(REPO), "rev-parse", "-q", "--verify",
-                         "v0.1.0^{commit}"], capture_output=True)
-    if ok.returncode != 0:
-        fetch = subprocess.run(["git", "-C", str(REPO), "fetch", "-q", "--depth", "1",
-                                "origin", "refs/tags/v0.1.0:refs/tags/v0.1.0"],
-                               capture_output=True, text=True)
-        if fetch.returncode != 0:
-            pytest.skip(f"the previous release v0.1.0 is not in this clone: {fetch.stderr}")
     lab = Lab.up(hosts=3, device_size="256M",
                  lab_dir=tmp_path_factory.mktemp("ulab") / "lab")
     try:
@@ -250,36 +245,48 @@ def old_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         lab.down()
 
 
+def build_previous_release(dest: Path) -> tuple[str, str]:
+    """The previous release's wheel (scripts/previous-release: a commit, which every
+    clone carries, unlike a tag) and its version. Not buildable is a failure, not a skip:
+    the upgrade path is tested on every run."""
+    built = subprocess.run([str(REPO / "scripts" / "build-wheel.sh"), "--previous", str(dest)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.fail(f"cannot build the previous release from scripts/previous-release: "
+                    f"{built.stderr.strip()}", pytrace=False)
+    wheel = built.stdout.strip().splitlines()[-1]
+    version = Path(wheel).name.split("-")[1]
+    return wheel, version
+
+
 def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
     lab = old_lab
-    dist = lab.dir / "dist"
-    old_wheel = subprocess.run([str(REPO / "scripts" / "build-wheel.sh"), "--ref", "v0.1.0",
-                                str(dist)], capture_output=True, text=True, check=True)
-    wheel = old_wheel.stdout.strip().splitlines()[-1]
-    assert wheel.endswith("marslib-0.1.0-py3-none-any.whl")
+    wheel, old_version = build_previous_release(lab.dir / "dist")
+    assert old_version != __version__, f"scripts/previous-release names {__version__} itself"
     lab_vars = str(REPO / "ansible" / "lab-vars.yml")
     # three members: a secondary stays while lab1 and lab2 swap roles
     playbook(lab, "site.yml", "-e", f"@{lab_vars}", "-e", f"marslib_wheel={wheel}",
-             "-e", "marslib_version=0.1.0", "-e", '{"lab_members": ["lab1", "lab2", "lab3"]}')
+             "-e", f"marslib_version={old_version}",
+             "-e", '{"lab_members": ["lab1", "lab2", "lab3"]}')
     for host in ("lab1", "lab2", "lab3"):
         old = subprocess.run([str(lab.host(host).dir / "opt" / "current" / "bin" / "marsadm"),
                               "--version"], capture_output=True, text=True)
-        assert old.stdout.strip() == "marsadm 0.1.0", old
+        assert old.stdout.strip() == f"marsadm {old_version}", old
     assert app(lab, "lab1", "start", "--mkfs", "--rate", "50")["ok"]
     time.sleep(3)
 
     up = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")
     for host in ("lab1", "lab2", "lab3"):
         v = lab.marsadm(host, "view")
-        assert v["marsd_version"] == "0.2.0", (host, v)
+        assert v["marsd_version"] == __version__, (host, v)
     v = view(lab, "lab1")
     assert v["primary"] == "lab1", "hand_back=true returns r0 to lab1"
-    assert {m["version"] for m in v["members"].values()} == {"0.2.0"}
+    assert {m["version"] for m in v["members"].values()} == {__version__}
     assert app(lab, "lab1", "status")["running"]
     up2 = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")
     assert up2.changed() == 0, up2.recap
     check_identical(lab, "lab1")
     final = app(lab, "lab1", "verify", "--min-seq", str(app(lab, "lab1", "status")["acked_seq"]))
     assert final["ok"], final
-    print(f"\nrolling upgrade 0.1.0 -> 0.2.0: {up.seconds:.1f} s (second run {up2.seconds:.1f} s)"
-          f"; records {final['records']}")
+    print(f"\nrolling upgrade {old_version} -> {__version__}: {up.seconds:.1f} s "
+          f"(second run {up2.seconds:.1f} s); records {final['records']}")
