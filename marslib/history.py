@@ -55,7 +55,7 @@ def write_link(meta: MetaStore, resource: str, writer: str, end: LogPosition) ->
     link = VersionLink(end.number, end.host, end.offset, end.seq, prev)
     key = link.key(resource, writer)
     if meta.get(key) != link.encode():
-        meta.set(key, link.encode())
+        meta.set(key, link.encode(), durable=True)  # once per logfile: split brain needs it
     return link
 
 
@@ -74,6 +74,6 @@ def forget_links(meta: MetaStore, resource: str, writer: str) -> int:
     n = 0
     for by_writer in links(meta, resource).values():
         if writer in by_writer:
-            meta.delete(by_writer[writer].key(resource, writer))
+            meta.delete(by_writer[writer].key(resource, writer), durable=True)
             n += 1
     return n

@@ -2,7 +2,8 @@
 
 Each key is a path relative to the root (``resource-r0/primary``); its value is the
 symlink target and its Lamport stamp is the symlink's mtime in nanoseconds. Updates
-replace the link atomically (a temporary link renamed over the old one). A deletion
+replace the link atomically (a temporary link renamed over the old one); durable ones
+also fsync it into the filesystem (:mod:`marslib.durable`). A deletion
 writes a tombstone so that it can win over older values from other hosts. A value
 from elsewhere replaces the local one only if its stamp is newer (ties: larger value).
 """
@@ -14,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from marslib.durable import fsync_dir, mkdir_durably, replace_symlink
 
 TOMBSTONE = "(deleted)"
 MAX_VALUE_LEN = 1024
@@ -70,21 +73,25 @@ class MetaStore:
         return default if mv is None or mv.value is None else mv.value
 
     def set(self, key: str, value: str, *, durable: bool = False) -> MetaValue:
-        """Write ``value`` with a fresh stamp (this host is the writer)."""
+        """Write ``value`` with a fresh stamp (this host is the writer).
+
+        ``durable``: survive a power loss once this returns (an fsync or more); without it
+        the write is atomic only, for keys written often that a crash may take back."""
         if len(value) > MAX_VALUE_LEN or "\0" in value or value == TOMBSTONE:
             raise ValueError(f"invalid metadata value for {key}: {value[:60]!r}")
         mv = MetaValue(key, value, self.clock.tick())
         self._store(mv, durable)
         return mv
 
-    def delete(self, key: str) -> MetaValue | None:
+    def delete(self, key: str, *, durable: bool = False) -> MetaValue | None:
+        """Replace ``key`` with a tombstone (a fresh stamp); None if there is no such key."""
         if self.read(key) is None:
             return None
         mv = MetaValue(key, None, self.clock.tick())
-        self._store(mv, False)
+        self._store(mv, durable)
         return mv
 
-    def merge(self, mv: MetaValue) -> bool:
+    def merge(self, mv: MetaValue, *, durable: bool = False) -> bool:
         """Take a value from another host if it is newer; return whether it was taken.
 
         Raises ValueError for keys that are not metadata here (a file or directory of the
@@ -101,26 +108,24 @@ class MetaStore:
         if local is not None:
             if (local.stamp, local.value or "") >= (mv.stamp, mv.value or ""):
                 return False
-        self._store(mv, False)
+        self._store(mv, durable)
         return True
 
     def _store(self, mv: MetaValue, durable: bool) -> None:
+        """Replace the link atomically. With ``durable`` also fsync it into its directory
+        and every directory above it up to the root (one of them may have been created by
+        a cheap write before), so that a power loss cannot take it back."""
         path = self._path(mv.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.symlink(TOMBSTONE if mv.value is None else mv.value, tmp)
-        os.utime(tmp, ns=(mv.stamp, mv.stamp), follow_symlinks=False)
-        os.replace(tmp, path)
         if durable:
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            mkdir_durably(path.parent)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        replace_symlink(path, TOMBSTONE if mv.value is None else mv.value,
+                        mtime_ns=mv.stamp, durable=durable)
+        parent = path.parent
+        while durable and parent != self.root:
+            parent = parent.parent
+            fsync_dir(parent)
 
     def items(self, prefix: str = "") -> list[MetaValue]:
         """Every key (tombstones included) below the directory ``prefix``."""

@@ -9,7 +9,7 @@ import logging
 from marslib.formats.frame import Frame, FrameType
 from marslib.meta import MetaStore, MetaValue
 from marslib.net.conn import PeerBundle, RemoteError
-from marslib.net.handshake import PeerInfo
+from marslib.net.handshake import PeerInfo, check_secret
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class MetaSync:
     """The metadata exchange of one host."""
 
     def __init__(self, meta: MetaStore, host: str, uuid: str, secret: bytes, port: int) -> None:
+        check_secret(secret, f"the metadata exchange of {host}", meta.root / "secret")
         self.meta = meta
         self.host = host
         self.uuid = uuid

@@ -14,8 +14,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from marslib.errors import MarsError
 from marslib.formats.frame import Frame, FrameError, FrameParser, FrameType, encode_frame
-from marslib.net.handshake import Handshake, HandshakeError, PeerInfo
+from marslib.net.handshake import Handshake, HandshakeError, PeerInfo, check_secret, restore_hint
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,15 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 async def connect(address: str, port: int, *, host: str, uuid: str, secret: bytes,
                   channel: str, timeout: float = HANDSHAKE_TIMEOUT,
                   max_payload: int = 64 << 20) -> Connection:
-    """Dial ``address:port`` and authenticate; raise OSError or HandshakeError."""
+    """Dial ``address:port`` and authenticate; raise OSError or HandshakeError (MarsError
+    for an empty secret, before dialling)."""
+    hs = Handshake("client", host, uuid, secret, channel)
+
     async def go() -> Connection:
         reader, writer = await asyncio.open_connection(address, port, limit=READ_CHUNK * 2)
         _tune_socket(writer.get_extra_info("socket"))
         try:
-            return await _handshake(reader, writer,
-                                    Handshake("client", host, uuid, secret, channel),
-                                    max_payload)
+            return await _handshake(reader, writer, hs, max_payload)
         except BaseException:
             writer.close()
             raise
@@ -124,7 +126,9 @@ async def serve(bind: str, port: int, handler: Handler, *, host: str, uuid: str,
                 secret: bytes, channel: str, logger: logging.LoggerAdapter | None = None,
                 max_payload: int = 64 << 20) -> asyncio.Server:
     """Accept authenticated connections on ``bind:port``; answer each request frame
-    with ``handler(frame, peer)``. Bad peers and bad frames close their connection only."""
+    with ``handler(frame, peer)``. Bad peers and bad frames close their connection only.
+    A secret that breaks the rule (:func:`check_secret`) raises MarsError: nothing listens."""
+    check_secret(secret, f"the {channel} port of {host}")
     lg = logger or logging.LoggerAdapter(log, {})
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -187,10 +191,12 @@ class PeerBundle:
     """Up to ``size`` connections to one peer on one channel, redialled with backoff.
 
     ``request`` sends a frame on the least busy connection and returns the reply.
+    A secret that breaks the rule (:func:`check_secret`) raises MarsError at once.
     """
 
     def __init__(self, peer: str, address: Callable[[], tuple[str, int] | None], *,
                  host: str, uuid: str, secret: bytes, channel: str, size: int = 2) -> None:
+        check_secret(secret, f"the {channel} connections of {host} to {peer}")
         self.peer = peer
         self.address = address
         self.host = host
@@ -319,5 +325,15 @@ class PeerBundle:
 
 
 def read_secret(path: Any) -> bytes:
-    with open(path, "rb") as f:
-        return f.read().strip()
+    """The cluster secret from the file ``path``; MarsError (saying how to restore it) if
+    the file is missing, unreadable, empty or too short."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise MarsError(f"{path} is missing: this host has no cluster secret; "
+                        f"{restore_hint(path)}") from None
+    except OSError as exc:
+        raise MarsError(f"{path}: cannot read the cluster secret: {exc.strerror}; "
+                        f"{restore_hint(path)}") from None
+    return check_secret(raw.strip(), path, path)

@@ -5,6 +5,10 @@ a fresh nonce). Then the client proves it knows the cluster secret with an HMAC-
 over both nonces and the names; the server checks it before proving the same in turn.
 A peer without the secret, from another cluster, or with no common protocol version gets
 an ERROR frame and nothing else.
+
+The rule for the secret itself is here too (:func:`secret_problem`): one word of at least
+``SECRET_MIN_LEN`` bytes. Neither side runs a handshake with an empty secret, the key an
+HMAC any stranger can compute.
 """
 
 from __future__ import annotations
@@ -16,9 +20,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from marslib import __version__
+from marslib.errors import MarsError
 from marslib.formats.frame import PROTO_MIN, PROTO_VERSION, Frame, FrameType
 
 CHANNELS = ("meta", "fetch", "sync")
+SECRET_MIN_LEN = 16
+
+
+def secret_problem(secret: bytes) -> str | None:
+    """What is wrong with ``secret`` as a cluster secret, or None if it will do."""
+    if not secret:
+        return "the secret is empty"
+    if any(c in secret for c in b" \t\r\n\v\f"):
+        return "the secret is more than one word"
+    if len(secret) < SECRET_MIN_LEN:
+        return f"the secret has {len(secret)} bytes, fewer than {SECRET_MIN_LEN}"
+    return None
+
+
+def restore_hint(path: object = "ROOT/secret") -> str:
+    """How an operator gets a good secret back into ``path`` (the state root's secret)."""
+    return (f"restore it: copy it from another member's {path} (one line, mode 0600); if "
+            f"no member has it any more, write a new one ('openssl rand -hex 32 > {path}; "
+            f"chmod 600 {path}') on every member and restart their marsd")
+
+
+def check_secret(secret: bytes, source: object, path: object = "ROOT/secret") -> bytes:
+    """``secret`` if it follows the rule, else MarsError naming ``source`` (the file, or
+    the channel, that has it) and how to restore ``path``."""
+    problem = secret_problem(secret)
+    if problem is not None:
+        raise MarsError(f"{source}: refusing this cluster secret: {problem} (one word of at "
+                        f"least {SECRET_MIN_LEN} bytes is needed); {restore_hint(path)}")
+    return secret
 
 
 class HandshakeError(Exception):
@@ -54,6 +88,9 @@ class Handshake:
                  software: str = __version__) -> None:
         if role not in ("client", "server") or channel not in CHANNELS:
             raise ValueError(f"bad handshake role {role!r} or channel {channel!r}")
+        if not secret:
+            raise MarsError(f"{channel} {role} on {host}: refusing to authenticate with an "
+                            "empty cluster secret (any peer could compute its HMAC)")
         self.role = role
         self.host = host
         self.uuid = uuid
