@@ -9,10 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,6 +25,7 @@ BIN = Path(sys.executable).parent
 IS_ROOT = os.geteuid() == 0
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3 carries libnbd's binding
 NBD_CLIENT = REPO / "tests" / "tools" / "nbd_client.py"
+T = TypeVar("T")
 
 
 def have_libnbd() -> bool:
@@ -207,6 +209,47 @@ def nbd_client(uri: str, *args: str, timeout: float = 120,
     return out
 
 
+class WriterLines:
+    """The output of tests/tools/nbd_client.py's writer, read as it comes, so that a test
+    can act after a number of acknowledged writes instead of after a sleep."""
+
+    def __init__(self, writer: subprocess.Popen[str]) -> None:
+        self.writer = writer
+        self.lines: list[str] = []
+        self.acks = 0
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.writer.stdout is not None
+        for line in self.writer.stdout:
+            self.lines.append(line)
+            if line.startswith("A "):
+                self.acks += 1
+
+    def wait_acks(self, n: int, what: str = "the writer", timeout: float = 60) -> None:
+        """Wait until the writer has ``n`` acknowledged writes in all."""
+        deadline = time.monotonic() + timeout
+        while self.acks < n:
+            if self.writer.poll() is not None:
+                self.reader.join()
+                if self.acks >= n:
+                    break
+                err = self.writer.stderr.read() if self.writer.stderr else ""
+                raise AssertionError(f"{what}: the writer ended after {self.acks} of {n} "
+                                     f"acknowledged writes: {err}")
+            assert time.monotonic() < deadline, \
+                f"{what}: only {self.acks} of {n} writes acknowledged in {timeout} s"
+            time.sleep(0.005)
+
+    def finish(self, timeout: float = 60) -> tuple[str, str]:
+        """Wait for the writer to end; its whole output and its stderr."""
+        self.writer.wait(timeout=timeout)
+        self.reader.join()
+        err = self.writer.stderr.read() if self.writer.stderr else ""
+        return "".join(self.lines), err
+
+
 def state_at(primary_root: Path, pos: LogPosition, size: int) -> bytes:
     """The primary's device as of log position ``pos``: every record up to it, in order,
     over the zeroed device it started with."""
@@ -221,6 +264,22 @@ def state_at(primary_root: Path, pos: LogPosition, size: int) -> bytes:
                 break
             img[rec.offset : rec.offset + rec.data_len] = rec.data
     return bytes(img)
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 30,
+               interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something true and return that; fail after
+    ``timeout`` seconds saying ``what`` did not happen and what the condition last gave.
+    For state that other processes change (metadata travelling between hosts, a daemon
+    finishing what a command started), instead of reading it once or after a sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s (last: {value!r})")
+        time.sleep(interval)
 
 
 def wait_in_sync(primary: MarsHost, secondary: MarsHost, timeout: float = 60,

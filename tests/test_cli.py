@@ -6,7 +6,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import BIN, NBD_CLIENT, SYSTEM_PYTHON, BlockDev, MarsHost, nbd_client, needs_libnbd
+from conftest import (
+    BIN,
+    NBD_CLIENT,
+    SYSTEM_PYTHON,
+    BlockDev,
+    MarsHost,
+    nbd_client,
+    needs_libnbd,
+    wait_until,
+)
 
 
 def make_cluster(host: MarsHost, dev: BlockDev, start: bool = True) -> None:
@@ -126,9 +135,9 @@ def test_log_rotate_delete_and_cron(host: MarsHost, blockdev: BlockDev) -> None:
     rot = host.marsadm("log-rotate", "r0")
     assert rot["logfile"] not in first
     nbd_client(uri, "pwrite", "4096", "bb" * 4096)
-    time.sleep(0.5)  # the applied position is saved within position_interval
-    dry = host.marsadm("log-delete", "r0", "--dry-run")
-    assert dry["deleted"] == first
+    # the applied position, saved within position_interval, moves past the first logfile
+    wait_until(lambda: host.marsadm("log-delete", "r0", "--dry-run")["deleted"] == first,
+               "log-delete --dry-run offers the applied first logfile")
     assert host.marsadm("view")["resources"]["r0"]["logfiles"][0] == first[0]
     done = host.marsadm("log-delete", "r0")
     assert done["deleted"] == first and done["bytes_freed"] > 4096
@@ -198,7 +207,9 @@ def test_cluster_from_a_given_id_and_secret_needs_no_ssh(tmp_path: Path) -> None
                   str(secret), "--peer-name", "alpha")
         c.start()
         try:
-            time.sleep(3)
+            # gamma tries (it dials from 127.0.0.1: only its failed authentication names it)
+            wait_until(lambda: "authentication failed: the peer does not know the cluster "
+                       "secret" in a.logtail(500), "alpha refuses gamma's connection")
             assert c.marsadm("view")["resources"] == {}
             assert "gamma" not in str(a.marsadm("view")["peers"])
         finally:

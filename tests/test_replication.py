@@ -19,11 +19,13 @@ from conftest import (
     SYSTEM_PYTHON,
     BlockDev,
     MarsHost,
+    WriterLines,
     loopback_ips,
     nbd_client,
     needs_libnbd,
     state_at,
     wait_in_sync,
+    wait_until,
 )
 
 from marslib.formats.frame import MAGIC
@@ -69,10 +71,10 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
 
 
 def test_join_under_writes_then_identical(pair: Pair) -> None:
-    w = pair.writer(6)
-    time.sleep(1)
+    w = WriterLines(pair.writer(6))
+    w.wait_acks(20, "before the join")  # the join starts while the application writes
     pair.b.marsadm("join-resource", "r0", pair.dev_b.path)
-    out, _ = w.communicate(timeout=60)
+    out, _ = w.finish(timeout=60)
     assert out.count("\nA ") > 100
     pair.wait_up_to_date()
     view = pair.b.marsadm("view")["resources"]["r0"]["members"]
@@ -114,13 +116,17 @@ def test_bit_flip_in_fetched_logfile_is_never_applied(pair: Pair) -> None:
         nbd_client(pair.a.nbd_uri("r0"), "pwrite", str(i * 65536), f"{i:02x}" * 8192)
     applied = LogPosition.decode(pair.status(pair.b)["applied"])
     path = pair.b.root / "resource-r0" / applied.logfile
-    deadline = time.monotonic() + 30
-    while path.stat().st_size < applied.offset + 50 * 8192:
-        assert time.monotonic() < deadline, "fetch did not bring the new records"
-        time.sleep(0.1)
-    raw = bytearray(path.read_bytes())
-    raw[applied.offset + 3000] ^= 0x10  # inside the first unapplied record's payload
-    path.write_bytes(raw)
+    # fetch has brought all of them (and appends no more while the flip is written)
+    end = LogPosition.decode(pair.status(pair.a)["log_end"])
+    assert end.logfile == applied.logfile
+    wait_until(lambda: (pair.status(pair.b).get("fetch_logfile"),
+                        pair.status(pair.b).get("fetch_local_end")) == (end.logfile, end.offset),
+               "fetch brings the new records")
+    with open(path, "r+b") as f:
+        f.seek(applied.offset + 3000)  # inside the first unapplied record's payload
+        byte = f.read(1)[0]
+        f.seek(applied.offset + 3000)
+        f.write(bytes([byte ^ 0x10]))
     pair.b.marsadm("resume-replay", "r0")
     st = pair.wait_up_to_date()
     assert st["corrupt_refetched"] >= 1
@@ -131,14 +137,14 @@ def test_bit_flip_in_fetched_logfile_is_never_applied(pair: Pair) -> None:
 
 def test_kill9_of_either_side_while_writing(pair: Pair) -> None:
     pair.b.marsadm("join-resource", "r0", pair.dev_b.path, "--wait")
-    w = pair.writer(10, seed=5)
-    time.sleep(1.5)
+    w = WriterLines(pair.writer(120, seed=5))
+    w.wait_acks(40, "before beta's kill")
     pair.b.kill9()
-    time.sleep(1)
+    w.wait_acks(80, "while beta is down")
     pair.b.start()
-    time.sleep(1.5)
+    w.wait_acks(120, "after beta's restart")
     pair.a.kill9()  # the writer sees its connection die
-    out, _ = w.communicate(timeout=60)
+    out, _ = w.finish(timeout=60)
     pair.a.start()
     pair.a.marsadm("up", "r0")
     pair.wait_up_to_date()
@@ -348,12 +354,14 @@ def test_logfiles_are_kept_until_every_member_applied_them(pair: Pair) -> None:
     for i in range(3):
         nbd_client(uri, "pwrite", str(i * 4096), f"{i + 1:02x}" * 4096)
         rotated.append(pair.a.marsadm("log-rotate", "r0")["logfile"])
-    time.sleep(1.0)  # positions travel with the metadata
+    time.sleep(1.0)  # a negative check: what beta's positions could tell alpha by now
     kept = pair.a.marsadm("log-delete", "r0")
     assert kept["deleted"] == [], "deleted logfiles that beta has not fetched yet"
     pair.b.marsadm("resume-fetch", "r0")
     pair.wait_up_to_date()
-    time.sleep(1.0)
+    # beta's applied position reaches alpha with the metadata
+    wait_until(lambda: len(pair.a.marsadm("log-delete", "r0", "--dry-run")["deleted"]) >= 3,
+               "alpha learns that beta applied the rotated logfiles")
     done = pair.a.marsadm("log-delete", "r0")
     assert len(done["deleted"]) >= 3
     left = pair.a.marsadm("view")["resources"]["r0"]["logfiles"]

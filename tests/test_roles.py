@@ -17,6 +17,7 @@ from conftest import (
     loopback_ips,
     needs_libnbd,
     wait_in_sync,
+    wait_until,
 )
 
 from marslib import control
@@ -35,6 +36,10 @@ class Pair:
 
     def status(self, name: str) -> dict:  # type: ignore[type-arg]
         return self.hosts[name].status()
+
+    def primary_in_view(self, name: str) -> str:
+        """Who ``name`` believes is the primary of r0."""
+        return str(self.hosts[name].marsadm("view")["resources"]["r0"]["primary"])
 
     def writer(self, name: str, seconds: float, seed: int) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -72,13 +77,12 @@ def test_handover_back_and_forth_loses_nothing(pair: Pair) -> None:
         r = pair.hosts[secondary].marsadm("primary", "r0")
         assert r["changed"] and r["previous"] == primary
         times.append(r["seconds"])
-        view = pair.hosts[primary].marsadm("view")["resources"]["r0"]
-        assert view["primary"] == secondary
+        # the new primary's name reaches the old primary with the metadata
+        wait_until(lambda old=primary, new=secondary: pair.primary_in_view(old) == new,
+                   f"{primary}'s view shows {secondary} as the primary")
+        wait_until(lambda old=primary: pair.status(old).get("role") == "secondary",
+                   f"the old primary {primary} becomes a secondary")
         primary, secondary = secondary, primary
-        deadline = time.monotonic() + 30
-        while pair.status(secondary).get("role") != "secondary":
-            assert time.monotonic() < deadline, "the old primary did not become a secondary"
-            time.sleep(0.1)
     pair.wait_in_sync(primary, secondary)
     pair.hosts[secondary].marsadm("pause-replay", "r0")
     assert pair.devs["alpha"].read() == pair.devs["beta"].read()
@@ -92,11 +96,9 @@ def test_handover_back_and_forth_loses_nothing(pair: Pair) -> None:
 def test_handover_refused_while_the_export_is_open(pair: Pair) -> None:
     w = pair.writer("alpha", 20, seed=7)
     try:
-        deadline = time.monotonic() + 10
-        while not pair.status("alpha").get("open_count"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        time.sleep(0.5)  # open-count travels to beta with the metadata
+        # the open-count travels to beta with the metadata
+        wait_until(lambda: pair.hosts["beta"].marsadm("view")["resources"]["r0"]["members"][
+            "alpha"]["open_count"] == 1, "beta sees alpha's NBD client")
         r = pair.hosts["beta"].marsadm("primary", "r0", check=False)
         assert r["rc"] == 1 and "still has 1 NBD client" in r["error"]
         assert pair.hosts["beta"].marsadm("view")["resources"]["r0"]["primary"] == "alpha"
@@ -255,8 +257,9 @@ def test_leave_and_delete_resource(pair: Pair) -> None:
     r = a.marsadm("delete-resource", "r0", check=False)
     assert r["rc"] == 1 and "beta" in r["error"]
     assert b.marsadm("leave-resource", "r0")["changed"]
-    time.sleep(1.0)  # the departure travels with the metadata
-    assert list(a.marsadm("view")["resources"]["r0"]["members"]) == ["alpha"]
+    # the departure travels with the metadata
+    wait_until(lambda: list(a.marsadm("view")["resources"]["r0"]["members"]) == ["alpha"],
+               "alpha sees beta gone")
     assert a.marsadm("delete-resource", "r0")["changed"]
     assert a.marsadm("view")["resources"] == {}
     assert not list((a.root / "resource-r0").glob("log-*"))
