@@ -4,6 +4,11 @@ Records are applied in batches that end on record boundaries: the records of a b
 collected in an extent map (newest data per range), written sorted, the device flushed,
 and only then is the replay position saved. Between batches the device holds exactly a
 prefix of the primary's history; ``pause`` waits for the current batch to end.
+Before its first device write a batch durably records where it ends, appended to the
+position (``replay_value``). A crash in the middle of a batch leaves the device holding
+any part of it; the next start redoes the records from the position up to that end (the
+same bytes to the same offsets again), and until then the replica is not consistent and
+does not honour a pause.
 A record that fails its checksum in a fetched logfile is never applied: the bytes from
 there on are fetched again.
 """
@@ -11,9 +16,13 @@ there on are fetched again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from marslib.device import Device
 from marslib.errors import LogCorrupt
@@ -30,6 +39,51 @@ log = logging.getLogger(__name__)
 
 BATCH_BYTES = 32 << 20
 MAX_REFETCH = 3
+# fault injection for tests: marsd kills itself (SIGKILL) in the middle of a replay batch,
+# before the device write after this many of them
+FAULT_KILL_AFTER = "MARS_FAULT_REPLAY_KILL_AFTER"
+
+
+class _KillAfterWrites:
+    """A device whose user dies by SIGKILL before its write number ``writes`` + 1."""
+
+    def __init__(self, device: Device, writes: int) -> None:
+        self._device = device
+        self._left = writes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._device, name)
+
+    def write_envelope(self, start: int, image: memoryview) -> None:
+        if self._left <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._left -= 1
+        self._device.write_envelope(start, image)
+
+
+def replay_value(pos: LogPosition, batch_end: LogPosition | None = None) -> str:
+    """The ``replay-HOST`` value of a secondary: ``pos``, and while the device may hold
+    records beyond it (a batch in progress, in the same logfile), where they end:
+    ``logfile,offset,seq,END_OFFSET,END_SEQ``. Readers of a position ignore the extra
+    fields."""
+    if batch_end is None or batch_end.offset <= pos.offset:
+        return pos.encode()
+    return f"{pos.encode()},{batch_end.offset},{batch_end.seq}"
+
+
+def interrupted_batch(value: str | None) -> LogPosition | None:
+    """From a ``replay-HOST`` value: the end of the batch that was in progress when it was
+    saved, if there was one. The device may then hold any part of the records from the
+    position up to there: it is not consistent until they are applied again."""
+    parts = (value or "").split(",")
+    if len(parts) < 5:
+        return None
+    try:
+        pos = LogPosition.decode(",".join(parts[:3]))
+        end = LogPosition(pos.number, int(parts[3]), int(parts[4]), pos.host)
+    except ValueError:
+        return None
+    return end if end.offset > pos.offset else None
 
 
 @dataclass
@@ -52,7 +106,12 @@ class Replayer:
         self.meta = meta
         self.device = device
         self.fetcher = fetcher
-        self.position = self._load_position()
+        value = self._load_value()
+        self.position = LogPosition.decode(value)
+        # the end of a batch a crash interrupted: redone before anything else
+        self.redo_to = interrupted_batch(value)
+        self._batch_end: LogPosition | None = None  # the batch being applied ends there
+        self._halting = False
         self.stats = ReplayStats()
         self.counters = WritebackCounters()
         self.error: str | None = None
@@ -65,33 +124,63 @@ class Replayer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
+        self._write_dev = device
+        kill_after = os.environ.get(FAULT_KILL_AFTER)
+        if kill_after:
+            self.log.warning("fault injection: %s=%s", FAULT_KILL_AFTER, kill_after)
+            self._write_dev = cast(Device, _KillAfterWrites(device, int(kill_after)))
+        if self.redo_to is not None:
+            self.log.warning("replay was interrupted in the middle of a batch: redoing %s "
+                             "up to offset %d before anything else; not consistent until "
+                             "then", self.position.encode(), self.redo_to.offset)
 
     @property
     def _key(self) -> str:
         return f"resource-{self.resource}/replay-{self.host}"
 
-    def _load_position(self) -> LogPosition:
+    def _load_value(self) -> str:
         value = self.meta.get(self._key)
         if not value:
             raise LogCorrupt(self._key, 0, "no replay position: join or invalidate first")
-        return LogPosition.decode(value)
+        return value
+
+    @property
+    def redoing(self) -> bool:
+        """A batch interrupted by a crash is not applied again yet: the device may hold any
+        part of it, it is no consistent prefix."""
+        return self.redo_to is not None
+
+    def saved_value(self) -> str:
+        """The ``replay-HOST`` value for the current state (with the end of a batch that is
+        in progress or still to be redone)."""
+        return replay_value(self.position, self._batch_end or self.redo_to)
 
     async def pause(self) -> None:
-        """Stop after the current batch; the device then holds a consistent prefix."""
+        """Stop after the current batch (after the redo of an interrupted one: see
+        ``status()['replay_paused']``); the device then holds a consistent prefix."""
         self.paused = True
+        self._resume.clear()
+        await self._idle.wait()
+
+    async def halt(self) -> None:
+        """Start no further batch, not even of a redo, and wait for the one in progress
+        (marsd stops): what is left to redo stays recorded for the next start."""
+        self._halting = True
         self._resume.clear()
         await self._idle.wait()
 
     def resume(self) -> None:
         self.paused = False
-        self._resume.set()
+        if not self._halting:
+            self._resume.set()
 
     async def run(self) -> None:
         while True:
             self._note_caught_up()
-            await self._resume.wait()
+            if self.redo_to is None or self._halting:
+                await self._resume.wait()
             div = self.fetcher.diverged
-            if div is not None and div[0] == self.position.logfile:
+            if div is not None and div[0] == self.position.logfile and self.redo_to is None:
                 # our copy of this logfile goes further than the primary's: say so in the
                 # history, so that every member sees the split brain
                 write_link(self.meta, self.resource, self.host, self.position)
@@ -110,7 +199,17 @@ class Replayer:
             if bad is not None:
                 self._bad_record(*bad)
             if applied:
-                self.meta.set(self._key, self.position.encode())
+                redo = self.redo_to
+                if redo is not None and self.position.offset >= redo.offset:
+                    self.redo_to = None
+                    self.log.info("redone the batch interrupted by a crash: consistent at %s",
+                                  self.position.encode())
+                self._batch_end = None
+                self.meta.set(self._key, self.saved_value())
+                continue
+            if self.redo_to is not None:  # its records are not readable yet: wait for them
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(progress.wait(), 1.0)
                 continue
             if self.blocked:  # look again later: a resync elsewhere may resolve it
                 await asyncio.sleep(1.0)
@@ -135,8 +234,14 @@ class Replayer:
         """Apply the next batch of complete records (runs in a thread); return how many
         were applied and where a record failed its checks, if one did."""
         pos = self.position
+        redo = self.redo_to
         path = self._path(pos)
         if not path.exists():
+            if redo is not None:
+                self.error = (f"{path} is missing: the batch interrupted by a crash (up to "
+                              f"offset {redo.offset}) cannot be redone, the device is not "
+                              f"consistent; resync this host with 'marsadm invalidate "
+                              f"{self.resource}'")
             return 0, None
         limit = self.fetcher.complete_end(path.name)
         scanner = LogScanner(path, pos.offset, pos.seq + 1 if pos.seq else None, limit)
@@ -157,7 +262,10 @@ class Replayer:
             count += 1
             self.stats.last_stamp_ns = rec.stamp_ns or self.stats.last_stamp_ns
             new_pos = LogPosition(pos.number, end, rec.seq, pos.host)
-            if batch.bytes >= BATCH_BYTES:
+            if redo is not None:  # a redo is one batch: exactly the interrupted one
+                if end >= redo.offset:
+                    break
+            elif batch.bytes >= BATCH_BYTES:
                 break
         stop = scanner.stop
         bad = None
@@ -166,7 +274,12 @@ class Replayer:
             # damaged, or cut short in a logfile that is complete: never applied
             bad = (path.name, stop.offset, stop.describe(path))
         if count:
-            write_sorted(self.device, batch, 1 << 20, self.counters)
+            batch_end = new_pos if redo is None or new_pos >= redo else redo
+            self._batch_end = batch_end
+            # durable before the first device write: a crash from here on leaves the
+            # device torn, and the next start must know up to where to redo
+            self.meta.set(self._key, replay_value(pos, batch_end), durable=True)
+            write_sorted(self._write_dev, batch, 1 << 20, self.counters)
             self.position = new_pos
             self.stats.records += count
             self.stats.batches += 1
@@ -222,8 +335,10 @@ class Replayer:
             "replay_records": self.stats.records,
             "replay_bytes": self.stats.bytes,
             "replay_rate": round(self.stats.bytes / secs),
-            # paused only once the batch in progress has ended: the device is consistent
-            "replay_paused": self.paused and self._idle.is_set(),
+            # paused only once the batch in progress has ended (and an interrupted one is
+            # redone): the device is consistent
+            "replay_paused": self.paused and self._idle.is_set() and self.redo_to is None,
+            "replay_redo": None if self.redo_to is None else self.redo_to.encode(),
             "replay_error": self.error,
             "corrupt_refetched": self.stats.corrupt_refetched,
             "replay_stamp_ns": self.stats.last_stamp_ns,

@@ -158,7 +158,12 @@ class SecondaryResource:
         return dropped
 
     def consistent(self) -> bool:
+        """Whether the device holds a consistent prefix of the primary's history (between
+        batches): synced, replayed past ``syncpos``, no batch interrupted by a crash left to
+        redo."""
         if self.meta.get(self._key(f"syncstatus-{self.host}")) != SYNC_DONE:
+            return False
+        if self.replayer is not None and self.replayer.redoing:
             return False
         target = self.meta.get(self._key(f"syncpos-{self.host}"))
         if not target or self.replayer is None:
@@ -169,9 +174,9 @@ class SecondaryResource:
 
     async def stop(self) -> None:
         if self._task is not None:
-            if self.replayer is not None and not self.replayer.paused:
+            if self.replayer is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.replayer.pause(), 30)
+                    await asyncio.wait_for(self.replayer.halt(), 30)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
@@ -179,7 +184,8 @@ class SecondaryResource:
             if b is not None:
                 b.close()
         if self.replayer is not None:
-            self.meta.set(self._key(f"replay-{self.host}"), self.replayer.position.encode())
+            # with the end of a batch still to redo (or in progress, after the timeout)
+            self.meta.set(self._key(f"replay-{self.host}"), self.replayer.saved_value())
         if self.device is not None:
             self.device.close()
         self.log.info("stopped")
