@@ -24,9 +24,11 @@ from typing import Any
 
 from marslib import __version__, control
 from marslib.device import probe_size
+from marslib.durable import mkdir_durably, write_file_durably
 from marslib.errors import DeviceError, MarsError, Refused, TimedOut, UsageError
 from marslib.layout import MarsPaths, check_host_name, check_resource_name
 from marslib.meta import MetaStore, MetaValue
+from marslib.net.handshake import SECRET_MIN_LEN, restore_hint, secret_problem
 from marslib.position import LogPosition
 from marslib.sizes import format_size, human_size, parse_size
 
@@ -109,9 +111,10 @@ def _read_secret_arg(path: str) -> bytes:
     except OSError as exc:
         raise UsageError(f"--secret-file {path}: {exc.strerror}") from None
     secret = raw.strip()
-    if len(secret) < 16 or any(c in secret for c in b" \t\r\n"):
-        raise UsageError(f"--secret-file {path}: the secret must be one word of at least 16 "
-                         "characters (e.g. 'openssl rand -hex 32')")
+    problem = secret_problem(secret)
+    if problem is not None:
+        raise UsageError(f"--secret-file {path}: {problem}: the secret must be one word of at "
+                         f"least {SECRET_MIN_LEN} characters (e.g. 'openssl rand -hex 32')")
     return secret
 
 
@@ -122,12 +125,10 @@ def _check_uuid(value: str) -> str:
         raise UsageError(f"--uuid {value!r} is not a UUID") from None
 
 
-def _write_secret(ctx: Ctx, secret: bytes, exclusive: bool) -> None:
-    ctx.paths.root.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(ctx.paths.secret, flags, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret + b"\n")
+def _write_secret(ctx: Ctx, secret: bytes) -> None:
+    """The secret file, mode 0600, durable before the uuid that makes this host a member."""
+    mkdir_durably(ctx.paths.root)
+    write_file_durably(ctx.paths.secret, secret + b"\n", 0o600)
 
 
 @verb("create-cluster", "start a new cluster with this host as its first member",
@@ -142,10 +143,8 @@ def create_cluster(ctx: Ctx) -> dict[str, Any]:
     if ctx.dry_run:
         ctx.say(f"would create cluster in {ctx.paths.root} with host {ctx.host}")
         return {"changed": True, "dry_run": True}
-    if ctx.paths.secret.exists():
-        ctx.paths.secret.unlink()  # left by a cluster that was left: a new one has its own
-    _write_secret(ctx, secret, exclusive=True)
-    ctx.meta.set(f"ips/ip-{ctx.host}", ctx.args.ip)
+    _write_secret(ctx, secret)  # replaces one left by a cluster that was left
+    ctx.meta.set(f"ips/ip-{ctx.host}", ctx.args.ip, durable=True)
     ctx.meta.set(f"version-{ctx.host}", __version__)
     ctx.meta.set("uuid", cluster, durable=True)
     ctx.say(f"created cluster {cluster} in {ctx.paths.root}; this host is {ctx.host}")
@@ -308,7 +307,7 @@ LIVE_KEYS = ("logfile", "log_end", "applied", "pending_bytes", "open_count", "wr
              "fetch_rate", "replay_rate", "replay_paused", "fetch_paused", "replay_error",
              "sync_done", "sync_size", "sync_rate", "sync_eta", "corrupt_refetched",
              "caught_up_at", "logfile_count", "logfile_bytes", "fetch_contact_age",
-             "fetch_bytes", "sync_copied")
+             "fetch_bytes", "sync_copied", "replay_redo")
 
 
 def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[str, Any]:
@@ -374,6 +373,10 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
                     info["error"] = live["replay_error"]
             if name in daemon.get("failures", {}):
                 info["error"] = daemon["failures"][name]
+        if host == ctx.host and "consistent" not in info:
+            from marslib.replay import interrupted_batch
+            if interrupted_batch(info["replay"]):  # a crash in a replay batch: torn device
+                info["consistent"] = False
         info["split_brain"] = any(
             host in f.views and primary in f.views and f.views[host] != f.views[primary]
             for f in split)
@@ -673,13 +676,17 @@ def join_cluster(ctx: Ctx) -> dict[str, Any]:
         _cluster_from_dir(ctx) if a.from_root else _cluster_over_ssh(ctx))
     if not uuid_value:
         raise Refused(f"{a.peer}:{a.remote_root}/uuid is empty")
-    _write_secret(ctx, secret, exclusive=False)
+    if known is None and secret_problem(secret) is not None:
+        where = a.from_root or f"{a.peer}:{a.remote_root}"
+        raise Refused(f"{where}/secret: {secret_problem(secret)}: that member's cluster secret "
+                      f"is damaged; restore it there first ({restore_hint()})")
+    _write_secret(ctx, secret)
     for name, value, stamp in ips:
         if name.startswith("ip-") and value:
-            ctx.meta.merge(MetaValue(f"ips/{name}", value, stamp))
-    ctx.meta.set(f"ips/ip-{ctx.host}", a.ip)
+            ctx.meta.merge(MetaValue(f"ips/{name}", value, stamp), durable=True)
+    ctx.meta.set(f"ips/ip-{ctx.host}", a.ip, durable=True)
     ctx.meta.set(f"version-{ctx.host}", __version__)
-    ctx.meta.merge(MetaValue("uuid", uuid_value, uuid_stamp))
+    ctx.meta.merge(MetaValue("uuid", uuid_value, uuid_stamp), durable=True)
     ctx.say(f"joined cluster {uuid_value} through {a.peer}; this host is {ctx.host} ({a.ip}); "
             "start marsd to exchange metadata")
     return {"changed": True, "uuid": uuid_value, "host": ctx.host}
@@ -980,6 +987,9 @@ def primary(ctx: Ctx) -> dict[str, Any]:
         raise Refused(f"{name} is not attached here: run 'marsadm up {name}' first")
     if ctx.meta.get(r(f"syncstatus-{ctx.host}")) != "done":
         raise Refused(f"{name} is not fully synced here: it would not be consistent")
+    if live.get("replay_redo"):
+        raise Refused(f"{name} is not consistent here: replay is redoing the batch a crash "
+                      f"interrupted (up to {live['replay_redo']}); retry in a moment")
     if not ctx.args.force:
         why = _handover_refusal(ctx, name, old, live)
         if why:
