@@ -55,6 +55,7 @@ class Marsd:
         self.meta = MetaStore(paths.root)
         self.primaries: dict[str, PrimaryResource] = {}
         self.secondaries: dict[str, SecondaryResource] = {}
+        self.starting: set[str] = set()  # primaries recovering their log
         self.net: NetConfig | None = None
         self.metasync: MetaSync | None = None
         self.servers: list[asyncio.Server] = []
@@ -118,17 +119,14 @@ class Marsd:
 
     async def _start_network(self) -> None:
         uuid = self.meta.get("uuid") or ""
-        try:
-            secret = read_secret(self.paths.secret)
-        except FileNotFoundError:
-            raise MarsError(f"{self.paths.secret} is missing: this host has no cluster "
-                            "secret (join-cluster copies it)") from None
+        # MarsError if missing, empty or short: marsd refuses to run, saying how to restore it
+        secret = read_secret(self.paths.secret)
         base = self.port_base
         self.net = NetConfig(uuid, secret, base, base + 1, base + 2, self.connections,
                              self.connections)
         listen = self.listen or self.meta.get(f"ips/ip-{self.host}") or "0.0.0.0"
         self.metasync = MetaSync(self.meta, self.host, uuid, secret, base)
-        fetch = FetchService(self.paths, self._logger_of)
+        fetch = FetchService(self.paths, self._logger_of, lambda name: name in self.starting)
         sync = SyncService(self._logger_of)
         common = {"host": self.host, "uuid": uuid, "secret": secret}
         adapter = logging.LoggerAdapter(log, {"host": self.host})
@@ -323,6 +321,8 @@ class Marsd:
         else:
             assert self.net is not None
             res = SecondaryResource(name, self.host, self.paths, self.meta, self.net)
+        if role == "primary":
+            self.starting.add(name)
         try:
             await res.start()
         except (MarsError, OSError, RuntimeError) as exc:
@@ -331,6 +331,8 @@ class Marsd:
             self.failures[name] = (time.monotonic(), msg)
             self.meta.set(f"resource-{name}/actual-{self.host}/error", msg[:1000])
             return
+        finally:
+            self.starting.discard(name)
         self.failures.pop(name, None)
         if isinstance(res, PrimaryResource):
             self.primaries[name] = res

@@ -44,13 +44,15 @@ def next_logfile(paths: MarsPaths, resource: str, name: str) -> str | None:
 class FetchService:
     """Serves local logfiles to fetching secondaries."""
 
-    def __init__(self, paths: MarsPaths, loggers: Callable[[str], Logger | None]) -> None:
+    def __init__(self, paths: MarsPaths, loggers: Callable[[str], Logger | None],
+                 recovering: Callable[[str], bool] = lambda _: False) -> None:
         self.paths = paths
         self.loggers = loggers
+        self.recovering = recovering  # a resource whose logger is recovering its log
         self.bytes_served = 0
         self._valid_ends: dict[tuple[str, int, int], int] = {}
 
-    def _durable_end(self, resource: str, name: str, path: Path) -> int:
+    async def _durable_end(self, resource: str, name: str, path: Path) -> int:
         logger = self.loggers(resource)
         end = logger.log_end if logger is not None else None
         if end is not None and end.logfile == name:
@@ -61,11 +63,19 @@ class FetchService:
             return -1
         if next_logfile(self.paths, resource, name):
             return st.st_size  # finished logfiles are cut to their exact end
-        # the newest logfile without its logger (marsd starting, primary down): it may
-        # hold reserved zeros after a crash; serve only its valid records
+        # the newest logfile without its logger (primary down, or a secondary here): it
+        # may hold reserved zeros or a torn commit after a crash; serve only complete
+        # commits, scanned off the event loop
         key = (str(path), st.st_size, st.st_mtime_ns)
         if key not in self._valid_ends:
-            self._valid_ends = {key: valid_end(path)}
+            end_offset = await asyncio.to_thread(valid_end, path)
+            try:
+                again = path.stat()
+            except FileNotFoundError:
+                return -1
+            if (again.st_size, again.st_mtime_ns) != key[1:]:
+                return min(end_offset, again.st_size)  # changing under us: do not keep it
+            self._valid_ends = {key: end_offset}
         return self._valid_ends[key]
 
     async def handle(self, frame: Frame, peer: PeerInfo) -> Frame:
@@ -80,8 +90,16 @@ class FetchService:
         wait = max(0.0, min(float(frame.get("wait", 0)), MAX_WAIT))
         path = self.paths.resource_dir(resource) / name
         deadline = time.monotonic() + wait
+        while self.recovering(resource):
+            # recovery may still cut the newest logfile: nothing is served from it yet
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Frame(FrameType.FETCH_DATA, {"logfile": name, "offset": offset,
+                                                    "end": offset, "finished": False,
+                                                    "next": None, "recovering": True})
+            await asyncio.sleep(min(0.1, remaining))
         while True:
-            end = self._durable_end(resource, name, path)
+            end = await self._durable_end(resource, name, path)
             nxt = next_logfile(self.paths, resource, name)
             if end < 0:
                 return Frame(FrameType.FETCH_DATA, {"logfile": name, "missing": True,

@@ -1,9 +1,11 @@
 """Logfiles: appending batches of records durably, and reading records back with checks.
 
 A logfile is a plain file on the ``/mars`` filesystem. Each batch of encoded records is
-written with one ``writev`` and made durable with one ``fdatasync`` (group commit).
-The scanner reads records from any offset, checks each header and payload checksum and
-the sequence numbers, and says precisely where and why it stopped.
+written with one ``writev`` and made durable with one ``fdatasync`` (group commit); its
+last record is sealed as the commit's marker. The scanner reads records from any offset,
+checks each header and payload checksum and the sequence numbers, and says precisely
+where and why it stopped; ``judge_stop`` tells a torn tail (an incomplete last commit,
+never acknowledged) from damage (an acknowledged record that no longer reads back).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 from marslib.errors import LogCorrupt
 from marslib.formats import logrecord
@@ -63,13 +66,16 @@ class LogAppender:
         os.fdatasync(self.fd)
         self.allocated = target
 
-    def append(self, chunks: list[bytes]) -> int:
-        """Write ``chunks`` at the log's end and make them durable; return the new end.
+    def append(self, records: list[bytes]) -> int:
+        """Write the encoded ``records`` at the log's end as one group commit (the last
+        one sealed as its marker) and make them durable; return the new end.
 
         On failure (e.g. ENOSPC) the file is cut back to the old end, so a half-written
         batch never stays behind, and the error is raised.
         """
         before = self.size
+        chunks = list(records)
+        chunks[-1] = logrecord.seal_commit(chunks[-1], before, len(chunks))
         total = sum(len(c) for c in chunks)
         try:
             if total < BIG_BATCH:
@@ -108,12 +114,12 @@ class LogAppender:
 
 
 def valid_end(path: Path) -> int:
-    """Where the valid records of a logfile end (zero-filled or torn space excluded)."""
+    """Where the complete group commits of a logfile end: zero-filled space, a torn tail
+    and the records of an incomplete last commit excluded."""
     scanner = LogScanner(path)
-    end = 0
-    for _, rec_end, _ in scanner:
-        end = rec_end
-    return end
+    for _ in scanner:
+        pass
+    return scanner.committed_end
 
 
 class StopKind(Enum):
@@ -121,6 +127,7 @@ class StopKind(Enum):
     TORN = "torn tail"  # an incomplete or zero-filled record at the end of the file
     CORRUPT = "corrupt record"  # a checksum, magic or header check failed
     SEQ_GAP = "sequence gap"  # a valid record with an unexpected sequence number
+    CHANGED = "file changed"  # the file shrank or grew while it was read
 
 
 @dataclass(frozen=True)
@@ -153,13 +160,19 @@ class LogScanner:
         self.limit = limit  # read no further than this (bytes known to be complete)
         self.stop: ScanStop | None = None
         self.last_seq: int | None = None
+        # the end of the last complete group commit read (records of format 1.0, which
+        # has no commit marks, each count as one)
+        self.committed_end = start
 
     def __iter__(self) -> Iterator[tuple[int, int, LogRecord]]:
-        """Yield ``(record_offset, end_offset, record)`` for each valid record."""
+        """Yield ``(record_offset, end_offset, record)`` for each valid record.
+
+        The scan ends, with ``stop`` of kind CHANGED, when the file's size changes under
+        it (recovery cutting reserved space, say): it never waits for bytes that went.
+        """
         with open(self.path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if self.limit is not None:
-                size = min(size, self.limit)
+            file_size = os.fstat(f.fileno()).st_size
+            size = file_size if self.limit is None else min(file_size, self.limit)
             pos = self.start
             buf = b""
             base = pos  # file offset of buf[0]
@@ -169,8 +182,14 @@ class LogScanner:
                     record, rel_end = logrecord.decode(buf, rel)
                 except RecordError as exc:
                     if exc.problem is Problem.SHORT and base + len(buf) < size:
-                        f.seek(base + len(buf))
-                        more = f.read(min(READ_CHUNK, size - base - len(buf)))
+                        now = os.fstat(f.fileno()).st_size
+                        more = os.pread(f.fileno(), min(READ_CHUNK, size - base - len(buf)),
+                                        base + len(buf))
+                        if now != file_size or not more:
+                            self.stop = ScanStop(StopKind.CHANGED, pos, now,
+                                                 f"size {file_size} became {now} during the "
+                                                 "scan")
+                            return
                         buf = buf[rel:] + more
                         base = pos
                         continue
@@ -185,6 +204,8 @@ class LogScanner:
                 end = base + rel_end
                 self.last_seq = record.seq
                 self.expect_seq = record.seq + 1
+                if record.is_commit or not record.has_commit_marks:
+                    self.committed_end = end
                 yield pos, end, record
                 pos = end
 
@@ -207,19 +228,133 @@ class LogScanner:
         return False
 
 
-def find_record_after(path: Path, pos: int) -> int | None:
-    """The offset of the first valid record after ``pos``, if any: a torn tail has none,
-    a damaged record in the middle of a log does."""
-    magic = logrecord.MAGIC.to_bytes(4, "little")
-    data = path.read_bytes()
-    at = data.find(magic, pos + 1)
-    while at >= 0:
+SECTOR = 512  # the smallest unit a disk writes whole: a write that did not land is zeros
+
+
+@dataclass(frozen=True)
+class StopVerdict:
+    """What a scan's stop in the last logfile means: ``torn`` is an incomplete last group
+    commit (never acknowledged, may be cut); otherwise acknowledged records are damaged."""
+
+    torn: bool
+    reason: str
+
+
+def judge_stop(path: Path, stop: ScanStop) -> StopVerdict:
+    """Tell a torn tail from damage at ``stop.offset`` (the end of the last good record).
+
+    Appends are preallocated with zeros and each group commit is written only after the
+    one before it is durable, so: a later complete commit proves the bad record was
+    acknowledged (damage); bad bytes that no lost 512-byte sector explains (none of the
+    record's sectors is all zeros, the record lies within the file) are damage too;
+    anything else is the incomplete last commit of a write that never returned.
+    """
+    pos = stop.offset
+    if stop.kind is StopKind.SEQ_GAP:
+        return StopVerdict(False, f"sequence gap: {stop.detail}")
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        for at, rec_end, rec in _valid_records_after(f, pos, size):
+            if rec.is_commit and rec.commit_start > pos:
+                return StopVerdict(False, (
+                    f"{stop.detail or stop.kind.value} at offset {pos}, but the complete group "
+                    f"commit of records from offset {rec.commit_start} to {rec_end} (last seq "
+                    f"{rec.seq}) follows it: the damaged record was acknowledged"))
+            if rec.is_commit or not rec.has_commit_marks:
+                lost = _lost_sector(f, pos, at)
+                if lost is not None:
+                    return StopVerdict(True, f"unwritten sector at offset {lost} inside the "
+                                       f"commit that ends at {rec_end}: it never completed")
+                what = ("the commit it belongs to is complete (its marker at offset "
+                        f"{at}, seq {rec.seq})" if rec.is_commit
+                        else f"a valid record follows at offset {at}")
+                return StopVerdict(False, f"{stop.detail or stop.kind.value} at offset {pos}, "
+                                   f"and {what}: damage, not a torn write")
+        # no complete commit after the stop: the end of the log, torn or damaged
+        written = _written_end(f, size)
+        if written <= pos:
+            return StopVerdict(True, "only zeros follow: space the writer had reserved")
+        lost = _lost_sector(f, pos, written)
+        if lost is not None:
+            return StopVerdict(True, f"unwritten sector at offset {lost}: the last commit "
+                               "never completed")
+        if pos + logrecord.HEADER_V1_1_LEN > written:
+            return StopVerdict(True, "the last record's header was never completely written")
         try:
-            logrecord.decode(data, at)
-            return at
-        except RecordError:
-            at = data.find(magic, at + 1)
+            header = logrecord.decode_header(os.pread(f.fileno(), logrecord.MAX_HEADER_LEN,
+                                                      pos))
+        except RecordError as exc:
+            if exc.problem is Problem.SHORT:
+                return StopVerdict(True, "the file ends inside the last record")
+            return StopVerdict(False, f"{exc.problem.value} at offset {pos}, and every "
+                               f"sector up to offset {written} was written: damage, not a "
+                               "torn write")
+        if pos + header.record_len > written:
+            return StopVerdict(True, f"the last record ends at offset {pos + header.record_len}"
+                               f" but the file holds data only to {written}: it was never "
+                               "completely written")
+        return StopVerdict(False, f"{stop.detail or stop.kind.value} at offset {pos}: every "
+                           f"sector of the record (to offset {pos + header.record_len}) was "
+                           "written, so it is damage, not a torn write")
+
+
+def _written_end(f: BinaryIO, size: int) -> int:
+    """The end of the file's last non-zero byte."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 20))
+        chunk = os.pread(f.fileno(), end - start, start)
+        stripped = chunk.rstrip(b"\0")
+        if stripped:
+            return start + len(stripped)
+        end = start
+    return 0
+
+
+def _lost_sector(f: BinaryIO, start: int, end: int) -> int | None:
+    """The offset of the first piece of ``[start, end)`` between sector boundaries that is
+    all zeros (a sector that was never written), if any."""
+    pos = start
+    while pos < end:
+        chunk = os.pread(f.fileno(), min(READ_CHUNK, end - pos), pos)
+        if not chunk:
+            return pos  # the file ends early
+        view = memoryview(chunk)
+        piece = pos
+        while piece < pos + len(chunk):
+            nxt = min((piece // SECTOR + 1) * SECTOR, pos + len(chunk))
+            if not any(view[piece - pos:nxt - pos]):
+                return piece
+            piece = nxt
+        pos += len(chunk)
     return None
+
+
+def _valid_records_after(f: BinaryIO, pos: int, size: int
+                         ) -> Iterator[tuple[int, int, LogRecord]]:
+    """Valid records that start after ``pos`` (found by their magic), in file order, up
+    to and including the first commit marker or record of format 1.0."""
+    magic = logrecord.MAGIC.to_bytes(4, "little")
+    at = pos + 1
+    while at < size:
+        window = os.pread(f.fileno(), min(READ_CHUNK, size - at), at)
+        hit = window.find(magic)
+        if hit < 0:
+            at += max(1, len(window) - 3)
+            continue
+        at += hit
+        try:
+            header = logrecord.decode_header(os.pread(f.fileno(), logrecord.MAX_HEADER_LEN,
+                                                      at))
+            raw = os.pread(f.fileno(), header.record_len, at)
+            rec, rel_end = logrecord.decode(raw)
+        except RecordError:
+            at += 1
+            continue
+        yield at, at + rel_end, rec
+        if rec.is_commit or not rec.has_commit_marks:
+            return
+        at += rel_end
 
 
 def read_all(path: Path, start: int = 0, expect_seq: int | None = None) -> list[LogRecord]:

@@ -24,9 +24,9 @@ from marslib.errors import DeviceError, LogCorrupt
 from marslib.extents import ExtentMap
 from marslib.formats import logrecord
 from marslib.formats.logrecord import FLAG_END, FLAG_GAP, LogRecord
-from marslib.history import write_link
+from marslib.history import links, write_link
 from marslib.layout import MarsPaths, logfile_name
-from marslib.logfile import LogAppender, LogScanner, StopKind, find_record_after
+from marslib.logfile import LogAppender, LogScanner, StopKind, judge_stop
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
 from marslib.writeback import WritebackCounters, write_in_order, write_sorted
@@ -168,8 +168,13 @@ class Logger:
         torn: str | None = None
         read_names: list[str] = []
         last_file: tuple[int, str, bool] | None = None  # number, host, ended
+        durable = self._durable_facts(start)
         for i, (number, host, path) in enumerate(files):
             offset = start.offset if start and number == start.number else 0
+            must_reach = durable.get((number, host), 0)
+            if path.stat().st_size < must_reach:
+                raise LogCorrupt(str(path), path.stat().st_size, self._missing(
+                    path, path.stat().st_size, must_reach))
             read_names.append(path.name)
             scanner = LogScanner(path, offset, expect_seq)
             ended = False
@@ -196,21 +201,22 @@ class Logger:
                 pos = LogPosition(number, offset, expect_seq - 1 if expect_seq else 0, host)
             expect_seq = pos.seq + 1
             last_file = (number, host, ended)
-            if stop.clean:
+            if stop.clean and pos.offset >= must_reach:
                 continue
+            if stop.offset < must_reach:
+                # records this host recorded as durable do not read back: never cut them
+                raise LogCorrupt(str(path), stop.offset, (
+                    f"{stop.detail or stop.kind.value}; "
+                    + self._missing(path, stop.offset, must_reach)))
             is_last = i == len(files) - 1
-            if stop.kind is StopKind.SEQ_GAP or not is_last:
+            if stop.kind in (StopKind.SEQ_GAP, StopKind.CHANGED) or not is_last:
                 raise LogCorrupt(str(path), stop.offset, f"{stop.kind.value}: {stop.detail}. "
-                                 "Acknowledged writes may follow; the log needs inspection "
-                                 "(marsadm view) or a full resync (marsadm invalidate)")
-            later = find_record_after(path, stop.offset)
-            if later is not None:
-                raise LogCorrupt(
-                    str(path), stop.offset,
-                    f"{stop.detail or stop.kind.value}, and a valid record follows at offset "
-                    f"{later}: this is damage inside the log, not a torn tail. Nothing was "
-                    "cut; restore the logfile or resync this host (marsadm invalidate)",
-                )
+                                 "Acknowledged writes may follow; nothing was cut. "
+                                 + self._damage_advice())
+            verdict = judge_stop(path, stop)
+            if not verdict.torn:
+                raise LogCorrupt(str(path), stop.offset, f"{verdict.reason}. Nothing was "
+                                 "cut. " + self._damage_advice())
             cut = stop.file_size - stop.offset
             with open(path, "r+b") as f:
                 f.seek(stop.offset)
@@ -221,8 +227,9 @@ class Logger:
                 self.log.info("recovery: released %d bytes of reserved space in %s", cut,
                               path.name)
             else:
-                torn = stop.describe(path) + f"; cut {cut} bytes"
-                self.log.warning("recovery: %s", torn)
+                torn = stop.describe(path) + f"; {verdict.reason}; cut {cut} bytes"
+                self.log.warning("recovery: torn tail (an incomplete last group commit, "
+                                 "never acknowledged): %s", torn)
         self._write_map(replay_map, None)
         self.device.flush()
         self._next_seq = (pos.seq if pos else 0) + 1
@@ -255,6 +262,35 @@ class Logger:
                       records, nbytes, seconds, report.ended_at,
                       f"; {torn}" if torn else "")
         return report
+
+    def _durable_facts(self, start: LogPosition | None) -> dict[tuple[int, str], int]:
+        """Offsets this host has recorded as durable, per logfile (number, writer): the
+        saved replay position and the ends in its own version links. A log that ends
+        before one of them is damaged, whatever its tail looks like."""
+        facts: dict[tuple[int, str], int] = {}
+        for number, by_writer in links(self.meta, self.resource).items():
+            mine = by_writer.get(self.host)
+            if mine is not None:
+                facts[(number, mine.host)] = mine.end_offset
+        if start is not None:
+            key = (start.number, start.host)
+            facts[key] = max(facts.get(key, 0), start.offset)
+        return facts
+
+    def _missing(self, path: Path, end: int, must_reach: int) -> str:
+        return (f"{path.name} reads back only to offset {end}, but this host recorded offset "
+                f"{must_reach} of it as durable: {must_reach - end} bytes of acknowledged "
+                f"writes are missing from the log. Nothing was changed. The data device "
+                f"holds every write up to the replay position. Either restore the logfile "
+                f"(a secondary keeps a copy of the same name in its /mars/resource-"
+                f"{self.resource}/; copy it back if it is at least {must_reach} bytes) and "
+                f"run 'marsadm up {self.resource}', or " + self._damage_advice(lowercase=True))
+
+    def _damage_advice(self, lowercase: bool = False) -> str:
+        advice = (f"Make an up-to-date secondary the primary ('marsadm primary --force "
+                  f"{self.resource}' there), then resync this host as its secondary "
+                  f"('marsadm invalidate {self.resource}' here)")
+        return (advice[0].lower() + advice[1:]) if lowercase else advice
 
     def _open_logfile(self, number: int) -> None:
         """Start appending to logfile ``number``; the log ends at its current size."""

@@ -1,10 +1,16 @@
-"""The transaction log record, format version 1 (see docs/log-format.md).
+"""The transaction log record, format version 1.1 (see docs/log-format.md).
 
 Little-endian, one record per write request, packed back to back::
 
     magic u32 | format_version u16 | header_len u16 | flags u32 | seq u64 | stamp_ns u64
     | offset u64 | data_len u32 | stored_len u32 | data_crc u32 | header_crc u32
+    | commit_start u64 | commit_records u32                         (since 1.1)
     | [fields appended by later minor versions] | payload (stored_len bytes)
+
+The last record of every group commit carries ``FLAG_COMMIT`` and says where its commit
+began (``commit_start``, an offset in the same logfile) and how many records it holds:
+a commit whose marker is intact is complete, so a torn tail (an incomplete last commit)
+can be told from damage inside the log (see ``marslib.logfile.judge_stop``).
 
 ``format_version`` is ``major << 8 | minor``. A reader accepts any minor of a major it
 knows and skips header bytes it does not understand (``header_len`` says how many);
@@ -26,19 +32,23 @@ from marslib.errors import FormatTooNew
 
 MAGIC = 0x474F4C4D  # b"MLOG" read little-endian
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 FORMAT_VERSION = FORMAT_MAJOR << 8 | FORMAT_MINOR
 
 _HEADER = struct.Struct("<IHHIQQQIIII")
 HEADER_V1_LEN = _HEADER.size  # 52
 _CRC_POS = HEADER_V1_LEN - 4  # header_crc is the last v1 field
+_COMMIT = struct.Struct("<QI")  # commit_start, commit_records: the fields of 1.1
+HEADER_V1_1_LEN = HEADER_V1_LEN + _COMMIT.size  # 64
+_FLAGS_POS = 8
 MAX_HEADER_LEN = 4096
 MAX_DATA_LEN = 64 << 20
 
 FLAG_COMPRESSED = 1 << 0  # payload is a zstd frame of the logical data
 FLAG_END = 1 << 1  # end-of-log marker: the writer closed this log (handover)
 FLAG_GAP = 1 << 2  # history gap: writes happened that no log holds (emergency mode)
-KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_END | FLAG_GAP
+FLAG_COMMIT = 1 << 3  # the last record of a group commit (format 1.1)
+KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_END | FLAG_GAP | FLAG_COMMIT
 
 _compressors: dict[int, zstandard.ZstdCompressor] = {}
 _decompressor = zstandard.ZstdDecompressor()
@@ -53,8 +63,10 @@ class LogRecord:
     data: bytes | memoryview
     stamp_ns: int = 0
     flags: int = 0
-    extension: bytes = field(default=b"", repr=False)  # header bytes past the v1 fields
+    extension: bytes = field(default=b"", repr=False)  # header bytes past known fields
     format_version: int = FORMAT_VERSION
+    commit_start: int = 0  # with FLAG_COMMIT: offset of the commit's first record
+    commit_records: int = 0  # with FLAG_COMMIT: records in the commit, this one included
 
     @property
     def is_end(self) -> bool:
@@ -65,8 +77,21 @@ class LogRecord:
         return bool(self.flags & FLAG_GAP)
 
     @property
+    def is_commit(self) -> bool:
+        return bool(self.flags & FLAG_COMMIT)
+
+    @property
+    def has_commit_marks(self) -> bool:
+        """Written by a format that marks group commits (1.1 and later)."""
+        return has_commit_marks(self.format_version)
+
+    @property
     def data_len(self) -> int:
         return len(self.data)
+
+
+def has_commit_marks(format_version: int) -> bool:
+    return format_version & 0xFF >= 1 or format_version >> 8 > 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,8 @@ class RecordHeader:
     stored_len: int
     data_crc: int
     extension: bytes
+    commit_start: int = 0
+    commit_records: int = 0
 
     @property
     def record_len(self) -> int:
@@ -130,7 +157,13 @@ def encode(record: LogRecord, compress_level: int | None = None) -> bytes:
         if len(packed) < data_len:
             payload = packed
             flags |= FLAG_COMPRESSED
-    header_len = HEADER_V1_LEN + len(record.extension)
+    fields = b""
+    if has_commit_marks(record.format_version):
+        fields = _COMMIT.pack(record.commit_start, record.commit_records)
+    else:
+        flags &= ~FLAG_COMMIT
+    extension = fields + record.extension
+    header_len = HEADER_V1_LEN + len(extension)
     if header_len > MAX_HEADER_LEN:
         raise ValueError(f"record header of {header_len} bytes exceeds {MAX_HEADER_LEN}")
     head = _HEADER.pack(
@@ -146,8 +179,25 @@ def encode(record: LogRecord, compress_level: int | None = None) -> bytes:
         crc32c(data, 0),
         0,
     )
-    hcrc = crc32c(record.extension, crc32c(memoryview(head)[:_CRC_POS], 0))
-    return b"".join((head[:_CRC_POS], hcrc.to_bytes(4, "little"), record.extension, payload))
+    hcrc = crc32c(extension, crc32c(memoryview(head)[:_CRC_POS], 0))
+    return b"".join((head[:_CRC_POS], hcrc.to_bytes(4, "little"), extension, payload))
+
+
+def seal_commit(encoded: bytes, commit_start: int, commit_records: int) -> bytes:
+    """The encoded 1.1 record ``encoded`` made the last record of a group commit that
+    began at ``commit_start`` and holds ``commit_records`` records (header rewritten,
+    payload unchanged)."""
+    raw = bytearray(encoded)
+    version, header_len = struct.unpack_from("<HH", raw, 4)
+    if not has_commit_marks(version) or header_len < HEADER_V1_1_LEN:
+        raise ValueError(f"format {version >> 8}.{version & 0xFF} records have no commit marks")
+    flags = struct.unpack_from("<I", raw, _FLAGS_POS)[0] | FLAG_COMMIT
+    struct.pack_into("<I", raw, _FLAGS_POS, flags)
+    _COMMIT.pack_into(raw, HEADER_V1_LEN, commit_start, commit_records)
+    view = memoryview(raw)
+    hcrc = crc32c(view[HEADER_V1_LEN:header_len], crc32c(view[:_CRC_POS], 0))
+    struct.pack_into("<I", raw, _CRC_POS, hcrc)
+    return bytes(raw)
 
 
 def decode_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> RecordHeader:
@@ -192,9 +242,19 @@ def decode_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> RecordHe
         raise RecordError(pos, Problem.BAD_HEADER, f"data_len {data_len}, stored {stored_len}")
     if not flags & FLAG_COMPRESSED and stored_len != data_len:
         raise RecordError(pos, Problem.BAD_HEADER, f"stored {stored_len} != data {data_len}")
+    commit_start = commit_records = 0
+    if has_commit_marks(version):
+        if header_len < HEADER_V1_1_LEN:
+            raise RecordError(pos, Problem.BAD_HEADER,
+                              f"header_len {header_len} of a format {version >> 8}."
+                              f"{version & 0xFF} record")
+        commit_start, commit_records = _COMMIT.unpack_from(extension)
+        extension = extension[_COMMIT.size:]
+        if flags & FLAG_COMMIT and commit_records < 1:
+            raise RecordError(pos, Problem.BAD_HEADER, "a commit of no records")
     return RecordHeader(
         version, header_len, flags, seq, stamp_ns, offset, data_len, stored_len, data_crc,
-        extension,
+        extension, commit_start, commit_records,
     )
 
 
@@ -229,5 +289,7 @@ def decode(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[LogRecord
         flags=h.flags & ~FLAG_COMPRESSED,
         extension=h.extension,
         format_version=h.format_version,
+        commit_start=h.commit_start,
+        commit_records=h.commit_records,
     )
     return record, end
