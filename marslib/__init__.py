@@ -1,3 +1,3 @@
 """marslib: MARS-style asynchronous replication of block devices."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

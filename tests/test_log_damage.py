@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     NBD_CLIENT,
+    REPO,
     SYSTEM_PYTHON,
     BlockDev,
     MarsHost,
@@ -68,16 +70,34 @@ class Site:
     def log(self) -> Path:
         return self.paths.logfile("r0", 1, HOST)
 
-    def crash_after_writes(self, values: list[int]) -> None:
-        """Acknowledged writes, each its own group commit, then a crash: no clean stop,
-        so the reserved zeros stay and the position is wherever the writeback left it."""
-        async def go() -> None:
-            lg = self.logger()
-            await lg.start()
-            for i, v in enumerate(values):
-                await lg.write(i * 4096, block(v))
-            # asyncio.run cancels the logger's tasks: like kill -9, nothing is closed
-        asyncio.run(go())
+    def crash_after_writes(self, values: list[int] | list[list[int]]) -> None:
+        """Acknowledged writes, then kill -9 of the process that made them: no clean stop,
+        so the reserved zeros stay and the position is wherever the writeback left it.
+        ``values`` are written one after the other, each its own group commit; a nested
+        list is written at once (one commit)."""
+        batches = [v if isinstance(v, list) else [v] for v in values]
+        code = f"""
+import asyncio, os, signal
+from pathlib import Path
+from marslib.device import Device
+from marslib.layout import MarsPaths
+from marslib.logger import Logger
+from marslib.meta import MetaStore
+async def go():
+    paths = MarsPaths(Path({str(self.paths.root)!r}), Path({str(self.paths.run_dir)!r}))
+    lg = Logger("r0", {HOST!r}, paths, MetaStore(paths.root), Device({self.dev.path!r}))
+    await lg.start()
+    slot = 0
+    for batch in {batches!r}:
+        await asyncio.gather(*(lg.write((slot + i) * 4096, bytes([v]) * 4096)
+                               for i, v in enumerate(batch)))
+        slot += len(batch)
+    os.kill(os.getpid(), signal.SIGKILL)
+asyncio.run(go())
+"""
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ,
+                             "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        assert out.returncode == -9, f"the writer did not die by kill -9: {out}"
 
     def forget_position(self) -> None:
         """Recovery then reads the whole log (as after a crash before the first save)."""
@@ -164,13 +184,8 @@ def test_damage_before_a_later_complete_commit_is_refused(site: Site) -> None:
 
 
 def test_an_incomplete_last_commit_is_a_torn_tail_and_cut(site: Site) -> None:
-    async def go() -> None:
-        lg = site.logger()
-        await lg.start()
-        await lg.write(0, block(1))
-        # one commit of three records: the writes are queued before the committer runs
-        await asyncio.gather(*(lg.write(i * 4096, block(i)) for i in (2, 3, 4)))
-    asyncio.run(go())
+    # one commit of three records: the writes are queued before the committer runs
+    site.crash_after_writes([[1], [2, 3, 4]])
     site.forget_position()
     recs = site.records()
     assert [r.commit_records for _, _, r in recs if r.is_commit] == [1, 3]
