@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
 
+from marslib.durable import fsync_dir
 from marslib.errors import LogCorrupt
 from marslib.formats import logrecord
 from marslib.formats.logrecord import LogRecord, Problem, RecordError
@@ -40,7 +41,10 @@ class LogAppender:
 
     def __init__(self, path: Path, prealloc: int = PREALLOC_CHUNK) -> None:
         self.path = path
+        created = not path.exists()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if created:  # the name is durable before any write into the file is acknowledged
+            fsync_dir(path.parent)
         self.size = os.fstat(self.fd).st_size  # the log's end: what is written and synced
         self.prealloc = prealloc
         self.allocated = self.size  # zero-filled up to here

@@ -234,7 +234,9 @@ class Logger:
         self.device.flush()
         self._next_seq = (pos.seq if pos else 0) + 1
         self._log_end = None
-        if last_file is not None and last_file[1] == self.host and not last_file[2]:
+        finished = self._own_links()
+        if last_file is not None and last_file[1] == self.host and not last_file[2] \
+                and last_file[0] not in finished:
             number = last_file[0]  # continue our own unfinished logfile
         elif last_file is not None:
             number = last_file[0] + 1
@@ -276,6 +278,13 @@ class Logger:
             key = (start.number, start.host)
             facts[key] = max(facts.get(key, 0), start.offset)
         return facts
+
+    def _own_links(self) -> set[int]:
+        """Numbers of the logfiles this host wrote and finished (its own version links):
+        they get no more records, whatever came after them."""
+        return {number for number, by_writer in links(self.meta, self.resource).items()
+                if by_writer.get(self.host) is not None
+                and by_writer[self.host].host == self.host}
 
     def _missing(self, path: Path, end: int, must_reach: int) -> str:
         return (f"{path.name} reads back only to offset {end}, but this host recorded offset "

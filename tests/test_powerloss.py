@@ -289,7 +289,7 @@ class DeviceModel:
 # not written back yet are lost, and those that were are on the device but in no logfile
 # (secondaries never get them). Recovery then continues the previous logfile past the
 # end its version link recorded. Set this to False once marsd makes the name durable.
-ROTATION_HISTORY_BUG = True
+ROTATION_HISTORY_BUG = False
 ROTATION_BUG = pytest.mark.xfail(ROTATION_HISTORY_BUG, strict=True, reason=(
     "marslib bug: a new logfile's directory entry is not fsync'ed before writes into it "
     "are acknowledged, so a power loss after a rotation loses the logfile"))
