@@ -351,7 +351,9 @@ def test_marsd_refuses_a_log_cut_below_its_replay_position(tmp_path: Path) -> No
 
 
 @needs_libnbd
-def test_primary_killed_and_restarted_under_fetching_secondaries(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cycles", [12, pytest.param(100, marks=pytest.mark.soak)])
+def test_primary_killed_and_restarted_under_fetching_secondaries(tmp_path: Path,
+                                                                 cycles: int) -> None:
     """Each restart recovers while two secondaries keep asking for the log: marsd must
     answer its control socket and the secondaries end identical to the primary."""
     ips = loopback_ips(3)
@@ -363,7 +365,7 @@ def test_primary_killed_and_restarted_under_fetching_secondaries(tmp_path: Path)
         a.serve(devs[0].path, "--max-logfile-size", str(1 << 20))
         b.join(a, devs[1].path)
         c.join(a, devs[2].path)
-        for cycle in range(8):
+        for cycle in range(cycles):
             wait_for(lambda: a.status().get("log_end"), "the primary to serve r0 again")
             w = subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), a.nbd_uri("r0"), "writer",
                                   str(cycle + 1), "8", "64", "65536", "30"],
