@@ -225,15 +225,27 @@ def _wait_for(ctx: Ctx, what: str, check: Callable[[], str | None | bool]) -> No
         time.sleep(0.05)
 
 
+def _failure(st: dict[str, Any], name: str) -> str | None:
+    """marsd's last failure to start ``name``, and when it tries again by itself."""
+    msg = st.get("failures", {}).get(name)
+    retry_in = st.get("retry_in", {}).get(name)  # None from an older marsd
+    if not msg or retry_in is None:
+        return msg
+    at = time.strftime("%H:%M:%S", time.localtime(time.time() + retry_in))
+    return (f"{msg}; marsd retries by itself at about {at} (in {retry_in:.0f} s); "
+            f"'marsadm up {name}' retries at once")
+
+
 def _bring_up(ctx: Ctx, name: str) -> dict[str, Any]:
-    ctx.daemon("reconcile")
+    # an operator's up (after fixing the cause) tries a failed start again now
+    ctx.daemon("reconcile", retry=name)
     is_primary = ctx.meta.get(ctx.rkey(name, "primary")) == ctx.host
 
     def up() -> str | bool:
         st = ctx.daemon("status")
-        if name in st["resources"] or not is_primary:
+        if name in st["resources"]:
             return True
-        return st["failures"].get(name) or False
+        return _failure(st, name) or not is_primary
 
     _wait_for(ctx, f"resource {name} to come up", up)
     st = ctx.daemon("status")["resources"].get(name, {})
@@ -372,7 +384,12 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
                 if live.get("replay_error"):
                     info["error"] = live["replay_error"]
             if name in daemon.get("failures", {}):
-                info["error"] = daemon["failures"][name]
+                info["error"] = _failure(daemon, name)
+        if host == ctx.host and not info.get("running"):
+            # not running here (marsd stopped or killed, resource down): no export, no NBD
+            # client, whatever a crash left in actual-HOST/open-count and is-primary
+            info["running"] = False
+            info["open_count"] = 0
         if host == ctx.host and "consistent" not in info:
             from marslib.replay import interrupted_batch
             if interrupted_batch(info["replay"]):  # a crash in a replay batch: torn device
@@ -463,18 +480,19 @@ def view(ctx: Ctx) -> dict[str, Any]:
                 info["device"] or "-",
             ))
             if info.get("error"):
-                errors.append(f"{v['resource']}@{host}: {info['error']}")
+                errors.append(f"{v['resource']}@{host}: {info['error']}"
+                              + _advice_host(info["error"], host, ctx.host))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         ctx.say("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     for err in errors:
         ctx.say(f"note: {err}")
     for v in views:
+        losers = sorted(h for h, info in v["members"].items() if info["split_brain"])
         for fork in v["split_brain"]:
             ctx.say(f"SPLIT BRAIN in {v['resource']}: logfile {fork['logfile']:09d} ends "
                     + "; ".join(f"at {x['end']} for {w}" for w, x in fork["views"].items())
-                    + f" -- run 'marsadm invalidate {v['resource']}' on each host that "
-                    "should follow the designated primary")
+                    + " -- " + _split_brain_advice(v["resource"], v["primary"], losers))
     return {"cluster": ctx.meta.get("uuid"), "host": ctx.host, "marsd": daemon is not None,
             "ip": ctx.meta.get(f"ips/ip-{ctx.host}"),  # None once this host left
             "version": __version__,
@@ -483,6 +501,25 @@ def view(ctx: Ctx) -> dict[str, Any]:
             "space_free": daemon.get("space_free") if daemon else None,
             "space_level": daemon.get("space_level") if daemon else None,
             "resources": {v["resource"]: v for v in views}}
+
+
+def _advice_host(error: str, member: str, here: str) -> str:
+    """Another member's advice speaks of "this host" and "here": say which host that is
+    (invalidate, say, is refused on the primary that shows a secondary's error)."""
+    if member == here or "marsadm " not in error:
+        return ""
+    return f' (reported by {member}: "this host" and "here" mean {member}, not {here})'
+
+
+def _split_brain_advice(name: str, primary: str | None, losers: list[str]) -> str:
+    if not primary or primary == NO_PRIMARY:
+        return (f"no host is primary: run 'marsadm primary --force {name}' on the host whose "
+                f"data is to be kept, then 'marsadm invalidate {name}' on the others")
+    if not losers:
+        return (f"run 'marsadm invalidate {name}' on each host whose history differs from "
+                f"the primary {primary}'s")
+    return (f"run 'marsadm invalidate {name}' on {', '.join(losers)} (each then resyncs "
+            f"from the primary {primary})")
 
 
 def _short_pos(value: str | None) -> str:
@@ -954,8 +991,9 @@ def _handover_refusal(ctx: Ctx, name: str, old: str | None, live: dict[str, Any]
                 f"view-split-brain {name}'), or use --force")
     if old and old != NO_PRIMARY:
         if ctx.meta.get(r(f"actual-{old}/emergency")) == "1":
-            return f"the primary {old} is in emergency mode: its log is incomplete; free " \
-                   "space in its /mars first, then resync, or use --force"
+            return (f"the primary {old} is in emergency mode: its log is incomplete; free "
+                    f"space in its /mars first (it then logs again, and every secondary, this "
+                    f"one too, needs 'marsadm invalidate {name}'), or use --force")
         opened = int(ctx.meta.get(r(f"actual-{old}/open-count")) or 0)
         deadline = time.monotonic() + min(2.0, ctx.timeout)
         while opened and time.monotonic() < deadline:  # the count travels with the metadata
@@ -1015,9 +1053,13 @@ def primary(ctx: Ctx) -> dict[str, Any]:
             raise
         ctx.meta.set(r("primary"), ctx.host, durable=True)
     _poke(ctx)
-    _wait_for(ctx, f"{name} to come up as primary here",
-              lambda: ctx.daemon("status")["resources"].get(name, {}).get("role") == "primary"
-              or ctx.daemon("status").get("failures", {}).get(name) or False)
+
+    def serving() -> str | bool:
+        st = ctx.daemon("status")
+        return st["resources"].get(name, {}).get("role") == "primary" or \
+            _failure(st, name) or False
+
+    _wait_for(ctx, f"{name} to come up as primary here", serving)
     secs = round(time.monotonic() - t0, 3)
     now = ctx.daemon("status")["resources"][name]
     ctx.say(f"{ctx.host} is now the primary of {name} ({secs}s): NBD export at "
@@ -1075,6 +1117,8 @@ def view_split_brain(ctx: Ctx) -> dict[str, Any]:
     if split:
         ctx.say(f"designated primary: {primary}; hosts to resync (marsadm invalidate {name} "
                 f"on each): {', '.join(losers) or '-'}")
+        if not primary or primary == NO_PRIMARY:
+            ctx.say(_split_brain_advice(name, primary, losers))
     else:
         ctx.say(f"{name}: no split brain")
     return {"changed": False, "split_brain": bool(split), "losers": losers,

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from marslib import __version__
+from marslib import __version__, control
 from marslib.errors import MarsError, UsageError
 from marslib.fetch import FetchService
 from marslib.layout import MarsPaths, check_host_name
@@ -83,13 +83,15 @@ class Marsd:
                 raise MarsError(f"another marsd is already running on {sock}")
             except ConnectionRefusedError:
                 sock.unlink()
-        self._control = await asyncio.start_unix_server(self._client, path=str(sock))
+        self._control = await asyncio.start_unix_server(self._client, path=str(sock),
+                                                        limit=control.MAX_REQUEST)
         os.chmod(sock, 0o600)
         await self._start_network()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.meta.set(f"version-{self.host}", __version__)
+        self._reset_open_counts()
         log.info("marsd %s started on %s (root %s)", __version__, self.host, self.paths.root)
         try:
             while not self._stop.is_set():
@@ -195,29 +197,41 @@ class Marsd:
             self.metasync.changed.clear()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One control connection: one request, one reply, closed."""
         try:
-            line = await reader.readline()
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("not an object")
-                reply = await self._handle(req)
-            except (ValueError, UsageError) as exc:
-                reply = {"ok": False, "error": f"bad control request: {exc}", "code": 2}
-            except MarsError as exc:
-                reply = {"ok": False, "error": str(exc), "code": 1}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            reply = await self._answer(reader)
+            if reply is not None:
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError as exc:
             log.warning("control client went away: %s", exc)
         finally:
             writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        """The reply to a control client's request line; None if it sent nothing."""
+        try:
+            line = await reader.readline()
+        except ValueError:  # longer than the stream's limit (control.MAX_REQUEST)
+            log.warning("control request refused: longer than %d bytes", control.MAX_REQUEST)
+            return control.too_long_reply()
+        if not line:
+            return None  # connected and went away (a liveness probe)
+        try:
+            return await self._handle(control.parse_request(line))
+        except (ValueError, UsageError) as exc:
+            log.warning("control request refused: %s", exc)
+            return control.usage_reply(str(exc))
+        except MarsError as exc:
+            return {"ok": False, "error": str(exc), "code": 1}
 
     async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "ping":
             return {"ok": True, "host": self.host, "version": __version__, "pid": os.getpid()}
         if cmd == "reconcile":
+            if req.get("retry") is not None:
+                await self._retry_now(str(req["retry"]))
             await self.reconcile()
             return {"ok": True, **self.status()}
         if cmd == "status":
@@ -247,7 +261,33 @@ class Marsd:
             "space_level_number": self.space_level,
             "resources": resources,
             "failures": {name: msg for name, (_, msg) in self.failures.items()},
+            # seconds until marsd tries a failed start again by itself (reconcile may run
+            # up to 2 s later)
+            "retry_in": {name: round(max(0.0, at + RETRY_FAILED_AFTER - time.monotonic()), 1)
+                         for name, (at, _) in self.failures.items()},
         }
+
+    async def _retry_now(self, name: str) -> None:
+        """An operator's ``up``: try a failed start of ``name`` again now instead of after
+        RETRY_FAILED_AFTER, and restart a secondary that stopped on an error."""
+        if self.failures.pop(name, None) is not None:
+            log.info("marsadm up: retrying the failed start now", extra={"resource": name})
+        async with self._lock:
+            sec = self.secondaries.get(name)
+            if sec is not None and sec.phase == "error":
+                log.info("marsadm up: restarting the secondary stopped on: %s", sec.error,
+                         extra={"resource": name})
+                await self._stop_resource(name)
+
+    def _reset_open_counts(self) -> None:
+        """No NBD client is connected to a resource this marsd does not run: clear the
+        ``open-count`` a killed marsd left in the tree."""
+        for name in self.paths.resources():
+            key = f"resource-{name}/actual-{self.host}/open-count"
+            if name not in self.primaries and self.meta.get(key) not in (None, "0"):
+                log.info("open count %s left by a stopped marsd reset to 0",
+                         self.meta.get(key), extra={"resource": name})
+                self.meta.set(key, "0")
 
     # ------------------------------------------------------------- reconcile
     def _wanted_role(self, name: str) -> str | None:

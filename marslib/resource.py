@@ -113,14 +113,17 @@ class PrimaryResource:
     async def stop(self, end_marker: bool = False) -> None:
         """Close the export, drain the logger, close the device."""
         if self.nbd is not None:
-            await self.nbd.close()
-            self.nbd = None
+            try:
+                await self.nbd.close()
+            finally:
+                self.nbd = None
+                # the export is gone, so is every client of it
+                self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
         if self.logger is not None:
             await self.logger.stop(end_marker=end_marker)
         if self.device is not None:
             self.device.close()
         self.meta.set(self._key(f"actual-{self.host}/is-primary"), "0")
-        self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
         self.log.info("stopped")
 
     def status(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from marslib.device import Device
+from marslib.errors import LogCorrupt
 from marslib.fetch import Fetcher
 from marslib.layout import MarsPaths
 from marslib.meta import MetaStore
@@ -122,7 +123,10 @@ class SecondaryResource:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            advice = self.replayer.error if self.replayer is not None else None
+            # a damaged record: the replayer's message says what to run on this host
+            self.error = advice if isinstance(exc, LogCorrupt) and advice else \
+                f"{type(exc).__name__}: {exc}"
             self.phase = "error"
             self.log.error("secondary stopped: %s", self.error)
             self.meta.set(self._key(f"actual-{self.host}/error"), self.error[:1000])
