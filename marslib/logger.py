@@ -504,7 +504,7 @@ class Logger:
             self.meta.set(f"resource-{self.resource}/actual-{self.host}/emergency", "0")
             self._clear_error()
             self.log.warning("left emergency mode: logging again in %s; every secondary must "
-                             "be resynced with 'marsadm invalidate %s'",
+                             "be resynced with 'marsadm invalidate %s' (run it on each secondary)",
                              logfile_name(self._number, self.host), self.resource)
 
     # --------------------------------------------------------------- rotation

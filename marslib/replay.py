@@ -294,8 +294,8 @@ class Replayer:
         self.log.warning("%s", self.error)
         if times > MAX_REFETCH:
             self.error = (f"{what}: the primary's copy fails the same check: its log is "
-                          "damaged; resync this host with 'marsadm invalidate "
-                          f"{self.resource}' once the primary is repaired")
+                          "damaged; resync this host from the primary's device with 'marsadm "
+                          f"invalidate {self.resource}' (here)")
             self.log.error("%s", self.error)
             raise LogCorrupt(name, offset, "damaged on the primary")
 
