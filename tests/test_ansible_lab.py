@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT, REPO
+from conftest import IS_ROOT, REPO, wait_until
 
 from marslib import __version__
 
@@ -111,6 +111,13 @@ def app(lab: Any, host: str, *args: str) -> dict[str, Any]:
     return reply
 
 
+def app_writes(lab: Any, host: str, records: int = 20) -> None:
+    """Wait until the application on ``host`` has acknowledged ``records`` more records."""
+    start = app(lab, host, "status")["acked_seq"] or 0
+    wait_until(lambda: (app(lab, host, "status")["acked_seq"] or 0) >= start + records,
+               f"the application on {host} writes {records} records", timeout=120)
+
+
 def view(lab: Any, host: str) -> dict[str, Any]:
     return dict(lab.marsadm(host, "view", RESOURCE)["resources"][RESOURCE])
 
@@ -177,7 +184,7 @@ def test_site_football_expand(lab: Any) -> None:
     # -- the application writes into a filesystem on r0, on lab1
     started = app(lab, "lab1", "start", "--mkfs", "--rate", "50")
     assert started["ok"], started
-    time.sleep(3)
+    app_writes(lab, "lab1")
 
     # -- football lab1 -> lab3: a dry run first changes nothing
     before = view(lab, "lab1")
@@ -213,7 +220,7 @@ def test_site_football_expand(lab: Any) -> None:
                    "-e", "to=lab3")
     assert fb2.changed() == 0, fb2.recap
     assert "nothing to move" in fb2.output
-    time.sleep(2)
+    app_writes(lab, "lab3")  # after the move, too
     check = app(lab, "lab3", "verify", "--allow-torn-tail")
     assert check["ok"], check
 
@@ -273,7 +280,7 @@ def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
                               "--version"], capture_output=True, text=True)
         assert old.stdout.strip() == f"marsadm {old_version}", old
     assert app(lab, "lab1", "start", "--mkfs", "--rate", "50")["ok"]
-    time.sleep(3)
+    app_writes(lab, "lab1")
 
     up = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")
     for host in ("lab1", "lab2", "lab3"):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, NBD_CLIENT, SYSTEM_PYTHON, have_libnbd, state_at
+from conftest import IS_ROOT, NBD_CLIENT, SYSTEM_PYTHON, WriterLines, have_libnbd, state_at
 
 from marslib.position import LogPosition
 
@@ -81,8 +81,8 @@ def identical(lab) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_partition_for_30s_then_heal(lab) -> None:  # type: ignore[no-untyped-def]
-    w = writer(lab, 40, seed=21)
-    time.sleep(3)
+    w = WriterLines(writer(lab, 40, seed=21))
+    w.wait_acks(50, "before the partition")  # the partition cuts a replicating stream
     lab.partition("lab1", "lab2")
     t = time.monotonic()
     positions = []
@@ -94,7 +94,7 @@ def test_partition_for_30s_then_heal(lab) -> None:  # type: ignore[no-untyped-de
             "lab2 cannot claim to be up to date through a partition while lab1 writes"
     finally:
         lab.heal("lab1", "lab2")
-    out, _ = w.communicate(timeout=120)
+    out, _ = w.finish(timeout=120)
     assert "E " not in out, "the primary stopped serving during the partition"
     assert out.count("\nA ") > 500
     identical(lab)
@@ -130,11 +130,13 @@ def test_bandwidth_collapsing_100x_in_bursts(lab) -> None:  # type: ignore[no-un
 
 
 def test_kill9_of_secondary_over_the_network(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    w = writer(lab, 8, seed=23)
-    time.sleep(2)
+    w = WriterLines(writer(lab, 120, seed=23))
+    w.wait_acks(50, "before lab2's kill")
     lab.marsd_kill("lab2")
-    time.sleep(2)
+    w.wait_acks(100, "while lab2 is down")
     lab.marsd_start("lab2")
-    out, _ = w.communicate(timeout=120)
-    assert out.count("\nA ") > 100
+    w.wait_acks(150, "after lab2's restart")
+    w.writer.terminate()  # the application stops
+    out, _ = w.finish(timeout=120)
+    assert out.count("\nA ") >= 150
     identical(lab)
