@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT, REPO, BlockDev, MarsHost, loopback_ips, wait_in_sync
+from conftest import IS_ROOT, REPO, BlockDev, MarsHost, loopback_ips, wait_in_sync, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +30,7 @@ from marslib.app.records import (
     header_len,
 )
 from marslib.app.verify import VerifyFailed, verify_data
-from marslib.app.volume import AppError, read_pid
+from marslib.app.volume import AppError, process_alive, read_pid
 from marslib.app.writer import Writer
 
 HOSTS = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-."), min_size=1,
@@ -306,7 +306,8 @@ def test_leftovers_of_a_killed_run_and_a_corrupted_record(
     nbdfuse = read_pid(state / "nbdfuse.pid")
     os.kill(r["pid"], signal.SIGKILL)
     os.kill(nbdfuse, signal.SIGKILL)
-    time.sleep(0.2)
+    wait_until(lambda: not process_alive(r["pid"]) and not process_alive(nbdfuse),
+               "the writer and nbdfuse are dead")
     acked = app.acked()  # durable: fsynced through FUSE and NBD before it was written
     st = app("status", "r0")
     assert not st["running"] and not st["mounted"] and "writer_died" in st
