@@ -16,13 +16,12 @@ import pytest
 from conftest import (
     NBD_CLIENT,
     SYSTEM_PYTHON,
-    BlockDev,
     MarsHost,
-    loopback_ips,
     needs_libnbd,
     state_at,
     wait_in_sync,
 )
+from test_replication import Pair
 
 from marslib.position import LogPosition
 from marslib.replay import FAULT_KILL_AFTER, interrupted_batch, replay_value
@@ -31,21 +30,6 @@ pytestmark = needs_libnbd
 SIZE = 64 << 20
 SLOT = 64 << 10
 SLOTS = 512  # the writes spread over 32 MiB: a batch takes many separate device writes
-
-
-class Pair:
-    def __init__(self, base: Path) -> None:
-        ip_a, ip_b = loopback_ips(2)
-        self.a = MarsHost(base / "a", "alpha", ip_a)
-        self.b = MarsHost(base / "b", "beta", ip_b)
-        self.dev_a = BlockDev(base / "a.img", SIZE)
-        self.dev_b = BlockDev(base / "b.img", SIZE)
-
-    def close(self) -> None:
-        for h in (self.a, self.b):
-            h.stop()
-        self.dev_a.close()
-        self.dev_b.close()
 
 
 @pytest.fixture
