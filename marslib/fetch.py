@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from marslib.durable import fsync_dir
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import MarsPaths, check_resource_name, parse_logfile_name
 from marslib.logfile import valid_end
@@ -295,7 +296,10 @@ class Fetcher:
         self.local_end = self._local_size(name)
         self.remote_end = -1
         self.remote_finished = False
-        self._path(name).touch(exist_ok=True)
+        path = self._path(name)
+        if not path.exists():
+            path.touch()
+            fsync_dir(path.parent)  # the copy's name survives a crash of this host
         self._signal()
 
     def _sync_file(self, name: str) -> None:

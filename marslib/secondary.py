@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from marslib.device import Device
+from marslib.durable import mkdir_durably
 from marslib.errors import LogCorrupt
 from marslib.fetch import Fetcher
 from marslib.layout import MarsPaths
@@ -91,7 +92,7 @@ class SecondaryResource:
             self.device.close()
             raise RuntimeError(f"{dev_path} has {self.device.size} bytes, resource {self.name} "
                                f"needs {size}: grow the device first")
-        self.paths.resource_dir(self.name).mkdir(parents=True, exist_ok=True)
+        mkdir_durably(self.paths.resource_dir(self.name))
         net = self.net
         self.fetch_bundle = PeerBundle(
             "primary", lambda: self._primary_address(net.fetch_port), host=self.host,
