@@ -276,9 +276,11 @@ def test_read_secret_applies_the_rule(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ handshake and channels
 @pytest.mark.parametrize("role", ["client", "server"])
-def test_neither_handshake_side_runs_with_an_empty_secret(role: str) -> None:
-    with pytest.raises(MarsError, match="empty cluster secret"):
+def test_neither_handshake_side_runs_with_an_empty_or_short_secret(role: str) -> None:
+    with pytest.raises(MarsError, match="the secret is empty"):
         Handshake(role, "alpha", UUID, b"", "meta")
+    with pytest.raises(MarsError, match="fewer than 16"):
+        Handshake(role, "alpha", UUID, b"short", "meta")
 
 
 def test_no_channel_runs_with_an_empty_or_short_secret(tmp_path: Path) -> None:
@@ -299,9 +301,10 @@ def test_no_channel_runs_with_an_empty_or_short_secret(tmp_path: Path) -> None:
                                secret=bad, channel=channel)
             with pytest.raises(MarsError, match="refusing this cluster secret"):
                 MetaSync(MetaStore(tmp_path / "mars"), "alpha", UUID, bad, 7777)
-        # a client with an empty secret does not even dial
-        with pytest.raises(MarsError, match="empty cluster secret"):
-            await connect(ip, 7777, host="alpha", uuid=UUID, secret=b"", channel="meta")
+        # a client with an empty or short secret does not even dial
+        for bad in (b"", b"12345"):
+            with pytest.raises(MarsError, match="refusing to authenticate"):
+                await connect(ip, 7777, host="alpha", uuid=UUID, secret=bad, channel="meta")
 
     asyncio.run(scenario())
 

@@ -168,7 +168,7 @@ def test_bad_peers_are_refused_and_the_daemon_keeps_serving(pair: Pair) -> None:
     async def wrong_secret(channel: str, port: int) -> str:
         try:
             await connect(pair.a.ip, port, host="mallory", uuid=pair.a.marsadm("view")["cluster"],
-                          secret=b"not the secret", channel=channel)
+                          secret=b"not-the-cluster-secret", channel=channel)
         except Exception as exc:  # noqa: BLE001 - any refusal is what we want
             return str(exc)
         return "accepted"
@@ -192,7 +192,7 @@ def test_bad_peers_are_refused_and_the_daemon_keeps_serving(pair: Pair) -> None:
     async def wrong_uuid() -> str:
         try:
             await connect(pair.a.ip, 7777, host="x", uuid="other-cluster",
-                          secret=b"x", channel="meta")
+                          secret=b"another-clusters-secret", channel="meta")
         except Exception as exc:  # noqa: BLE001
             return str(exc)
         return "accepted"

@@ -29,6 +29,7 @@ from marslib.net.handshake import Handshake, HandshakeError
 SIZE = 64 << 20
 NEXT_VERSION = "0.2.0-next"
 EXTRA_FIELD = b"NXT1\x07\x00\x00\x00"
+SECRET = b"a-cluster-secret-of-16+-bytes"
 
 
 def patch(path: Path, old: str, new: str) -> None:
@@ -104,7 +105,7 @@ def test_old_and_new_release_replicate_both_ways(mixed) -> None:  # type: ignore
 
 
 def test_a_too_new_protocol_is_refused_with_a_clear_message() -> None:
-    server = Handshake("server", "old", "u", b"s", "meta")
+    server = Handshake("server", "old", "u", SECRET, "meta")
     future = Frame(FrameType.HELLO, {"host": "future", "uuid": "u", "nonce": "n" * 32,
                                      "proto_min": 2, "proto_max": 3, "channel": "meta"})
     with pytest.raises(HandshakeError) as exc:
@@ -114,8 +115,8 @@ def test_a_too_new_protocol_is_refused_with_a_clear_message() -> None:
 
 
 def test_unknown_json_keys_and_a_newer_version_field_are_accepted() -> None:
-    server = Handshake("server", "old", "u", b"s", "meta")
-    client = Handshake("client", "new", "u", b"s", "meta", proto_max=2)
+    server = Handshake("server", "old", "u", SECRET, "meta")
+    client = Handshake("client", "new", "u", SECRET, "meta", proto_max=2)
     hello = client.start()[0]
     hello.header["a_key_from_the_future"] = [1, 2]
     replies = server.receive(hello)

@@ -88,9 +88,11 @@ class Handshake:
                  software: str = __version__) -> None:
         if role not in ("client", "server") or channel not in CHANNELS:
             raise ValueError(f"bad handshake role {role!r} or channel {channel!r}")
-        if not secret:
-            raise MarsError(f"{channel} {role} on {host}: refusing to authenticate with an "
-                            "empty cluster secret (any peer could compute its HMAC)")
+        problem = secret_problem(secret)
+        if problem is not None:
+            raise MarsError(f"{channel} {role} on {host}: refusing to authenticate with this "
+                            f"cluster secret: {problem}"
+                            + (" (any peer could compute its HMAC)" if not secret else ""))
         self.role = role
         self.host = host
         self.uuid = uuid
