@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 from conftest import (
@@ -105,20 +104,16 @@ def test_down_refused_while_in_use_then_allowed(host: MarsHost, blockdev: BlockD
                                "1", "4", "64", "65536", "30"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while host.marsadm("view")["resources"]["r0"]["members"]["alpha"]["open_count"] < 1:
-            assert time.monotonic() < deadline, "open count never rose"
-            time.sleep(0.05)
+        wait_until(lambda: host.marsadm("view")["resources"]["r0"]["members"]["alpha"][
+            "open_count"] >= 1, "the open count rises")
         r = host.marsadm("down", "r0", check=False)
         assert r["rc"] == 1 and "in use by 1 NBD client" in r["error"]
         assert host.marsadm("view")["resources"]["r0"]["members"]["alpha"]["running"]
     finally:
         writer.kill()
         writer.wait()
-    deadline = time.monotonic() + 10
-    while host.marsadm("view")["resources"]["r0"]["members"]["alpha"]["open_count"]:
-        assert time.monotonic() < deadline, "open count never fell"
-        time.sleep(0.05)
+    wait_until(lambda: host.marsadm("view")["resources"]["r0"]["members"]["alpha"][
+        "open_count"] == 0, "the open count falls")
     assert host.marsadm("down", "r0")["changed"] is True
     assert host.marsadm("down", "r0")["changed"] is False
     assert not (host.run_dir / "r0.nbd").exists()

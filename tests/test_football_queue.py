@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, REPO
+from conftest import IS_ROOT, REPO, wait_until
 
 RUNNER = REPO / "scripts" / "football-queue.sh"
 
 
-def fake_playbook(tmp_path: Path, exit_code: int = 0, seconds: float = 0.0) -> Path:
-    """An ansible-playbook stand-in that records its arguments."""
-    script = tmp_path / f"ansible-playbook-{exit_code}-{seconds}"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\nsleep {seconds}\n"
+def fake_playbook(tmp_path: Path, exit_code: int = 0, until: Path | None = None) -> Path:
+    """An ansible-playbook stand-in that records its arguments (and, given ``until``,
+    runs until that file exists)."""
+    script = tmp_path / f"ansible-playbook-{exit_code}-{'blocked' if until else 'quick'}"
+    wait = f"while [ ! -e {until} ]; do sleep 0.05; done\n" if until else ""
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\n{wait}"
                       f"exit {exit_code}\n")
     script.chmod(0o755)
     return script
@@ -73,16 +74,17 @@ def test_a_failed_move_stays_queued_and_is_resumed(tmp_path: Path) -> None:
 def test_two_runs_never_overlap(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
     queue.write_text("r0 lab1 lab3\nr1 lab2 lab3\n")
-    slow = fake_playbook(tmp_path, seconds=3)
+    release = tmp_path / "release"
+    slow = fake_playbook(tmp_path, until=release)  # the first move lasts until released
     first = subprocess.Popen([str(RUNNER), "--queue", str(queue), "--inventory", "inv.ini",
                               "--ansible-playbook", str(slow)], stdout=subprocess.PIPE,
                              text=True)
-    deadline = time.monotonic() + 10
-    while not calls(tmp_path):
-        assert time.monotonic() < deadline, "the first run never started its move"
-        time.sleep(0.05)
-    second = run(queue, slow)
-    assert second.returncode == 75 and "another migration is running" in second.stdout
+    try:
+        wait_until(lambda: calls(tmp_path), "the first run starts its move")
+        second = run(queue, fake_playbook(tmp_path))
+        assert second.returncode == 75 and "another migration is running" in second.stdout
+    finally:
+        release.touch()
     assert first.wait(timeout=30) == 0
     assert len(calls(tmp_path)) == 1 and queue.read_text() == "r1 lab2 lab3\n"
 

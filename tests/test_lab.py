@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from marslib.lab import Lab, LabError, LabHost, LabUnsupported, down_dir
 from marslib.lab.profiles import StormSpec, parse_loss, parse_rate, parse_storm, parse_time
@@ -441,10 +442,9 @@ def test_down_removes_mounts_and_loop_devices_on_them(workdir: Path) -> None:
         mnt.mkdir()
         fs.mkdir()
         fuse = lab.popen(h, "nbdfuse", str(mnt), "--unix", str(h.run_dir / "r0.nbd"))
-        deadline = time.monotonic() + 10
-        while not (mnt / "nbd").exists():
-            assert time.monotonic() < deadline and fuse.poll() is None, "nbdfuse did not start"
-            time.sleep(0.05)
+        wait_until(lambda: (mnt / "nbd").exists() or fuse.poll() is not None,
+                   "nbdfuse starts")
+        assert fuse.poll() is None, "nbdfuse exited"
         loop = subprocess.run(["losetup", "-f", "--show", str(mnt / "nbd")], check=True,
                               capture_output=True, text=True).stdout.strip()
         subprocess.run(["mkfs.ext4", "-q", loop], check=True)
