@@ -68,7 +68,9 @@ def test_twenty_handovers_under_an_application(lab) -> None:  # type: ignore[no-
         assert "E " not in out
         acked += out.count("\nA ")
         wait_in_sync(lab, primary, secondary)
-        r = lab.marsadm(secondary, "primary", "r0", timeout=60)
+        # marsadm's own --timeout (60 s) ends a stuck handover and says why; the command's
+        # limit is past it
+        r = lab.marsadm(secondary, "primary", "r0", timeout=120)
         times.append(r["seconds"])
         primary, secondary = secondary, primary
     wait_in_sync(lab, primary, secondary)
@@ -83,7 +85,7 @@ def test_failover_in_a_partition_then_split_brain_and_invalidate(lab) -> None:  
     wait_in_sync(lab, "lab1", "lab2")
     lab.partition("lab1", "lab2")
     try:
-        r = lab.marsadm("lab2", "primary", "r0", "--force", timeout=60)
+        r = lab.marsadm("lab2", "primary", "r0", "--force", timeout=120)
         assert r["forced"]
         out1 = write(lab, "lab1", 2, seed=301)  # lab1's application keeps writing its log
         out2 = write(lab, "lab2", 2, seed=302)
