@@ -88,7 +88,10 @@ class MarsHost:
         self.env = {**os.environ, "MARS_ROOT": str(self.root), "MARS_RUN_DIR": str(self.run_dir),
                     "MARS_HOST": name, "PYTHONPATH": str(REPO)}
 
-    def marsadm(self, *args: str, check: bool = True, timeout: float = 60) -> dict[str, Any]:
+    def marsadm(self, *args: str, check: bool = True, timeout: float = 120) -> dict[str, Any]:
+        """``marsadm ARGS --json``: the reply with ``rc`` added. ``timeout`` is past
+        marsadm's own default --timeout (60 s), so that a command that waits too long
+        ends by itself, cleans up and says what it waited for."""
         cmd = [str(BIN / "marsadm"), *args, "--json"]
         out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout)
         try:
