@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -487,10 +486,8 @@ def test_local_lab_runs_without_namespaces(workdir: Path) -> None:
 
 
 def test_far_secondaries_sit_behind_a_wan_link(workdir: Path) -> None:
-    t0 = time.monotonic()
     lab = Lab.up(hosts=3, far=True, device_size="1M", lab_dir=workdir / "far")
     try:
-        assert time.monotonic() - t0 < 20  # cheap enough for a fixture per test module
         if lab.local:
             pytest.skip("no WAN profile in a local lab")
         shapes = {h["name"]: h["shape"] for h in lab.status()["hosts"]}

