@@ -131,7 +131,7 @@ class StopKind(Enum):
     TORN = "torn tail"  # an incomplete or zero-filled record at the end of the file
     CORRUPT = "corrupt record"  # a checksum, magic or header check failed
     SEQ_GAP = "sequence gap"  # a valid record with an unexpected sequence number
-    CHANGED = "file changed"  # the file shrank or grew while it was read
+    CHANGED = "file changed"  # the file shrank while it was read
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,10 @@ class LogScanner:
     def __iter__(self) -> Iterator[tuple[int, int, LogRecord]]:
         """Yield ``(record_offset, end_offset, record)`` for each valid record.
 
-        The scan ends, with ``stop`` of kind CHANGED, when the file's size changes under
-        it (recovery cutting reserved space, say): it never waits for bytes that went.
+        The scan reads the bytes the file held when it began (appends after that are left
+        for the next scan). It ends, with ``stop`` of kind CHANGED, when the file shrinks
+        under it (recovery cutting reserved space, a refetch cutting a copy): it never
+        waits for bytes that went.
         """
         with open(self.path, "rb", buffering=0) as f:
             file_size = os.fstat(f.fileno()).st_size
@@ -189,7 +191,7 @@ class LogScanner:
                         now = os.fstat(f.fileno()).st_size
                         more = os.pread(f.fileno(), min(READ_CHUNK, size - base - len(buf)),
                                         base + len(buf))
-                        if now != file_size or not more:
+                        if now < size or not more:  # growth is harmless: we stop at size
                             self.stop = ScanStop(StopKind.CHANGED, pos, now,
                                                  f"size {file_size} became {now} during the "
                                                  "scan")

@@ -269,7 +269,8 @@ class Replayer:
                 break
         stop = scanner.stop
         bad = None
-        if stop is not None and not stop.clean and count == 0 and (
+        if stop is not None and not stop.clean and count == 0 \
+                and stop.kind is not StopKind.CHANGED and (
                 stop.kind is not StopKind.TORN or limit is None):
             # damaged, or cut short in a logfile that is complete: never applied
             bad = (path.name, stop.offset, stop.describe(path))

@@ -283,6 +283,26 @@ def test_the_scanner_ends_when_its_file_shrinks(tmp_path: Path,
     assert seen and seen == list(range(1, len(seen) + 1))
 
 
+def test_the_scanner_reads_on_while_its_file_grows(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secondary's copy grows while its replayer scans it: that is no damage."""
+    monkeypatch.setattr(logfile, "READ_CHUNK", 8192)
+    path = tmp_path / "log"
+    app = LogAppender(path, prealloc=0)
+    for s in range(1, 9):
+        app.append([encode(LogRecord(seq=s, offset=0, data=block(s)))])
+    first_end = app.size
+    scanner = LogScanner(path, limit=first_end)
+    seen = []
+    for _, _, rec in scanner:
+        if not seen:  # the fetcher appends more while the scan runs
+            app.append([encode(LogRecord(seq=9, offset=0, data=block(9)))])
+        seen.append(rec.seq)
+    app.close()
+    assert seen == list(range(1, 9))
+    assert scanner.stop is not None and scanner.stop.clean and scanner.stop.offset == first_end
+
+
 def test_fetch_waits_for_recovery_and_serves_only_complete_commits(tmp_path: Path) -> None:
     paths = MarsPaths(tmp_path / "mars", tmp_path / "run")
     paths.resource_dir("r0").mkdir(parents=True)
