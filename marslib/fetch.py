@@ -270,6 +270,8 @@ class Fetcher:
                     return  # out of step (cannot happen with in-order appends): start over
                 if data:
                     await asyncio.to_thread(os.pwrite, fd, bytes(data), first)
+                    if self._restart or name != self.logfile or self.local_end != first:
+                        return  # a refetch cut the copy meanwhile: start over from its end
                     self.local_end += len(data)
                     self.bytes_fetched += len(data)
                 self.remote_end = max(self.remote_end, int(reply.get("end", self.remote_end)))

@@ -12,7 +12,7 @@ from marslib.device import Device
 from marslib.durable import mkdir_durably
 from marslib.errors import LogCorrupt
 from marslib.fetch import Fetcher
-from marslib.layout import MarsPaths
+from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.meta import MetaStore
 from marslib.net.conn import PeerBundle
 from marslib.position import LogPosition
@@ -64,6 +64,10 @@ class SecondaryResource:
 
     def _primary_address(self, port: int) -> tuple[str, int] | None:
         primary = self.meta.get(self._key("primary"))
+        if primary == "(none)" and self.fetcher is not None:
+            # a handover: the old primary still serves the end of the logfile it wrote
+            parsed = parse_logfile_name(self.fetcher.logfile)
+            primary = parsed[1] if parsed else None
         if not primary or primary == "(none)" or primary == self.host:
             return None
         ip = self.meta.get(f"ips/ip-{primary}")
