@@ -12,8 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, BlockDev, MarsHost, have_libnbd, loopback_ips, wait_in_sync
+from conftest import (
+    IS_ROOT,
+    BlockDev,
+    MarsHost,
+    have_libnbd,
+    loopback_ips,
+    wait_in_sync,
+    wait_until,
+)
 from test_filesystem import Attached
+
+from marslib.meta import MetaStore
 
 pytestmark = pytest.mark.skipif(
     not IS_ROOT or not have_libnbd() or not shutil.which("mkfs.xfs")
@@ -83,7 +93,12 @@ def test_xfs_grows_online_and_survives_a_handover(tmp_path: Path) -> None:
         subprocess.run(["umount", str(mnt)], check=True)
         att.close()
         att = None
-        # handover: the new primary serves the grown filesystem with every file
+        # handover: the new primary serves the grown filesystem with every file, once it
+        # has synced the grown tail (the resize only started that)
+        tree_b = MetaStore(b.root)
+        wait_until(lambda: tree_b.get(f"resource-r0/syncstatus-{b.name}") == "done"
+                   and tree_b.get(f"resource-r0/synced-size-{b.name}") == str(NEW),
+                   f"{b.name} to sync the grown tail", timeout=300)
         wait_in_sync(a, b)
         b.marsadm("primary", "r0")
         att = Attached(b.nbd_uri("r0"), tmp_path / "fb")
