@@ -153,7 +153,7 @@ class Marsd:
                             self.metrics[1], exc.strerror)
 
     async def check_space(self) -> None:
-        """Apply the emergency levels of DESIGN.md to this host's resources."""
+        """Apply the emergency levels (docs/replication.md) to this host's resources."""
         try:
             free = free_bytes(self.paths.root)
         except OSError:
