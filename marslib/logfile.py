@@ -78,8 +78,11 @@ class LogAppender:
         batch never stays behind, and the error is raised.
         """
         before = self.size
-        chunks = list(records)
-        chunks[-1] = logrecord.seal_commit(chunks[-1], before, len(chunks))
+        last = records[-1]
+        head = logrecord.sealed_header(last, before, len(records))
+        # the last record's payload is written from where it is, not copied
+        chunks: list[bytes | memoryview] = [*records[:-1], head,
+                                            memoryview(last)[len(head):]]
         total = sum(len(c) for c in chunks)
         try:
             if total < BIG_BATCH:

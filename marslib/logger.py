@@ -168,7 +168,7 @@ class Logger:
         torn: str | None = None
         read_names: list[str] = []
         last_file: tuple[int, str, bool] | None = None  # number, host, ended
-        durable = self._durable_facts(start)
+        durable, finished = self._durable_facts(start)
         for i, (number, host, path) in enumerate(files):
             offset = start.offset if start and number == start.number else 0
             must_reach = durable.get((number, host), 0)
@@ -234,7 +234,6 @@ class Logger:
         self.device.flush()
         self._next_seq = (pos.seq if pos else 0) + 1
         self._log_end = None
-        finished = self._own_links()
         if last_file is not None and last_file[1] == self.host and not last_file[2] \
                 and last_file[0] not in finished:
             number = last_file[0]  # continue our own unfinished logfile
@@ -265,26 +264,25 @@ class Logger:
                       f"; {torn}" if torn else "")
         return report
 
-    def _durable_facts(self, start: LogPosition | None) -> dict[tuple[int, str], int]:
+    def _durable_facts(self, start: LogPosition | None
+                       ) -> tuple[dict[tuple[int, str], int], set[int]]:
         """Offsets this host has recorded as durable, per logfile (number, writer): the
         saved replay position and the ends in its own version links. A log that ends
-        before one of them is damaged, whatever its tail looks like."""
+        before one of them is damaged, whatever its tail looks like. Also the numbers of
+        the logfiles this host wrote and finished (its own links): they get no more
+        records."""
         facts: dict[tuple[int, str], int] = {}
+        finished: set[int] = set()
         for number, by_writer in links(self.meta, self.resource).items():
             mine = by_writer.get(self.host)
             if mine is not None:
                 facts[(number, mine.host)] = mine.end_offset
+                if mine.host == self.host:
+                    finished.add(number)
         if start is not None:
             key = (start.number, start.host)
             facts[key] = max(facts.get(key, 0), start.offset)
-        return facts
-
-    def _own_links(self) -> set[int]:
-        """Numbers of the logfiles this host wrote and finished (its own version links):
-        they get no more records, whatever came after them."""
-        return {number for number, by_writer in links(self.meta, self.resource).items()
-                if by_writer.get(self.host) is not None
-                and by_writer[self.host].host == self.host}
+        return facts, finished
 
     def _missing(self, path: Path, end: int, must_reach: int) -> str:
         return (f"{path.name} reads back only to offset {end}, but this host recorded offset "

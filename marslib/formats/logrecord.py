@@ -183,21 +183,27 @@ def encode(record: LogRecord, compress_level: int | None = None) -> bytes:
     return b"".join((head[:_CRC_POS], hcrc.to_bytes(4, "little"), extension, payload))
 
 
-def seal_commit(encoded: bytes, commit_start: int, commit_records: int) -> bytes:
-    """The encoded 1.1 record ``encoded`` made the last record of a group commit that
-    began at ``commit_start`` and holds ``commit_records`` records (header rewritten,
-    payload unchanged)."""
-    raw = bytearray(encoded)
-    version, header_len = struct.unpack_from("<HH", raw, 4)
+def sealed_header(encoded: bytes, commit_start: int, commit_records: int) -> bytes:
+    """The header of the encoded 1.1 record ``encoded`` rewritten to make it the last
+    record of a group commit that began at ``commit_start`` and holds ``commit_records``
+    records; its payload (``encoded[header_len:]``) stays as it is, uncopied."""
+    version, header_len = struct.unpack_from("<HH", encoded, 4)
     if not has_commit_marks(version) or header_len < HEADER_V1_1_LEN:
         raise ValueError(f"format {version >> 8}.{version & 0xFF} records have no commit marks")
-    flags = struct.unpack_from("<I", raw, _FLAGS_POS)[0] | FLAG_COMMIT
-    struct.pack_into("<I", raw, _FLAGS_POS, flags)
-    _COMMIT.pack_into(raw, HEADER_V1_LEN, commit_start, commit_records)
-    view = memoryview(raw)
+    head = bytearray(encoded[:header_len])
+    flags = struct.unpack_from("<I", head, _FLAGS_POS)[0] | FLAG_COMMIT
+    struct.pack_into("<I", head, _FLAGS_POS, flags)
+    _COMMIT.pack_into(head, HEADER_V1_LEN, commit_start, commit_records)
+    view = memoryview(head)
     hcrc = crc32c(view[HEADER_V1_LEN:header_len], crc32c(view[:_CRC_POS], 0))
-    struct.pack_into("<I", raw, _CRC_POS, hcrc)
-    return bytes(raw)
+    struct.pack_into("<I", head, _CRC_POS, hcrc)
+    return bytes(head)
+
+
+def seal_commit(encoded: bytes, commit_start: int, commit_records: int) -> bytes:
+    """``encoded`` as the last record of a group commit (see :func:`sealed_header`)."""
+    head = sealed_header(encoded, commit_start, commit_records)
+    return head + encoded[len(head):]
 
 
 def decode_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> RecordHeader:
