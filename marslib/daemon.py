@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from marslib import __version__, control
+from marslib import __version__, control, eventloop
 from marslib.errors import MarsError, UsageError
 from marslib.fetch import FetchService
 from marslib.layout import MarsPaths, check_host_name
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                    (args.metrics.rpartition(":")[0] or "127.0.0.1",
                     int(args.metrics.rpartition(":")[2])))
     try:
-        asyncio.run(daemon.run())
+        eventloop.run(daemon.run())
     except MarsError as exc:
         log.error("%s", exc)
         return 1

@@ -14,7 +14,9 @@ import os
 import stat
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from marslib.errors import DeviceError
 
@@ -31,6 +33,16 @@ class DeviceInfo:
     alignment: int
     is_block_device: bool
     direct: bool
+
+
+class Piece(Protocol):
+    """Data to write at ``start`` (an extent of the writeback)."""
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def data(self) -> memoryview: ...
 
 
 class _BufferPool(threading.local):
@@ -173,6 +185,20 @@ class Device:
             buf[skip : skip + n] = src[pos : pos + n]
             self._pwrite_aligned(buf, start)
             pos += n
+
+    def write_gathered(self, start: int, end: int, pieces: Sequence[Piece]) -> None:
+        """Write the aligned range [start, end) made of ``pieces`` (objects with ``start``
+        and ``data``, sorted, inside the range): copied once into an aligned buffer, one
+        write. If they leave gaps, the range is read from the device first."""
+        if start % self.alignment or end % self.alignment or end - start > MAX_IO:
+            raise ValueError("write_gathered needs an aligned range of at most MAX_IO")
+        buf = memoryview(_pool.get(end - start))[: end - start]
+        covered = pieces[0].start == start and sum(len(p.data) for p in pieces) == end - start
+        if not covered:
+            self._pread_aligned(buf, start)
+        for p in pieces:
+            buf[p.start - start : p.start - start + len(p.data)] = p.data
+        self._pwrite_aligned(buf, start)
 
     def write_envelope(self, start: int, image: memoryview) -> None:
         """Write an already aligned image (``start`` and length multiples of alignment)."""

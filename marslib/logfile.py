@@ -10,14 +10,18 @@ never acknowledged) from damage (an acknowledged record that no longer reads bac
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import BinaryIO
 
+from marslib.checksum import Buffer
 from marslib.durable import fsync_dir
 from marslib.errors import LogCorrupt
 from marslib.formats import logrecord
@@ -26,20 +30,28 @@ from marslib.formats.logrecord import LogRecord, Problem, RecordError
 READ_CHUNK = 8 << 20
 
 
-PREALLOC_CHUNK = 4 << 20
-BIG_BATCH = 256 << 10  # batches this big append directly: a journal commit costs them little
+PREALLOC_CHUNK = 16 << 20  # zero-filled ahead of the log's end at a time
+PREALLOC_LOW = 8 << 20  # fill the next chunk in the background below this much reserve
+DIRECT_BLOCK = 4096  # O_DIRECT alignment, safe whatever the filesystem's block size
+IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
+BIG_BATCH = 256 << 10  # buffered mode: batches this big append directly
 
 
 class LogAppender:
     """The open tail of the current logfile; only the primary's committer writes it.
 
-    The file is zero-filled ahead of the log's end, so that appending a batch overwrites
-    allocated blocks and its ``fdatasync`` flushes data only, with no filesystem journal
-    commit for a growing file. ``close`` cuts the zeros off; a crash leaves them, and
-    recovery treats a zero tail as the end of the log.
+    The file is zero-filled ahead of the log's end (a background thread keeps a reserve),
+    so that a commit overwrites allocated, initialised blocks: no filesystem journal
+    commit for a growing file. Where the filesystem allows O_DIRECT (``direct``), each
+    commit is one ``O_DIRECT|O_DSYNC`` write of the blocks it touches, durable when the
+    write returns: the partial block at the log's end is written again with the same
+    leading bytes, which a torn write of it cannot change. Elsewhere (tmpfs, some FUSE
+    filesystems) it is a ``pwritev`` and an ``fdatasync``. ``close`` cuts the zeros off;
+    a crash leaves them, and recovery treats a zero tail as the end of the log.
     """
 
-    def __init__(self, path: Path, prealloc: int = PREALLOC_CHUNK) -> None:
+    def __init__(self, path: Path, prealloc: int = PREALLOC_CHUNK, direct: bool = True
+                 ) -> None:
         self.path = path
         created = not path.exists()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -47,20 +59,71 @@ class LogAppender:
             fsync_dir(path.parent)
         self.size = os.fstat(self.fd).st_size  # the log's end: what is written and synced
         self.prealloc = prealloc
-        self.allocated = self.size  # zero-filled up to here
-
-    def _extend(self, need: int) -> None:
-        if self.prealloc <= 0 or need <= self.allocated:
-            return
-        for target in (max(need, self.allocated + self.prealloc), need):
+        self.allocated = self.size  # zero-filled (and synced) up to here
+        self._alloc_lock = threading.Lock()  # the commit thread and the filler
+        self._filler: threading.Thread | None = None
+        self._failed_fill: OSError | None = None
+        self.dfd = -1
+        self._tail = b""  # direct mode: the bytes of the log in its last partial block
+        self._buf: mmap.mmap | None = None
+        if direct:
             try:
-                self._zero_fill(target)
+                self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    os.close(self.fd)
+                    raise
+            else:
+                head = self.size % DIRECT_BLOCK
+                self._tail = os.pread(self.fd, head, self.size - head) if head else b""
+
+    @property
+    def direct(self) -> bool:
+        return self.dfd >= 0
+
+    # ------------------------------------------------------------ reservation
+    def _extend(self, need: int) -> None:
+        """Make sure [size, need) is zero-filled; start the background filler when the
+        reserve runs low."""
+        if self.prealloc <= 0:
+            return
+        if need > self.allocated:
+            with self._alloc_lock:
+                if need > self.allocated:
+                    self._fill_to(need, self._round(max(need, self.allocated + self.prealloc)))
+        if self.allocated - need < PREALLOC_LOW and self._filler is None \
+                and self._failed_fill is None:
+            self._filler = threading.Thread(target=self._fill_ahead, daemon=True,
+                                             name=f"prealloc-{self.path.name}")
+            self._filler.start()
+
+    def _round(self, offset: int) -> int:
+        return -(-offset // DIRECT_BLOCK) * DIRECT_BLOCK
+
+    def _fill_to(self, need: int, target: int) -> None:
+        """Zero-fill up to ``target``, or only to ``need`` if /mars is short of space."""
+        for goal in (target, need):
+            try:
+                self._zero_fill(goal)
                 return
             except OSError as exc:
                 os.ftruncate(self.fd, max(self.size, self.allocated))
-                if exc.errno != errno.ENOSPC or target == need:
+                if exc.errno != errno.ENOSPC or goal == need:
                     raise
-                # short of space: reserve only what this batch needs
+
+    def _fill_ahead(self) -> None:
+        """Background: one more chunk of reserve, so that commits never wait for it."""
+        try:
+            with self._alloc_lock:
+                if self.fd >= 0:
+                    self._zero_fill(self._round(self.allocated + self.prealloc))
+        except OSError as exc:  # e.g. ENOSPC: commits reserve what they need themselves
+            self._failed_fill = exc
+            with contextlib.suppress(OSError):
+                if self.fd >= 0:
+                    os.ftruncate(self.fd, max(self.size, self.allocated))
+        finally:
+            self._filler = None
 
     def _zero_fill(self, target: int) -> None:
         zeros = bytes(1 << 20)
@@ -70,54 +133,113 @@ class LogAppender:
         os.fdatasync(self.fd)
         self.allocated = target
 
+    # ---------------------------------------------------------------- commits
     def append(self, records: list[bytes]) -> int:
         """Write the encoded ``records`` at the log's end as one group commit (the last
-        one sealed as its marker) and make them durable; return the new end.
+        one sealed as its marker) and make them durable; return the new end."""
+        last = records[-1]
+        head = logrecord.sealed_header(last, self.size, len(records))
+        # the last record's payload is written from where it is, not copied
+        return self.write_commit([*records[:-1], head, memoryview(last)[len(head):]])
+
+    def write_commit(self, chunks: list[Buffer]) -> int:
+        """Write one encoded group commit (its last record already sealed for an offset of
+        ``self.size``; see ``logrecord.encode_commit``) at the log's end and make it
+        durable; return the new end.
 
         On failure (e.g. ENOSPC) the file is cut back to the old end, so a half-written
         batch never stays behind, and the error is raised.
         """
         before = self.size
-        last = records[-1]
-        head = logrecord.sealed_header(last, before, len(records))
-        # the last record's payload is written from where it is, not copied
-        chunks: list[bytes | memoryview] = [*records[:-1], head,
-                                            memoryview(last)[len(head):]]
-        total = sum(len(c) for c in chunks)
+        total = sum(map(len, chunks))
         try:
-            if total < BIG_BATCH:
-                self._extend(before + total)
-            written = os.pwritev(self.fd, chunks, before)
-            if written < total:  # rare: a partial write; finish it
-                rest = b"".join(chunks)[written:]
-                while rest:
-                    n = os.pwrite(self.fd, rest, before + written)
-                    if n <= 0:
-                        raise OSError(errno.EIO, "short write")
-                    written += n
-                    rest = rest[n:]
-            os.fdatasync(self.fd)
-            self.allocated = max(self.allocated, before + total)
+            if self.dfd >= 0:
+                self._extend(self._round(before + total))
+                self._write_direct(chunks, before, total)
+            else:
+                if total < BIG_BATCH:
+                    self._extend(before + total)
+                self._write_buffered(chunks, before, total)
+                os.fdatasync(self.fd)
         except OSError:
             try:
-                os.ftruncate(self.fd, before)
-                self.allocated = before
+                with self._alloc_lock:
+                    os.ftruncate(self.fd, before)
+                    self.allocated = before
             except OSError:
                 pass
             raise
         self.size = before + total
         return self.size
 
+    def _write_buffered(self, chunks: list[Buffer], before: int, total: int) -> None:
+        pos = before
+        for i in range(0, len(chunks), IOV_MAX):
+            part = chunks[i:i + IOV_MAX]
+            want = sum(map(len, part)) if len(chunks) > IOV_MAX else total
+            written = os.pwritev(self.fd, part, pos)
+            if written < want:  # rare: a partial write; finish it
+                rest = b"".join(part)[written:]
+                while rest:
+                    n = os.pwrite(self.fd, rest, pos + written)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "short write")
+                    written += n
+                    rest = rest[n:]
+            pos += want
+
+    def _write_direct(self, chunks: list[Buffer], before: int, total: int) -> None:
+        """The blocks from the one holding ``before`` to the end of the commit, in one
+        O_DIRECT|O_DSYNC write from an aligned buffer (zeros after the commit)."""
+        start = before - len(self._tail)
+        end = before + total
+        length = self._round(end) - start
+        buf = self._buf
+        if buf is None or len(buf) < length:
+            if buf is not None:
+                buf.close()
+            buf = self._buf = mmap.mmap(-1, max(length, 1 << 20))  # page-aligned
+        view = memoryview(buf)
+        try:
+            pos = len(self._tail)
+            view[:pos] = self._tail
+            for chunk in chunks:
+                n = len(chunk)
+                view[pos:pos + n] = chunk
+                pos += n
+            pad = length - pos
+            if pad:
+                view[pos:length] = bytes(pad)
+            done = 0
+            while done < length:
+                n = os.pwritev(self.dfd, [view[done:length]], start + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+            keep = end % DIRECT_BLOCK
+            self._tail = bytes(view[end - start - keep:end - start]) if keep else b""
+        finally:
+            view.release()
+
     def close(self) -> None:
         """Cut the zero-filled space off and close."""
+        filler = self._filler
+        if filler is not None:
+            filler.join()
         if self.fd >= 0:
             try:
-                if self.allocated > self.size:
+                if self.allocated > self.size or os.fstat(self.fd).st_size > self.size:
                     os.ftruncate(self.fd, self.size)
                     os.fsync(self.fd)
             finally:
                 os.close(self.fd)
                 self.fd = -1
+                if self.dfd >= 0:
+                    os.close(self.dfd)
+                    self.dfd = -1
+                if self._buf is not None:
+                    self._buf.close()
+                    self._buf = None
 
 
 def valid_end(path: Path) -> int:

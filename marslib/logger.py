@@ -12,13 +12,19 @@ position up to which the device holds the log is saved in ``replay-HOST``; after
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from marslib.committer import CommitThread
 from marslib.device import Device
 from marslib.errors import DeviceError, LogCorrupt
 from marslib.extents import ExtentMap
@@ -44,6 +50,9 @@ class LoggerConfig:
     writeback_order: str = "sorted"  # or "arrival" (for comparison)
     writeback_chunk: int = 1 << 20  # largest merged device write
     position_interval: float = 0.2  # seconds between saves of the applied position
+    writeback_threads: int = 4  # device writes in flight during a writeback round
+    writeback_delay: float = 0.02  # seconds a writeback round waits for more writes,
+    # unless a quarter of memory_limit is held
 
 
 @dataclass(frozen=True)
@@ -59,13 +68,42 @@ class RecoveryReport:
     seconds: float
 
 
-@dataclass
-class _Pending:
-    seq: int
-    offset: int
-    data: bytes
-    encoded: bytes
-    future: asyncio.Future[None]
+DoneCallback = Callable[[OSError | None], None]
+_Committed = tuple[int, list[tuple[int, bytes]]]  # new log end, the writes committed
+ReadsDone = Callable[[Sequence[bytes | bytearray | memoryview | OSError]], None]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Writes handed over as one unit, waiting for their group commit."""
+
+    writes: list[tuple[int, bytes]]  # (device offset, data)
+    first_seq: int
+    nbytes: int
+    done: DoneCallback
+
+
+def _finish_one(done: DoneCallback, error: OSError | None) -> None:
+    try:
+        done(error)
+    except Exception:  # a caller's callback must not stop the committer
+        log.exception("write completion callback failed")
+
+
+def _finish(batches: list[_Batch], error: OSError | None) -> None:
+    for batch in batches:
+        _finish_one(batch.done, error)
+
+
+def _settle(fut: asyncio.Future[None]) -> DoneCallback:
+    """A completion callback that resolves ``fut``."""
+    def done(error: OSError | None) -> None:
+        if not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+    return done
 
 
 @dataclass
@@ -115,14 +153,19 @@ class Logger:
         self._applied: LogPosition | None = None  # device holds the log up to here
         self._saved: LogPosition | None = None  # applied position as last saved
         self._saved_at = 0.0
-        self._queue: list[_Pending] = []
+        self._committer: CommitThread[_Batch, _Committed] | None = None  # from start()
+        self._queued_bytes = 0  # in batches handed to the committer, not yet in a map
+        self._waiting: deque[tuple[list[tuple[int, bytes]], int, DoneCallback]] = deque()
+        self._direct_tasks: set[asyncio.Task[None]] = set()
+        self._pressure = asyncio.Event()  # much is held: write back without delay
+        self._pressure_bytes = max(1, self.config.memory_limit // 4)
+        self._writers = ThreadPoolExecutor(max(1, self.config.writeback_threads),
+                                           thread_name_prefix=f"writeback-{resource}")
         self._active = ExtentMap(1)
         self._active_end: LogPosition | None = None
         self._arrivals: dict[int, list[tuple[int, bytes]]] = {1: []}
         self._maps: list[ExtentMap] = [self._active]
-        self._commit_wake = asyncio.Event()
         self._writeback_wake = asyncio.Event()
-        self._space = asyncio.Condition()
         self._append_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: str | None = None
@@ -134,6 +177,7 @@ class Logger:
         self.emergency = False  # /mars is full: writes bypass the log
         self._drained = asyncio.Event()  # in emergency: set once the log is written back
         self._direct_lock = asyncio.Lock()
+        self._rotating = False  # a rotation of the full logfile is under way
 
     # ------------------------------------------------------------------ keys
     @property
@@ -145,8 +189,9 @@ class Logger:
         """Recover from the log, then accept writes."""
         report = await asyncio.to_thread(self._recover)
         self._drained.set()
+        self._committer = CommitThread(f"commit-{self.resource}", self._commit_in_thread,
+                                       self._commit_done, asyncio.get_running_loop())
         self._tasks = [
-            asyncio.create_task(self._committer(), name=f"commit-{self.resource}"),
             asyncio.create_task(self._writeback(), name=f"writeback-{self.resource}"),
         ]
         if self.meta.get(f"resource-{self.resource}/actual-{self.host}/emergency") == "1":
@@ -313,104 +358,199 @@ class Logger:
         write_link(self.meta, self.resource, self.host, end)
 
     # ----------------------------------------------------------------- writes
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Log a write; return once it is durable in the log (the acknowledgement)."""
+    def submit(self, writes: list[tuple[int, bytes]], done: DoneCallback) -> None:
+        """Log ``writes`` (device offset, data) as one unit: they get consecutive sequence
+        numbers and go into the same group commit. ``done(None)`` is called on the event
+        loop once all of them are durable in the log (the acknowledgement), or
+        ``done(OSError)`` if they failed. No task or future per write: this is the hot path.
+
+        An empty ``writes`` is a barrier: ``done`` is called once everything submitted
+        before it is durable (NBD flush)."""
         if self._failed:
-            raise OSError(errno.EIO, self._failed)
+            done(OSError(errno.EIO, self._failed))
+            return
+        nbytes = 0
+        size = self.size
+        for offset, data in writes:
+            if offset < 0 or offset + len(data) > size:
+                done(OSError(errno.ENOSPC, "write beyond the end of the device"))
+                return
+            nbytes += len(data)
+        if self.emergency:
+            task = asyncio.get_running_loop().create_task(self._direct_batch(writes, done))
+            self._direct_tasks.add(task)
+            task.add_done_callback(self._direct_tasks.discard)
+            return
+        if self._waiting or self._held_bytes() >= self.config.memory_limit:
+            self._waiting.append((writes, nbytes, done))  # admitted as writeback frees memory
+            self._pressure.set()
+            return
+        self._enqueue(writes, nbytes, done)
+
+    def _enqueue(self, writes: list[tuple[int, bytes]], nbytes: int, done: DoneCallback
+                 ) -> None:
+        seq = self._next_seq
+        self._next_seq = seq + len(writes)
+        assert self._committer is not None, "Logger.start() first"
+        self._committer.put(_Batch(writes, seq, nbytes, done))
+        self._queued_bytes += nbytes
+        if not self._pressure.is_set() and self._held_bytes() >= self._pressure_bytes:
+            self._pressure.set()
+
+    def _admit_waiting(self) -> None:
+        """Queue the batches that waited for memory, oldest first, while there is room."""
+        waiting = self._waiting
+        while waiting and (self._failed or self._held_bytes() < self.config.memory_limit):
+            writes, nbytes, done = waiting.popleft()
+            if self._failed:
+                done(OSError(errno.EIO, self._failed))
+            else:
+                self._enqueue(writes, nbytes, done)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Log one write; return once it is durable in the log (the acknowledgement)."""
         if offset < 0 or offset + len(data) > self.size:
             raise OSError(errno.ENOSPC, "write beyond the end of the device")
         if not isinstance(data, bytes):
             data = bytes(data)
         if not data:
             return
-        if self.emergency:
-            await self._write_direct(offset, data)
-            return
-        if self._held_bytes() >= self.config.memory_limit:
-            async with self._space:
-                await self._space.wait_for(
-                    lambda: self._held_bytes() < self.config.memory_limit or self._failed
-                )
-        seq = self._next_seq
-        self._next_seq += 1
-        encoded = logrecord.encode(
-            LogRecord(seq=seq, offset=offset, data=data, stamp_ns=time.time_ns()),
-            self.config.compress_level,
-        )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(seq, offset, data, encoded, fut))
-        self._commit_wake.set()
+        self.submit([(offset, data)], _settle(fut))
         await fut
 
     def _held_bytes(self) -> int:
-        held = sum(m.bytes for m in self._maps) + sum(len(p.data) for p in self._queue)
-        return held + self._arrival_bytes  # arrival order keeps superseded versions too
+        held = self._queued_bytes + self._arrival_bytes  # arrival order keeps old versions
+        for m in self._maps:
+            held += m.bytes
+        return held
 
     async def flush(self) -> None:
         """Every acknowledged write is already durable; wait for queued ones too."""
-        while self._queue:
-            await asyncio.sleep(0)
+        if not self._waiting and (self._committer is None or self._committer.idle):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit([], _settle(fut))
+        await fut
 
-    async def _committer(self) -> None:
-        while True:
-            await self._commit_wake.wait()
-            self._commit_wake.clear()
-            while self._queue:
-                async with self._append_lock:
-                    await self._commit_batch()
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """No group commit runs meanwhile (rotation, end marker, emergency mode)."""
+        async with self._append_lock:
+            committer = self._committer
+            if committer is not None:
+                await committer.pause()
+            try:
+                yield
+            finally:
+                if committer is not None and not self.emergency:
+                    committer.resume()
 
-    async def _commit_batch(self) -> None:
-        batch, self._queue = self._queue, []
+    def _commit_in_thread(self, batches: list[_Batch]) -> _Committed:
+        """One group commit of everything queued (runs in the commit thread; the appender
+        changes only while the thread is paused)."""
         appender = self._appender
         assert appender is not None
-        if self.emergency:
-            self._next_seq = batch[0].seq
-            await self._apply_directly(batch)
+        writes = [w for batch in batches for w in batch.writes]
+        if not writes:  # barriers only: everything before them is durable already
+            return appender.size, writes
+        return self._append_commit(appender, writes, batches[0].first_seq), writes
+
+    def _append_commit(self, appender: LogAppender, writes: list[tuple[int, bytes]],
+                       first_seq: int) -> int:
+        """Encode and append one group commit. Returns the new end."""
+        stamp = time.time_ns()
+        level = self.config.compress_level
+        if level is None:
+            return appender.write_commit(
+                logrecord.encode_commit(writes, first_seq, appender.size, stamp))
+        return appender.append([
+            logrecord.encode(LogRecord(seq=first_seq + i, offset=offset, data=data,
+                                       stamp_ns=stamp), level)
+            for i, (offset, data) in enumerate(writes)])
+
+    def _commit_done(self, batches: list[_Batch], result: _Committed | None,
+                     error: BaseException | None) -> None:
+        """A group commit ended (on the loop): acknowledge its writes, or handle the
+        failure (the commit thread stays paused after one until this is done)."""
+        total = sum(batch.nbytes for batch in batches)
+        if error is not None or result is None:
+            self._commit_failed(batches, total, error)
             return
-        try:
-            size = await asyncio.to_thread(appender.append, [p.encoded for p in batch])
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                # never stop the primary's I/O for a full /mars: bypass the log
-                self._next_seq = batch[0].seq
-                await self._enter_emergency_locked(f"/mars is full: cannot append to "
-                                                   f"{appender.path}")
-                await self._apply_directly(batch)
-                return
-            failed = batch + self._queue
-            self._queue = []
-            self._next_seq = batch[0].seq
-            reason = (
-                f"/mars is full: cannot append to {appender.path}"
-                if exc.errno == errno.ENOSPC
-                else f"cannot append to {appender.path}: {exc.strerror}"
-            )
-            self.log.error("%s; %d writes refused, nothing acknowledged was lost",
-                           reason, len(failed))
-            self._set_error(reason)
-            for p in failed:
-                if not p.future.done():
-                    p.future.set_exception(OSError(exc.errno or errno.EIO, reason))
+        size, writes = result
+        if not writes:
+            _finish(batches, None)
             return
         self.stats.commits += 1
-        arrivals = self._arrivals.get(self._active.generation)
-        for p in batch:
-            self._active.insert(p.offset, p.data)
-            if arrivals is not None and self.config.writeback_order == "arrival":
-                arrivals.append((p.offset, p.data))
-                self._arrival_bytes += len(p.data)
-            self.stats.writes += 1
-            self.stats.bytes_written += len(p.data)
-        self._log_end = LogPosition(self._number, size, batch[-1].seq, self.host)
+        active = self._active
+        insert = active.insert
+        for offset, data in writes:
+            insert(offset, data)
+        if self.config.writeback_order == "arrival":
+            arrivals = self._arrivals.get(active.generation)
+            if arrivals is not None:
+                arrivals.extend(writes)
+                self._arrival_bytes += total
+        self._queued_bytes -= total
+        self.stats.writes += len(writes)
+        self.stats.bytes_written += total
+        first_seq = batches[0].first_seq
+        self._log_end = LogPosition(self._number, size, first_seq + len(writes) - 1, self.host)
         self._active_end = self._log_end
         self._notify_growth()
-        self._clear_error()
-        for p in batch:
-            if not p.future.done():
-                p.future.set_result(None)
-        self._writeback_wake.set()
-        if size >= self.config.max_logfile_size:
-            await self._rotate_locked()
+        if self.stats.errors and not self.emergency:
+            self._clear_error()
+        _finish(batches, None)
+        if not self._writeback_wake.is_set():
+            self._writeback_wake.set()
+        if size >= self.config.max_logfile_size and not self._rotating:
+            self._rotating = True
+            self._spawn(self._rotate_full(), "rotate")
+
+    def _commit_failed(self, batches: list[_Batch], total: int,
+                       error: BaseException | None) -> None:
+        assert self._committer is not None and self._appender is not None
+        path = self._appender.path
+        first_seq = batches[0].first_seq
+        later = self._committer.take_all()  # queued behind the failed commit
+        self._queued_bytes -= total + sum(b.nbytes for b in later)
+        self._next_seq = first_seq  # none of them is in the log
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            # never stop the primary's I/O for a full /mars: bypass the log
+            self._spawn(self._emergency_after_commit(
+                f"/mars is full: cannot append to {path}", batches + later), "emergency")
+            return
+        if isinstance(error, OSError):
+            reason = f"cannot append to {path}: {error.strerror}"
+            code = error.errno or errno.EIO
+        else:
+            self.log.error("group commit failed", exc_info=error)
+            reason = f"cannot append to {path}: {error!r}"
+            code = errno.EIO
+        self.log.error("%s; %d writes refused, nothing acknowledged was lost", reason,
+                       sum(len(b.writes) for b in batches + later))
+        self._set_error(reason)
+        _finish(batches + later, OSError(code, reason))
+        self._committer.resume()
+
+    async def _emergency_after_commit(self, reason: str, batches: list[_Batch]) -> None:
+        async with self._exclusive():
+            await self._enter_emergency_locked(reason)
+            await self._apply_directly(batches)
+
+    async def _rotate_full(self) -> None:
+        try:
+            async with self._exclusive():
+                if not self.emergency and self._appender is not None \
+                        and self._appender.size >= self.config.max_logfile_size:
+                    await self._rotate_locked()
+        finally:
+            self._rotating = False
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{what}-{self.resource}")
+        self._direct_tasks.add(task)
+        task.add_done_callback(self._direct_tasks.discard)
 
     def _notify_growth(self) -> None:
         grew, self._grew = self._grew, asyncio.Event()
@@ -440,22 +580,25 @@ class Logger:
         self.device.pwrite(offset, data)
         self.device.flush()
 
-    async def _apply_directly(self, batch: list[_Pending]) -> None:
+    async def _apply_directly(self, batches: list[_Batch]) -> None:
         """Write queued (unlogged) writes straight to the device, in order."""
-        for p in batch:
+        for batch in batches:
+            await self._direct_batch(batch.writes, batch.done)
+
+    async def _direct_batch(self, writes: list[tuple[int, bytes]], done: DoneCallback
+                            ) -> None:
+        error: OSError | None = None
+        for offset, data in writes:
             try:
-                await self._write_direct(p.offset, p.data)
+                await self._write_direct(offset, data)
             except (OSError, DeviceError) as exc:
-                if not p.future.done():
-                    p.future.set_exception(OSError(errno.EIO, str(exc)))
-                continue
-            if not p.future.done():
-                p.future.set_result(None)
+                error = OSError(errno.EIO, str(exc))
+        _finish_one(done, error)
 
     async def enter_emergency(self, reason: str) -> None:
         """Stop logging: write back everything logged, then write straight to the device.
         Replicas keep a consistent but outdated state."""
-        async with self._append_lock:
+        async with self._exclusive():
             await self._enter_emergency_locked(reason)
 
     async def _enter_emergency_locked(self, reason: str) -> None:
@@ -463,6 +606,12 @@ class Logger:
             return
         self.emergency = True
         self._drained.clear()
+        if self._committer is not None:  # paused: what waits for it goes straight through
+            queued = self._committer.take_all()
+            if queued:
+                self._queued_bytes -= sum(b.nbytes for b in queued)
+                self._next_seq = queued[0].first_seq
+                self._spawn(self._apply_directly(queued), "direct")
         self.log.error("EMERGENCY MODE: %s. The primary keeps serving, writing straight to "
                        "the device; replicas stay consistent but outdated", reason)
         self._set_error(f"emergency mode: {reason}")
@@ -477,7 +626,7 @@ class Logger:
     async def leave_emergency(self) -> None:
         """Log again, in a new logfile after a history gap: every replica must be
         resynced (marsadm invalidate) since the direct writes are in no log."""
-        async with self._append_lock:
+        async with self._exclusive():
             if not self.emergency and self.meta.get(
                     f"resource-{self.resource}/actual-{self.host}/emergency") != "1":
                 return
@@ -508,7 +657,7 @@ class Logger:
     # --------------------------------------------------------------- rotation
     async def rotate(self) -> str:
         """Start the next logfile; return its name."""
-        async with self._append_lock:
+        async with self._exclusive():
             await self._rotate_locked()
         return logfile_name(self._number, self.host)
 
@@ -534,6 +683,14 @@ class Logger:
             except TimeoutError:
                 pass
             self._writeback_wake.clear()
+            if len(self._active) and not self._pressure.is_set():
+                # let writes gather for a moment: more merging, fewer and larger device
+                # writes, and no device write competing with every single log commit
+                try:
+                    await asyncio.wait_for(self._pressure.wait(),
+                                           timeout=self.config.writeback_delay)
+                except TimeoutError:
+                    pass
             while len(self._active):
                 await self._writeback_round()
             await self._maybe_save_position()
@@ -566,8 +723,9 @@ class Logger:
         # with nothing newer waiting, the device holds the whole log (even past a rotation)
         self._applied = self._log_end if not len(self._active) else gen_end
         await self._maybe_save_position()
-        async with self._space:
-            self._space.notify_all()
+        self._admit_waiting()
+        if self._held_bytes() < self._pressure_bytes:
+            self._pressure.clear()
 
     def _write_map(self, gen: ExtentMap, arrivals: list[tuple[int, bytes]] | None) -> None:
         """Copy one generation to the device and make it durable (runs in a thread)."""
@@ -576,7 +734,8 @@ class Logger:
         if arrivals is not None and self.config.writeback_order == "arrival":
             write_in_order(self.device, arrivals, counters, flush=False)
         else:
-            write_sorted(self.device, gen, self.config.writeback_chunk, counters, flush=False)
+            write_sorted(self.device, gen, self.config.writeback_chunk, counters, flush=False,
+                         pool=self._writers, ways=self.config.writeback_threads)
         if counters.device_writes:
             self._device_dirty = True
         self.stats.device_writes += counters.device_writes
@@ -590,12 +749,49 @@ class Logger:
         self.stats.reads += 1
         maps = list(self._maps)
         buf = await asyncio.to_thread(self.device.pread, offset, length)
+        self._overlay(buf, offset, maps)
+        return buf
+
+    def submit_reads(self, reads: list[tuple[int, int]], done: ReadsDone) -> None:
+        """Read each (offset, length) like :meth:`read`, all in one trip to a thread;
+        ``done`` gets the data or an OSError per read, on the event loop."""
+        self.stats.reads += len(reads)
+        maps = list(self._maps)  # before the device is read: see _overlay
+        job = asyncio.get_running_loop().run_in_executor(None, self._pread_many, reads)
+
+        def finished(job: asyncio.Future[list[bytearray | OSError]]) -> None:
+            try:
+                results: list[bytearray | OSError] = job.result()
+            except Exception as exc:  # the executor is gone (shutdown)
+                results = [OSError(errno.EIO, str(exc))] * len(reads)
+            for (offset, _), buf in zip(reads, results, strict=True):
+                if not isinstance(buf, OSError):
+                    self._overlay(buf, offset, maps)
+            done(results)
+        job.add_done_callback(finished)
+
+    def _pread_many(self, reads: list[tuple[int, int]]) -> list[bytearray | OSError]:
+        out: list[bytearray | OSError] = []
+        for offset, length in reads:
+            if offset < 0 or offset + length > self.size:
+                out.append(OSError(errno.EINVAL, "read beyond the end of the device"))
+                continue
+            try:
+                out.append(self.device.pread(offset, length))
+            except (OSError, DeviceError) as exc:
+                out.append(OSError(errno.EIO, str(exc)))
+        return out
+
+    def _overlay(self, buf: bytearray, offset: int, maps: list[ExtentMap]) -> None:
+        """Lay the extent maps over ``buf`` read from the device, oldest first. ``maps``
+        were taken before the device was read: a generation written back meanwhile is
+        still among them, so its data is not missed; generations started since are
+        laid over too."""
         by_gen = {m.generation: m for m in maps}
         for m in self._maps:
             by_gen.setdefault(m.generation, m)
         for g in sorted(by_gen):
             by_gen[g].overlay(buf, offset)
-        return buf
 
     # ------------------------------------------------------------- positions
     async def _maybe_save_position(self) -> None:
@@ -629,10 +825,11 @@ class Logger:
     async def stop(self, end_marker: bool = False) -> LogPosition | None:
         """Drain: commit queued writes, optionally end the log, write everything back."""
         self._stopping = True
-        while self._queue:
-            self._commit_wake.set()
+        while self._waiting or (self._committer is not None and not self._committer.idle) \
+                or self._rotating:
+            self._pressure.set()
             await asyncio.sleep(0.001)
-        async with self._append_lock:
+        async with self._exclusive():
             if end_marker and self._appender is not None:
                 seq = self._next_seq
                 self._next_seq += 1
@@ -661,6 +858,9 @@ class Logger:
             if self._appender is not None:
                 self._appender.close()
                 self._appender = None
+        self._writers.shutdown(wait=False)  # idle: the last round is done
+        if self._committer is not None:
+            await asyncio.to_thread(self._committer.stop)
         return self._log_end
 
     # ----------------------------------------------------------------- status
@@ -671,7 +871,8 @@ class Logger:
             "applied": self._applied.encode() if self._applied else None,
             "next_seq": self._next_seq,
             "pending_bytes": self._held_bytes(),
-            "queued_writes": len(self._queue),
+            "queued_writes": sum(len(b.writes) for b in self._committer.queued())
+            if self._committer is not None else 0,
             "writes": self.stats.writes,
             "bytes_written": self.stats.bytes_written,
             "commits": self.stats.commits,

@@ -16,27 +16,21 @@ log = logging.getLogger(__name__)
 
 
 class LoggerBackend:
-    """Presents a resource's logger as an NBD backend."""
+    """Presents a resource's logger as a batch NBD backend: the writes of one socket read
+    become one unit of the logger's group commit."""
 
     read_only = False
 
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
+        # every write is durable when acknowledged, so FUA needs nothing extra
+        self.submit_writes = logger.submit
+        self.submit_reads = logger.submit_reads
 
     def size(self) -> int:
         return self.logger.size
 
-    async def read(self, offset: int, length: int) -> bytearray:
-        return await self.logger.read(offset, length)
-
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
-        # every write is durable when acknowledged, so FUA needs nothing extra
-        await self.logger.write(offset, data)
-
-    async def flush(self) -> None:
-        await self.logger.flush()
-
-    async def trim(self, offset: int, length: int) -> None:
+    def trim(self, offset: int, length: int) -> None:
         """Discard is advisory: the data stays, identical on every replica."""
         if offset < 0 or offset + length > self.logger.size:
             raise OSError(22, "trim beyond the end of the device")

@@ -1,11 +1,13 @@
 """Copy an extent map to a data device: sorted by offset, adjacent extents merged into
-aligned chunks, unaligned edges read first, one device flush at the end.
+aligned chunks (each copied once into an aligned buffer and written with one request,
+unaligned edges read first), several chunks in flight, one device flush at the end.
 
 Shared by the primary's writeback and a secondary's replay."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from marslib.device import Device
@@ -37,23 +39,35 @@ def merged_chunks(gen: ExtentMap, alignment: int,
         yield cur_start, cur_end, pieces
 
 
+Chunk = tuple[int, int, list[Extent]]  # aligned start, aligned end, the extents in it
+
+
 def write_sorted(dev: Device, gen: ExtentMap, chunk_limit: int,
-                 counters: WritebackCounters, flush: bool = True) -> None:
+                 counters: WritebackCounters, flush: bool = True,
+                 pool: ThreadPoolExecutor | None = None, ways: int = 1) -> None:
     """Write every extent of ``gen`` in offset order, then (with ``flush``) flush the
-    device."""
-    for start, end, pieces in merged_chunks(gen, dev.alignment, chunk_limit):
-        image = bytearray(end - start)
-        view = memoryview(image)
-        covered = pieces[0].start == start and sum(len(p.data) for p in pieces) == end - start
-        if not covered:
-            dev.read_envelope_into(start, view)
-        for p in pieces:
-            view[p.start - start : p.end - start] = p.data
-        dev.write_envelope(start, view)
-        counters.device_writes += 1
-        counters.bytes += end - start
-    if flush and len(gen):
+    device. With a ``pool``, ``ways`` threads write at once, each its share of the chunks
+    in ascending order: the device gets several requests in flight."""
+    chunks = list(merged_chunks(gen, dev.alignment, chunk_limit))
+    if not chunks:
+        return
+    ways = min(ways, len(chunks))
+    if pool is None or ways < 2:
+        _write_chunks(dev, chunks)
+    else:
+        jobs = [pool.submit(_write_chunks, dev, chunks[i::ways]) for i in range(ways)]
+        wait(jobs)  # all of them, also when one fails: a retry must not race a straggler
+        for job in jobs:
+            job.result()
+    counters.device_writes += len(chunks)
+    counters.bytes += sum(end - start for start, end, _ in chunks)
+    if flush:
         dev.flush()
+
+
+def _write_chunks(dev: Device, chunks: list[Chunk]) -> None:
+    for start, end, pieces in chunks:
+        dev.write_gathered(start, end, pieces)
 
 
 def write_in_order(dev: Device, writes: list[tuple[int, bytes]],

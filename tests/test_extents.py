@@ -38,6 +38,57 @@ def test_extent_map_matches_a_byte_model(ops: list[tuple[int, int, int]]) -> Non
     assert win == model[1000:1100]
 
 
+BLOCKS_SPACE = 8 * 4096
+
+mixed_writes = st.lists(
+    st.one_of(
+        # whole 4 KiB blocks: the block dict
+        st.tuples(st.integers(0, 7).map(lambda b: b * 4096), st.integers(1, 3).map(
+            lambda n: n * 4096), st.integers(1, 255)),
+        # anything else: the byte extents, or a patched block
+        st.tuples(st.integers(0, BLOCKS_SPACE - 1), st.integers(1, 9000), st.integers(1, 255)),
+    ),
+    max_size=40,
+)
+
+
+@given(mixed_writes)
+def test_block_and_byte_writes_mixed_match_a_byte_model(
+        ops: list[tuple[int, int, int]]) -> None:
+    model = bytearray(BLOCKS_SPACE)
+    written = bytearray(BLOCKS_SPACE)
+    em = ExtentMap()
+    for start, length, value in ops:
+        length = min(length, BLOCKS_SPACE - start)
+        data = bytearray([value]) * length
+        em.insert(start, data)
+        model[start : start + length] = data
+        written[start : start + length] = b"\x01" * length
+    exts = list(em)
+    for a, b in zip(exts, exts[1:], strict=False):
+        assert a.end <= b.start, "extents overlap or are unsorted"
+    assert em.bytes == sum(written) == sum(len(e.data) for e in exts)
+    image = bytearray(BLOCKS_SPACE)
+    for ext in exts:
+        image[ext.start : ext.end] = ext.data
+    assert bytes(image) == bytes(b if w else 0 for b, w in zip(model, written, strict=True))
+    for lo, hi in ((0, BLOCKS_SPACE), (4000, 4200), (4096, 8192), (100, 20000)):
+        buf = bytearray(hi - lo)
+        em.overlay(buf, lo)
+        assert buf == bytes(b if w else 0 for b, w in zip(model[lo:hi], written[lo:hi],
+                                                           strict=True))
+
+
+def test_a_large_write_is_one_extent_and_a_partial_overwrite_splits_it() -> None:
+    em = ExtentMap()
+    em.insert(0, bytes([1]) * (1 << 20))
+    assert [(e.start, len(e.data)) for e in em] == [(0, 1 << 20)]
+    em.insert(8192, bytes([2]) * 4096)
+    assert [(e.start, len(e.data)) for e in em] == [(0, 8192), (8192, 4096),
+                                                    (12288, (1 << 20) - 12288)]
+    assert em.bytes == 1 << 20
+
+
 def test_superseded_data_is_dropped() -> None:
     em = ExtentMap()
     for i in range(100):

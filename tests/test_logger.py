@@ -360,10 +360,10 @@ def test_rotation_with_queued_writes_keeps_the_durable_seq(setup: Setup) -> None
         lg = setup.logger()
         await lg.start()
         await lg.write(0, block(1))  # seq 1, durable
-        async with lg._append_lock:  # hold the committer: writes 2..5 stay queued
+        async with lg._exclusive():  # hold the committer: writes 2..5 stay queued
             tasks = [asyncio.create_task(lg.write(i * 4096, block(i))) for i in range(2, 6)]
-            await asyncio.sleep(0.01)
-            assert len(lg._queue) == 4
+            while lg.status()["queued_writes"] != 4:  # type: ignore[operator]
+                await asyncio.sleep(0.001)
             await lg._rotate_locked()
             end = lg._log_end
             assert end is not None and end.offset == 0 and end.seq == 1

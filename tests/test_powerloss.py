@@ -408,13 +408,14 @@ def test_log_history_after_rotation_and_power_loss(rig: Rig, tmp_path: Path) -> 
 
 
 def test_catches_a_marsd_that_skips_fdatasync(tmp_path: Path) -> None:
-    """The same cycle against a marsd whose fdatasync does nothing must fail: the test can
-    see a lost acknowledged write."""
+    """The same cycle against a marsd whose fdatasync does nothing and whose O_DSYNC
+    writes are plain writes must fail: the test can see a lost acknowledged write."""
     code = tmp_path / "code"
     shutil.copytree(Path(__file__).resolve().parent.parent / "marslib", code / "marslib",
                     ignore=shutil.ignore_patterns("__pycache__"))
     with open(code / "marslib" / "__init__.py", "a") as f:
-        f.write("\nimport os as _os\n_os.fdatasync = lambda fd: None  # the bug to catch\n")
+        f.write("\nimport os as _os\n_os.fdatasync = lambda fd: None  # the bug to catch\n"
+                "_os.O_DSYNC = 0\n")
     r = Rig(tmp_path, code=code)
     try:
         with pytest.raises(AssertionError) as exc:

@@ -148,7 +148,8 @@ _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 _REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+_SIMPLE_REPLY = SIMPLE_REPLY
 REQUEST_SIZE = _REQUEST.size  # 28
 REPLY_HEADER_SIZE = _SIMPLE_REPLY.size  # 16
 

@@ -13,8 +13,8 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast, runtime_checkable
 
 from marslib.errors import Refused
 from marslib.nbd.protocol import (
@@ -23,6 +23,8 @@ from marslib.nbd.protocol import (
     OPTION_NAMES,
     REP_ACK,
     REP_ERR_UNSUP,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
     ConnectionClosed,
     DisconnectRequest,
     FlushRequest,
@@ -69,6 +71,36 @@ class NbdBackend(Protocol):
         ...
 
 
+WriteDone = Callable[[OSError | None], None]
+ReadDone = Callable[[Sequence["bytes | bytearray | memoryview | OSError"]], None]
+
+
+@runtime_checkable
+class NbdBatchBackend(Protocol):
+    """A backend that takes the requests of one socket read as a batch, with callbacks
+    instead of a task per request (the primary's logger). Callbacks run on the loop."""
+
+    read_only: bool
+
+    def size(self) -> int:
+        """Current export size in bytes."""
+        ...
+
+    def submit_writes(self, writes: list[tuple[int, bytes]], done: WriteDone) -> None:
+        """Store the writes (offset, data); ``done(None)`` once all are durable, else
+        ``done(OSError)``. An empty list is a flush: ``done`` once everything submitted
+        before it is durable."""
+        ...
+
+    def submit_reads(self, reads: list[tuple[int, int]], done: ReadDone) -> None:
+        """Read each (offset, length); ``done`` gets the data or an OSError per read."""
+        ...
+
+    def trim(self, offset: int, length: int) -> None:
+        """The range is no longer needed (a hint; may raise OSError)."""
+        ...
+
+
 class NbdServer:
     """A listening NBD server; created by :func:`start_nbd_server`."""
 
@@ -76,7 +108,7 @@ class NbdServer:
         self,
         socket_path: str,
         export_name: str,
-        backend: NbdBackend,
+        backend: NbdBackend | NbdBatchBackend,
         log: logging.LoggerAdapter,
     ) -> None:
         self.socket_path = socket_path
@@ -162,7 +194,9 @@ class _NbdClient(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, conn_id: int) -> None:
         self.server = server
         self.conn_id = conn_id
-        self.backend = server.backend
+        self._batched = isinstance(server.backend, NbdBatchBackend)
+        self.backend = cast(NbdBackend, server.backend)  # a task per request
+        self.batch_backend = cast(NbdBatchBackend, server.backend)  # or batches
         self.log = server.log
         self.conn = NbdServerConnection(
             server.export_name, server.backend.size, read_only=server.backend.read_only
@@ -184,9 +218,8 @@ class _NbdClient(asyncio.BufferedProtocol):
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.log.debug("%s: connected", self._prefix)
         self._write(self.conn.data_to_send())
 
@@ -196,12 +229,12 @@ class _NbdClient(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.buffer_updated(nbytes)
         if not self._throttled:
-            self._drain()
+            self._drain_batch() if self._batched else self._drain()
 
     def eof_received(self) -> bool:
         self.conn.receive_eof()
         if not self._throttled:
-            self._drain()
+            self._drain_batch() if self._batched else self._drain()
         return True  # keep the transport to send the replies still in flight
 
     def pause_writing(self) -> None:
@@ -324,6 +357,119 @@ class _NbdClient(asyncio.BufferedProtocol):
                 self._update_reading()
                 return
 
+    def _drain_batch(self) -> None:
+        """Turn buffered bytes into requests and hand them to a batch backend: the writes
+        of one socket read as one batch (one group commit), the reads as another, flushes
+        as a barrier behind the writes. No task per request."""
+        next_event = self.conn.next_event
+        writes: list[tuple[int, bytes]] = []
+        write_handles: list[int] = []
+        reads: list[tuple[int, int]] = []
+        read_handles: list[int] = []
+        flush_handles: list[int] = []
+        write_bytes = read_bytes = 0
+        while True:
+            event = next_event()
+            kind = type(event)
+            if kind is WriteRequest:
+                data = event.data  # type: ignore[union-attr]
+                writes.append((event.offset, data))  # type: ignore[union-attr]
+                write_handles.append(event.handle)  # type: ignore[union-attr]
+                write_bytes += len(data)
+            elif kind is ReadRequest:
+                length = event.length  # type: ignore[union-attr]
+                reads.append((event.offset, length))  # type: ignore[union-attr]
+                read_handles.append(event.handle)  # type: ignore[union-attr]
+                read_bytes += length
+            elif event is NEED_DATA:
+                break
+            elif kind is FlushRequest:
+                flush_handles.append(event.handle)  # type: ignore[union-attr]
+            elif kind is TrimRequest:
+                assert isinstance(event, TrimRequest)
+                if self._trim_now(event):
+                    flush_handles.append(event.handle)  # FUA: reply once durable
+            else:
+                # control events (disconnect, errors) act on what is in flight: hand the
+                # requests collected so far over first
+                self._submit(writes, write_handles, write_bytes, reads, read_handles,
+                             read_bytes, flush_handles)
+                writes, write_handles, reads, read_handles, flush_handles = [], [], [], [], []
+                write_bytes = read_bytes = 0
+                self._control_event(event)
+                continue
+            if (self.inflight + len(write_handles) + len(read_handles) + len(flush_handles)
+                    >= MAX_INFLIGHT_REQUESTS
+                    or self.inflight_bytes + write_bytes + read_bytes >= MAX_INFLIGHT_BYTES):
+                self._throttled = True
+                self._update_reading()
+                break
+        self._submit(writes, write_handles, write_bytes, reads, read_handles, read_bytes,
+                     flush_handles)
+
+    def _trim_now(self, req: TrimRequest) -> bool:
+        """Answer a trim at once; True if it carries FUA and needs a flush first."""
+        try:
+            if req.length:
+                self.batch_backend.trim(req.offset, req.length)
+        except Exception as exc:
+            error = self._backend_error(f"trim of {req.length} bytes at {req.offset}", exc)
+            self._write(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, req.handle))
+            return False
+        if req.fua and req.length:
+            return True
+        self._write(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, req.handle))
+        return False
+
+    def _submit(self, writes: list[tuple[int, bytes]], write_handles: list[int],
+                write_bytes: int, reads: list[tuple[int, int]], read_handles: list[int],
+                read_bytes: int, flush_handles: list[int]) -> None:
+        backend = self.batch_backend
+        if writes:
+            self.inflight += len(write_handles)
+            self.inflight_bytes += write_bytes
+            backend.submit_writes(writes, self._replies_when_done(
+                write_handles, write_bytes, writes))
+        if flush_handles:
+            self.inflight += len(flush_handles)
+            backend.submit_writes([], self._replies_when_done(flush_handles, 0, None))
+        if reads:
+            self.inflight += len(read_handles)
+            self.inflight_bytes += read_bytes
+            backend.submit_reads(reads, self._read_replies(read_handles, read_bytes, reads))
+
+    def _replies_when_done(self, handles: list[int], nbytes: int,
+                           writes: list[tuple[int, bytes]] | None) -> WriteDone:
+        def done(error: OSError | None) -> None:
+            code = 0
+            if error is not None:
+                what = (f"{len(handles)} writes from offset {writes[0][0]}" if writes
+                        else "flush")
+                code = self._backend_error(what, error)
+            pack = SIMPLE_REPLY.pack
+            self._write(b"".join([pack(SIMPLE_REPLY_MAGIC, code, h) for h in handles]))
+            self._requests_done(len(handles), nbytes)
+        return done
+
+    def _read_replies(self, handles: list[int], nbytes: int,
+                      reads: list[tuple[int, int]]) -> ReadDone:
+        def done(results: Sequence[bytes | bytearray | memoryview | OSError]) -> None:
+            pack = SIMPLE_REPLY.pack
+            for handle, (offset, length), data in zip(handles, reads, results, strict=True):
+                if isinstance(data, BaseException):
+                    error = self._backend_error(f"read of {length} bytes at {offset}", data)
+                    self._write(pack(SIMPLE_REPLY_MAGIC, error, handle))
+                elif len(data) != length:
+                    self.log.error("%s: backend returned %d bytes for a read of %d",
+                                   self._prefix, len(data), length)
+                    self._write(pack(SIMPLE_REPLY_MAGIC, EIO, handle))
+                elif length <= _SPLIT_WRITE:
+                    self._write(pack(SIMPLE_REPLY_MAGIC, 0, handle) + data)
+                else:
+                    self._write_large(pack(SIMPLE_REPLY_MAGIC, 0, handle), data)
+            self._requests_done(len(handles), nbytes)
+        return done
+
     def _control_event(self, event: object) -> None:
         conn = self.conn
         if isinstance(event, RequestError):
@@ -366,14 +512,17 @@ class _NbdClient(asyncio.BufferedProtocol):
             self._update_reading()
 
     def _request_done(self, nbytes: int) -> None:
-        self.inflight -= 1
+        self._requests_done(1, nbytes)
+
+    def _requests_done(self, count: int, nbytes: int) -> None:
+        self.inflight -= count
         self.inflight_bytes -= nbytes
         if self._throttled and (
             self.inflight <= MAX_INFLIGHT_REQUESTS // 2
             and self.inflight_bytes <= MAX_INFLIGHT_BYTES // 2
         ):
             self._throttled = False
-            self._drain()
+            self._drain_batch() if self._batched else self._drain()
             self._update_reading()
         if self.inflight == 0:
             if self._lost:
@@ -479,7 +628,7 @@ def _prepare_socket_path(path: str) -> None:
 async def start_nbd_server(
     socket_path: str,
     export_name: str,
-    backend: NbdBackend,
+    backend: NbdBackend | NbdBatchBackend,
     *,
     log: logging.LoggerAdapter | None = None,
 ) -> NbdServer:

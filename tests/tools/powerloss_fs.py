@@ -8,7 +8,9 @@ an fsync made durable, laid out as a plain directory tree:
 
 - file data written and not yet fsync'ed (or fdatasync'ed) lives in memory pages; an
   fsync of the file writes them, the file's size and its mode and times to the backing
-  copy of that file;
+  copy of that file; a write through a descriptor opened with O_DSYNC or O_SYNC is
+  followed by that fsync, as a real filesystem makes such a write durable before it
+  returns;
 - a name (create, mkdir, symlink, rename, unlink, rmdir) becomes durable only when its
   directory is fsync'ed; until then the directory's durable entries are the old ones. A
   file fsync'ed before its name is durable keeps its data in a hidden orphan area, as an
@@ -604,7 +606,11 @@ def serve(backing: Path, mountpoint: Path, debug: bool) -> int:
                 fs.control(data)
                 return len(data)
             fs.check_alive()
-            return fs.write(self._node(path, fi), offset, data)
+            node = self._node(path, fi)
+            written = fs.write(node, offset, data)
+            if fi.flags & os.O_DSYNC:  # O_DSYNC or O_SYNC: durable when write(2) returns,
+                fs.fsync_file(node)  # which FUSE's direct-I/O mode leaves to the filesystem
+            return written
 
         def truncate(self, path: str, length: int, fi: Any = None) -> int:
             if self._is_control(path):
