@@ -411,6 +411,13 @@ def main() -> int:
         b.say(b.table(rows, right={1, 2}))
     else:
         b.say("(needs marslib and the case it is compared with)")
+    one_cpu = results.get(TWO, {}).get(ONE.name, b.FioResult(0, 0, 0, 0, 0, 0, 0)).extra.get(
+        "server_cpu", 100.0)
+    if one_cpu < 90:
+        b.say(f"note: marsd used {one_cpu:.0f}% of a CPU for r0 alone, so that job was not "
+              "CPU-bound (a busy machine, or waiting for the log flush); the 2-resource "
+              "ratio then measures more than the use of a second CPU (two logs also flush "
+              "in parallel)")
     b.say()
     b.say("notes: raw and nbdkit acknowledge a write before it is durable (no FUA, no flush); "
           "raw-dsync and marslib acknowledge only durable writes. nbdkit cache=none only "
