@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,13 +78,66 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
         proc.wait(10)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
+def _proc_stat(pid: int | str) -> tuple[int, int, int] | None:
+    """(ppid, CPU ticks of the process, CPU ticks of its waited-for ended children).
+
+    The process's ticks are utime + stime of all its threads (also of ended threads); the
+    children's are cutime + cstime. None when the process is gone.
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    # fields[0] is field 3 of proc_pid_stat(5) (state): ppid is 4, utime/stime/cutime/cstime
+    # are 14-17
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def _children() -> dict[int, list[tuple[int, tuple[int, int, int]]]]:
+    """Every process on the machine under its parent's pid: ppid -> [(pid, stat)]."""
+    kids: dict[int, list[tuple[int, tuple[int, int, int]]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _proc_stat(entry.name)) is not None:
+            kids.setdefault(st[0], []).append((int(entry.name), st))
+    return kids
+
+
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User + system CPU time of a process (all its threads) so far; with ``tree`` (the
+    default) that of its whole process tree: the process, its live descendants (found in
+    /proc by their ppid) and the ended descendants that were waited for (cutime/cstime).
+
+    A worker process that ends and is reaped moves its CPU time from its own entry into its
+    parent's cutime/cstime, so the sum stays right across a worker's exit. Not counted: a
+    descendant that ended without being waited for, or whose parent ended before it.
+    """
+    own = _proc_stat(pid)
+    if own is None:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    if not tree:
+        return own[1] / CLK_TCK
+    kids = _children()
+    ticks, todo = own[1] + own[2], [pid]
+    while todo:
+        for child, (_, child_own, child_waited) in kids.get(todo.pop(), []):
+            ticks += child_own + child_waited
+            todo.append(child)
+    return ticks / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and the pids of its live descendants."""
+    kids = _children()
+    found, todo = [pid], [pid]
+    while todo:
+        more = [child for child, _ in kids.get(todo.pop(), [])]
+        found += more
+        todo += more
+    return found
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def machine_description() -> str:
@@ -111,6 +166,25 @@ def warn_if_busy() -> None:
 
 
 # ---------------------------------------------------------------------- resources
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports that are free on 127.0.0.1 now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"found no {count} consecutive free TCP ports on 127.0.0.1")
+
+
 @contextlib.contextmanager
 def work_dir(base: str) -> Iterator[Path]:
     """A temporary directory on a real filesystem (the log area must not be tmpfs)."""
@@ -174,13 +248,15 @@ def write_iops_limit(dev: str, iops: int) -> Iterator[Path | None]:
 
 
 class Marsd:
-    """One marsd serving resource r0 on ``dev``, its state in a new directory in ``base``."""
+    """One marsd serving resource r0 on ``dev`` (and r1, r2, ... on ``more_devs``), its
+    state in a new directory in ``base``."""
 
     def __init__(self, base: Path, dev: str, args: list[str] | None = None,
-                 cgroup: Path | None = None) -> None:
+                 cgroup: Path | None = None, more_devs: Sequence[str] = ()) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="marsd.", dir=base))  # removed on exit
         base = self.base
         self.dev = dev
+        self.devs = {RESOURCE: dev, **{f"r{i}": d for i, d in enumerate(more_devs, 1)}}
         self.args = args or []
         self.cgroup = cgroup
         self.root = base / "mars"
@@ -196,8 +272,15 @@ class Marsd:
         return self.proc.pid
 
     @property
+    def resources(self) -> list[str]:
+        return list(self.devs)
+
+    @property
     def nbd_uri(self) -> str:
-        return f"nbd+unix:///{RESOURCE}?socket={self.run_dir / (RESOURCE + '.nbd')}"
+        return self.uri(RESOURCE)
+
+    def uri(self, resource: str) -> str:
+        return f"nbd+unix:///{resource}?socket={self.run_dir / (resource + '.nbd')}"
 
     @property
     def control_socket(self) -> Path:
@@ -209,17 +292,25 @@ class Marsd:
     def __enter__(self) -> Marsd:
         try:
             self.marsadm("create-cluster")
-            self.marsadm("create-resource", RESOURCE, self.dev)
+            for res, dev in self.devs.items():
+                self.marsadm("create-resource", res, dev)
+            # its own network ports: another marsd on this machine (a test, a lab) may
+            # hold the default ones; no metrics endpoint (nobody scrapes it here)
+            ports = ([] if any(a.startswith("--port-base") for a in self.args)
+                     else ["--listen", "127.0.0.1", "--port-base", str(free_ports(3))])
+            if not any(a.startswith("--metrics") for a in self.args):
+                ports += ["--metrics", "off"]
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
-                    [MARSD, "--log-level", "WARNING", *self.args], env=self.env,
+                    [MARSD, "--log-level", "WARNING", *ports, *self.args], env=self.env,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
             if self.cgroup is not None:
                 (self.cgroup / "cgroup.procs").write_text(f"{self.pid}\n")
             self._wait_for_control()
-            self.marsadm("up", RESOURCE, "--timeout", "30")
+            for res in self.devs:
+                self.marsadm("up", res, "--timeout", "30")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -242,10 +333,11 @@ class Marsd:
         if exc_type is not None or self.proc.poll() is not None:
             self.show_log(f"marsd (pid {self.pid}, exit code {self.proc.poll()})")
         try:
-            if self.proc.poll() is None:
-                # down writes everything back first; give a lagging writeback time
-                run([MARSADM, "down", RESOURCE, "--force", "--timeout", "120"], env=self.env,
-                    timeout=150, check=False)
+            for res in self.devs:
+                if self.proc.poll() is None:
+                    # down writes everything back first; give a lagging writeback time
+                    run([MARSADM, "down", res, "--force", "--timeout", "120"], env=self.env,
+                        timeout=150, check=False)
         finally:
             stop_process(self.proc)
             self.proc = None
@@ -269,7 +361,7 @@ class Marsd:
                 print(f"--- last lines of the log of {what}:\n{tail}\n---",
                       file=sys.stderr, flush=True)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, resource: str = RESOURCE) -> dict[str, Any]:
         """The resource's live counters, straight from marsd's control socket."""
         from marslib import control  # the venv's marslib: run the benches with .venv/bin/python
 
@@ -277,25 +369,29 @@ class Marsd:
             reply = control.request(self.control_socket, "status", timeout=30)
         except control.DaemonNotRunning:
             raise RuntimeError(self._gone()) from None
-        res: dict[str, Any] = reply["resources"][RESOURCE]
+        res: dict[str, Any] = reply["resources"][resource]
         return res
 
-    def view(self) -> dict[str, Any]:
-        out = json.loads(self.marsadm("view", RESOURCE, "--json"))
-        member: dict[str, Any] = out["resources"][RESOURCE]["members"][HOST]
+    def view(self, resource: str = RESOURCE) -> dict[str, Any]:
+        out = json.loads(self.marsadm("view", resource, "--json"))
+        member: dict[str, Any] = out["resources"][resource]["members"][HOST]
         return member
 
-    def wait_drained(self, timeout: float = 120.0, poll: float = 0.02) -> float:
-        """Seconds until the writeback has caught up (nothing pending, applied == log end)."""
+    def wait_drained(self, timeout: float = 120.0, poll: float = 0.02,
+                     resources: Sequence[str] | None = None) -> float:
+        """Seconds until the writeback has caught up (nothing pending, applied == log end)
+        on ``resources`` (default: all of this marsd's)."""
         t0 = time.monotonic()
-        while True:
-            st = self.status()
-            if st["pending_bytes"] == 0 and st["applied"] == st["log_end"]:
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"writeback did not drain within {timeout:g}s: "
-                                   f"{st['pending_bytes']} bytes pending")
-            time.sleep(poll)
+        for res in resources if resources is not None else self.devs:
+            while True:
+                st = self.status(res)
+                if st["pending_bytes"] == 0 and st["applied"] == st["log_end"]:
+                    break
+                if time.monotonic() - t0 > timeout:
+                    raise RuntimeError(f"writeback of {res} did not drain within {timeout:g}s: "
+                                       f"{st['pending_bytes']} bytes pending")
+                time.sleep(poll)
+        return time.monotonic() - t0
 
 
 @contextlib.contextmanager
@@ -327,11 +423,22 @@ class Job:
     title: str
     args: tuple[str, ...]
 
+    @property
+    def reads(self) -> bool:
+        """A read job (fio reports it under "read", not "write")."""
+        return any(a in ("--rw=read", "--rw=randread") for a in self.args)
+
 
 SEQ = Job("seq", "seq write 1M qd4", ("--rw=write", "--bs=1M", "--iodepth=4"))
 RAND1 = Job("qd1", "randwrite 4k qd1", ("--rw=randwrite", "--bs=4k", "--iodepth=1"))
 RAND32 = Job("qd32", "randwrite 4k qd32", ("--rw=randwrite", "--bs=4k", "--iodepth=32"))
 JOBS = (SEQ, RAND1, RAND32)
+# reads, on a region that was written completely before (see FILL): no holes
+SEQ_READ = Job("seqread", "seq read 1M qd4", ("--rw=read", "--bs=1M", "--iodepth=4"))
+RAND_READ = Job("randread", "randread 4k qd32", ("--rw=randread", "--bs=4k", "--iodepth=32"))
+READ_JOBS = (SEQ_READ, RAND_READ)
+# one pass of sequential writes over the whole region (not time-based): what the reads read
+FILL = Job("fill", "fill: seq write 1M qd4", ("--rw=write", "--bs=1M", "--iodepth=4"))
 
 
 @dataclass
@@ -347,32 +454,47 @@ class FioResult:
 
 
 def fio(job: Job, target: list[str], out: Path, runtime: float,
-        size: str = "1G") -> FioResult:
-    """Run one time-based write job against ``target`` (engine options) and parse its JSON."""
+        size: str = "1G", time_based: bool = True) -> FioResult:
+    """Run one job against ``target`` (engine options) and parse its JSON.
+
+    Time-based (``runtime`` seconds, wrapping around the region) unless ``time_based`` is
+    false: then one pass over ``size`` bytes.
+    """
+    return fio_together([(job.name, job, target)], out, runtime, size, time_based)[0]
+
+
+def fio_together(specs: list[tuple[str, Job, list[str]]], out: Path, runtime: float,
+                 size: str = "1G", time_based: bool = True) -> list[FioResult]:
+    """Run one fio job per (name, job, target) in one fio process, started together, and
+    return their results in that order."""
+    timing = ["--time_based", f"--runtime={runtime:g}"] if time_based else []
     cmd = [
-        "fio", f"--name={job.name}", *target, *job.args, f"--size={size}", "--offset=0",
-        "--time_based", f"--runtime={runtime:g}", "--norandommap", "--randrepeat=0",
+        "fio", *timing, "--norandommap", "--randrepeat=0",
         "--thread",  # one process: killing it on an interrupt leaves no job process behind
-        "--group_reporting", "--output-format=json", f"--output={out}",
+        "--output-format=json", f"--output={out}",
     ]
-    run(cmd, timeout=runtime + 120)
+    for name, job, target in specs:
+        cmd += [f"--name={name}", *target, *job.args, f"--size={size}", "--offset=0"]
+    run(cmd, timeout=(runtime if time_based else 600) + 120)
     text = out.read_text()
     data = json.loads(text[text.index("{"):])  # the nbd engine may print a line first
-    j = data["jobs"][0]
-    if j.get("error"):
-        raise RuntimeError(f"fio job {job.name} failed with error {j['error']}")
-    w = j["write"]
-    clat = w.get("clat_ns", {})
-    pct = clat.get("percentile", {})
-    return FioResult(
-        mb_s=w["bw_bytes"] / 1e6,
-        iops=w["iops"],
-        lat_mean_us=clat.get("mean", 0.0) / 1000,
-        lat_p99_us=pct.get("99.000000", 0) / 1000,
-        ios=w["total_ios"],
-        seconds=w["runtime"] / 1000,
-        fio_cpu=j.get("usr_cpu", 0.0) + j.get("sys_cpu", 0.0),
-    )
+    results = []
+    for (name, job, _), j in zip(specs, data["jobs"], strict=True):
+        if j.get("error"):
+            raise RuntimeError(f"fio job {name} failed with error {j['error']}")
+        io = j["read" if job.reads else "write"]
+        clat = io.get("clat_ns", {})
+        pct = clat.get("percentile", {})
+        results.append(FioResult(
+            mb_s=io["bw_bytes"] / 1e6,
+            iops=io["iops"],
+            lat_mean_us=clat.get("mean", 0.0) / 1000,
+            lat_p99_us=pct.get("99.000000", 0) / 1000,
+            ios=io["total_ios"],
+            seconds=io["runtime"] / 1000,
+            fio_cpu=j.get("usr_cpu", 0.0) + j.get("sys_cpu", 0.0),
+        ))
+    return results
 
 
 def libaio(dev: str, sync: bool = False) -> list[str]:
@@ -401,13 +523,16 @@ def table(rows: list[list[str]], right: set[int] | None = None) -> str:
 PY_SPY = VENV_BIN / "py-spy"
 
 
-def py_spy_start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
-    """Sample ``pid`` for ``seconds`` into collapsed stacks at ``out`` (None: no py-spy)."""
+def py_spy_start(pid: int, seconds: float, out: Path, subprocesses: bool = True
+                 ) -> subprocess.Popen[bytes] | None:
+    """Sample ``pid`` (and, with ``subprocesses``, its child processes: marsd's workers)
+    for ``seconds`` into collapsed stacks at ``out`` (None: no py-spy)."""
     if not PY_SPY.exists():
         return None
     return subprocess.Popen(
         [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
-         "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out)],
+         "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out),
+         *(["--subprocesses"] if subprocesses else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
