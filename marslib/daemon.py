@@ -402,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compress", type=int, default=None, metavar="LEVEL",
                         help="zstd-compress log records at LEVEL where that shrinks them")
     parser.add_argument("--writeback-order", choices=["sorted", "arrival"], default="sorted")
+    parser.add_argument("--writeback-threads", type=int, default=4,
+                        help="device writes in flight during a writeback round (1-16)")
+    parser.add_argument("--commit-depth", type=int, default=4,
+                        help="group commits in flight at once on the log (1-16; 1 where "
+                        "the log filesystem has no O_DIRECT)")
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES, default=None,
+                        help="uvloop (default where installed) or asyncio")
     parser.add_argument("--listen", help="address for the network ports (default: this "
                         "host's address in the cluster, else all)")
     parser.add_argument("--port-base", type=int, default=7777,
@@ -422,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         memory_limit=parse_size(args.memory_limit),
         compress_level=args.compress,
         writeback_order=args.writeback_order,
+        writeback_threads=max(1, min(args.writeback_threads, 16)),
+        commit_depth=max(1, min(args.commit_depth, 16)),
     )
     daemon = Marsd(MarsPaths.from_env(args.root, args.run_dir), host, config,
                    listen=args.listen, port_base=args.port_base,
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                    (args.metrics.rpartition(":")[0] or "127.0.0.1",
                     int(args.metrics.rpartition(":")[2])))
     try:
-        eventloop.run(daemon.run())
+        eventloop.run(daemon.run(), args.event_loop)
     except MarsError as exc:
         log.error("%s", exc)
         return 1

@@ -34,7 +34,7 @@ PREALLOC_CHUNK = 16 << 20  # zero-filled ahead of the log's end at a time
 PREALLOC_LOW = 8 << 20  # fill the next chunk in the background below this much reserve
 DIRECT_BLOCK = 4096  # O_DIRECT alignment, safe whatever the filesystem's block size
 IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
-BIG_BATCH = 256 << 10  # buffered mode: batches this big append directly
+BIG_BATCH = 256 << 10  # commits this big are written without zero-filling ahead
 
 
 class LogAppender:
@@ -60,12 +60,16 @@ class LogAppender:
         self.size = os.fstat(self.fd).st_size  # the log's end: what is written and synced
         self.prealloc = prealloc
         self.allocated = self.size  # zero-filled (and synced) up to here
+        self.reserved = self.size  # end of the last commit handed out (>= size)
+        self._ends_lock = threading.Lock()
+        self._in_flight: dict[int, int] = {}  # start -> end of commits being written
+        self._durable: dict[int, int] = {}  # written out of order, not yet in size
+        self._free_buffers: list[mmap.mmap] = []
         self._alloc_lock = threading.Lock()  # the commit thread and the filler
         self._filler: threading.Thread | None = None
         self._failed_fill: OSError | None = None
         self.dfd = -1
-        self._tail = b""  # direct mode: the bytes of the log in its last partial block
-        self._buf: mmap.mmap | None = None
+        self._tail = b""  # direct mode: the log's bytes in the block holding ``reserved``
         if direct:
             try:
                 self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC | os.O_CLOEXEC)
@@ -138,39 +142,144 @@ class LogAppender:
         """Write the encoded ``records`` at the log's end as one group commit (the last
         one sealed as its marker) and make them durable; return the new end."""
         last = records[-1]
-        head = logrecord.sealed_header(last, self.size, len(records))
+        head = logrecord.sealed_header(last, self.reserved, len(records))
         # the last record's payload is written from where it is, not copied
         return self.write_commit([*records[:-1], head, memoryview(last)[len(head):]])
 
     def write_commit(self, chunks: list[Buffer]) -> int:
         """Write one encoded group commit (its last record already sealed for an offset of
         ``self.size``; see ``logrecord.encode_commit``) at the log's end and make it
-        durable; return the new end.
+        durable; return the new end. Only when no commit is in flight.
 
         On failure (e.g. ENOSPC) the file is cut back to the old end, so a half-written
         batch never stays behind, and the error is raised.
         """
-        before = self.size
-        total = sum(map(len, chunks))
+        commit = self.prepare(chunks, sum(map(len, chunks)))
         try:
-            if self.dfd >= 0:
-                self._extend(self._round(before + total))
-                self._write_direct(chunks, before, total)
-            else:
-                if total < BIG_BATCH:
-                    self._extend(before + total)
-                self._write_buffered(chunks, before, total)
-                os.fdatasync(self.fd)
+            commit.write()
         except OSError:
-            try:
-                with self._alloc_lock:
-                    os.ftruncate(self.fd, before)
-                    self.allocated = before
-            except OSError:
-                pass
+            self.rollback(commit.start)
             raise
-        self.size = before + total
-        return self.size
+        return self.complete(commit)
+
+    # ------------------------------------------------- commits in flight at once
+    @property
+    def can_overlap(self) -> bool:
+        """Whether a commit may be written before the ones in flight are durable: only
+        in direct mode, and only after an aligned end (no block is shared)."""
+        return self.dfd >= 0 and self.reserved % DIRECT_BLOCK == 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def prepare(self, chunks: list[Buffer], total: int) -> PreparedCommit:
+        """Reserve the next ``total`` bytes of the log for the encoded commit ``chunks``
+        (sealed for an offset of ``self.reserved``) and make the write ready."""
+        start = self.reserved
+        end = start + total
+        if self.dfd >= 0:
+            if total < BIG_BATCH:
+                self._extend(self._round(end))
+            else:  # written whole: no zeros first (that would write it twice)
+                with self._alloc_lock:
+                    self.allocated = max(self.allocated, self._round(end))
+            commit = self._prepare_direct(chunks, start, end)
+        else:
+            if total < BIG_BATCH:
+                self._extend(end)
+            commit = PreparedCommit(self, start, end, chunks, 0, None)
+        with self._ends_lock:
+            self._in_flight[start] = end
+        self.reserved = end
+        return commit
+
+    def _prepare_direct(self, chunks: list[Buffer], start: int, end: int) -> PreparedCommit:
+        """The blocks from the one holding ``start`` to the end of the commit, copied into
+        an aligned buffer (the log's bytes before ``start`` in that block first, zeros
+        after the commit) for one O_DIRECT|O_DSYNC write."""
+        tail = self._tail
+        block_start = start - len(tail)
+        length = self._round(end) - block_start
+        buf = self._take_buffer(length)
+        view = memoryview(buf)
+        try:
+            pos = len(tail)
+            view[:pos] = tail
+            for chunk in chunks:
+                n = len(chunk)
+                view[pos:pos + n] = chunk
+                pos += n
+            if length > pos:
+                view[pos:length] = bytes(length - pos)
+            keep = end % DIRECT_BLOCK
+            self._tail = bytes(view[end - block_start - keep:end - block_start]) if keep else b""
+        finally:
+            view.release()
+        return PreparedCommit(self, start, end, [], block_start, buf)
+
+    def _take_buffer(self, length: int) -> mmap.mmap:
+        with self._ends_lock:
+            for i, buf in enumerate(self._free_buffers):
+                if len(buf) >= length:
+                    return self._free_buffers.pop(i)
+        return mmap.mmap(-1, max(-(-length // (1 << 20)) << 20, 1 << 20))  # page-aligned
+
+    def _give_buffer(self, buf: mmap.mmap) -> None:
+        with self._ends_lock:
+            if len(self._free_buffers) < 8 and len(buf) <= 16 << 20:
+                self._free_buffers.append(buf)
+                return
+        buf.close()
+
+    def _write_prepared(self, commit: PreparedCommit) -> None:
+        if commit.buffer is None:
+            self._write_buffered(commit.chunks, commit.start, commit.end - commit.start)
+            os.fdatasync(self.fd)
+            return
+        length = self._round(commit.end) - commit.block_start
+        view = memoryview(commit.buffer)
+        try:
+            done = 0
+            while done < length:
+                n = os.pwritev(self.dfd, [view[done:length]], commit.block_start + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+        finally:
+            view.release()
+
+    def complete(self, commit: PreparedCommit) -> int:
+        """``commit`` is durable; return the end of the log's durable prefix (the commits
+        written before it may still be in flight)."""
+        if commit.buffer is not None:
+            self._give_buffer(commit.buffer)
+            commit.buffer = None
+        with self._ends_lock:
+            self._in_flight.pop(commit.start, None)
+            self._durable[commit.start] = commit.end
+            size = self.size
+            while size in self._durable:
+                size = self._durable.pop(size)
+            self.size = size
+            return size
+
+    def rollback(self, offset: int) -> None:
+        """Forget everything from ``offset`` on (a failed commit and any written after
+        it, none acknowledged): cut the file there. Only with nothing in flight."""
+        with self._ends_lock:
+            self._in_flight.clear()
+            self._durable.clear()
+        try:
+            with self._alloc_lock:
+                os.ftruncate(self.fd, offset)
+                self.allocated = offset
+        except OSError:
+            pass
+        self.size = self.reserved = offset
+        if self.dfd >= 0:
+            head = offset % DIRECT_BLOCK
+            self._tail = os.pread(self.fd, head, offset - head) if head else b""
 
     def _write_buffered(self, chunks: list[Buffer], before: int, total: int) -> None:
         pos = before
@@ -188,39 +297,6 @@ class LogAppender:
                     rest = rest[n:]
             pos += want
 
-    def _write_direct(self, chunks: list[Buffer], before: int, total: int) -> None:
-        """The blocks from the one holding ``before`` to the end of the commit, in one
-        O_DIRECT|O_DSYNC write from an aligned buffer (zeros after the commit)."""
-        start = before - len(self._tail)
-        end = before + total
-        length = self._round(end) - start
-        buf = self._buf
-        if buf is None or len(buf) < length:
-            if buf is not None:
-                buf.close()
-            buf = self._buf = mmap.mmap(-1, max(length, 1 << 20))  # page-aligned
-        view = memoryview(buf)
-        try:
-            pos = len(self._tail)
-            view[:pos] = self._tail
-            for chunk in chunks:
-                n = len(chunk)
-                view[pos:pos + n] = chunk
-                pos += n
-            pad = length - pos
-            if pad:
-                view[pos:length] = bytes(pad)
-            done = 0
-            while done < length:
-                n = os.pwritev(self.dfd, [view[done:length]], start + done)
-                if n <= 0:
-                    raise OSError(errno.EIO, "short write")
-                done += n
-            keep = end % DIRECT_BLOCK
-            self._tail = bytes(view[end - start - keep:end - start]) if keep else b""
-        finally:
-            view.release()
-
     def close(self) -> None:
         """Cut the zero-filled space off and close."""
         filler = self._filler
@@ -237,9 +313,25 @@ class LogAppender:
                 if self.dfd >= 0:
                     os.close(self.dfd)
                     self.dfd = -1
-                if self._buf is not None:
-                    self._buf.close()
-                    self._buf = None
+                for buf in self._free_buffers:
+                    buf.close()
+                self._free_buffers = []
+
+
+@dataclass
+class PreparedCommit:
+    """A commit with its place in the log reserved, ready to be written (in any thread)."""
+
+    appender: LogAppender
+    start: int
+    end: int
+    chunks: list[Buffer]  # buffered mode: what pwritev writes at ``start``
+    block_start: int  # direct mode: where ``buffer`` goes
+    buffer: mmap.mmap | None  # direct mode: the aligned blocks
+
+    def write(self) -> None:
+        """Write and make durable (O_DSYNC, or pwritev and fdatasync); raises OSError."""
+        self.appender._write_prepared(self)
 
 
 def valid_end(path: Path) -> int:
@@ -374,23 +466,36 @@ class StopVerdict:
 def judge_stop(path: Path, stop: ScanStop) -> StopVerdict:
     """Tell a torn tail from damage at ``stop.offset`` (the end of the last good record).
 
-    Appends are preallocated with zeros and each group commit is written only after the
-    one before it is durable, so: a later complete commit proves the bad record was
-    acknowledged (damage); bad bytes that no lost 512-byte sector explains (none of the
-    record's sectors is all zeros, the record lies within the file) are damage too;
-    anything else is the incomplete last commit of a write that never returned.
+    Appends are preallocated with zeros, and a commit's marker says how far the log was
+    durable when the commit was written (format 1.2; before, commits were written one
+    after the other, so everything before a commit was durable), so: a later complete
+    commit written after the bad record was durable proves it was acknowledged (damage);
+    bad bytes that no lost 512-byte sector explains (none of the sectors of the record's
+    commit is all zeros, the record lies within the file) are damage too; anything else
+    is an incomplete commit of a write that never returned, and so are the commits that
+    were in flight beside it.
     """
     pos = stop.offset
     if stop.kind is StopKind.SEQ_GAP:
         return StopVerdict(False, f"sequence gap: {stop.detail}")
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
+        overlapped: int | None = None  # where the first commit in flight beside it begins
         for at, rec_end, rec in _valid_records_after(f, pos, size):
             if rec.is_commit and rec.commit_start > pos:
+                if logrecord.has_durable_end(rec.format_version) and rec.durable_end <= pos:
+                    # written while the bad record's commit was still in flight: no proof
+                    # either way; the commit ends where this one begins
+                    if overlapped is None:
+                        overlapped = rec.commit_start
+                    continue
                 return StopVerdict(False, (
                     f"{stop.detail or stop.kind.value} at offset {pos}, but the complete group "
                     f"commit of records from offset {rec.commit_start} to {rec_end} (last seq "
-                    f"{rec.seq}) follows it: the damaged record was acknowledged"))
+                    f"{rec.seq}) was written after it was durable: the damaged record was "
+                    "acknowledged"))
+            if overlapped is not None:
+                continue
             if rec.is_commit or not rec.has_commit_marks:
                 lost = _lost_sector(f, pos, at)
                 if lost is not None:
@@ -401,6 +506,15 @@ def judge_stop(path: Path, stop: ScanStop) -> StopVerdict:
                         else f"a valid record follows at offset {at}")
                 return StopVerdict(False, f"{stop.detail or stop.kind.value} at offset {pos}, "
                                    f"and {what}: damage, not a torn write")
+        if overlapped is not None:
+            lost = _lost_sector(f, pos, overlapped)
+            if lost is not None:
+                return StopVerdict(True, f"unwritten sector at offset {lost} in the commit "
+                                   f"that ends at {overlapped}, written while later commits "
+                                   "were in flight: none of them was acknowledged")
+            return StopVerdict(False, f"{stop.detail or stop.kind.value} at offset {pos}, "
+                               f"and every sector up to the next commit (offset {overlapped})"
+                               " was written: damage, not a torn write")
         # no complete commit after the stop: the end of the log, torn or damaged
         written = _written_end(f, size)
         if written <= pos:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from marslib.committer import CommitThread
+from marslib.committer import CommitPipeline
 from marslib.device import Device
 from marslib.errors import DeviceError, LogCorrupt
 from marslib.extents import ExtentMap
@@ -32,7 +32,7 @@ from marslib.formats import logrecord
 from marslib.formats.logrecord import FLAG_END, FLAG_GAP, LogRecord
 from marslib.history import links, write_link
 from marslib.layout import MarsPaths, logfile_name
-from marslib.logfile import LogAppender, LogScanner, StopKind, judge_stop
+from marslib.logfile import LogAppender, LogScanner, PreparedCommit, StopKind, judge_stop
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
 from marslib.writeback import WritebackCounters, write_in_order, write_sorted
@@ -51,6 +51,7 @@ class LoggerConfig:
     writeback_chunk: int = 1 << 20  # largest merged device write
     position_interval: float = 0.2  # seconds between saves of the applied position
     writeback_threads: int = 4  # device writes in flight during a writeback round
+    commit_depth: int = 4  # group commits in flight at once (where O_DIRECT works)
     writeback_delay: float = 0.02  # seconds a writeback round waits for more writes,
     # unless a quarter of memory_limit is held
 
@@ -68,8 +69,25 @@ class RecoveryReport:
     seconds: float
 
 
+Write = tuple[int, bytes | bytearray]  # device offset, data
 DoneCallback = Callable[[OSError | None], None]
-_Committed = tuple[int, list[tuple[int, bytes]]]  # new log end, the writes committed
+_Committed = tuple[int, list[Write]]  # the commit's end, its writes
+# a commit of this many writes or bytes ends on a block boundary (with commit_depth > 1),
+# so that the next one may be written while it is in flight; the padding (< 4 KiB) costs
+# little beside it, and a single small write at queue depth 1 gains nothing from it
+ALIGN_WRITES = 4
+ALIGN_BYTES = 64 << 10
+
+
+@dataclass(slots=True)
+class _LoggedCommit:
+    """A group commit ready to be written, and the writes it holds."""
+
+    prepared: PreparedCommit
+    writes: list[Write]
+
+    def write(self) -> None:
+        self.prepared.write()
 ReadsDone = Callable[[Sequence[bytes | bytearray | memoryview | OSError]], None]
 
 
@@ -77,7 +95,7 @@ ReadsDone = Callable[[Sequence[bytes | bytearray | memoryview | OSError]], None]
 class _Batch:
     """Writes handed over as one unit, waiting for their group commit."""
 
-    writes: list[tuple[int, bytes]]  # (device offset, data)
+    writes: list[Write]  # (device offset, data)
     first_seq: int
     nbytes: int
     done: DoneCallback
@@ -153,9 +171,9 @@ class Logger:
         self._applied: LogPosition | None = None  # device holds the log up to here
         self._saved: LogPosition | None = None  # applied position as last saved
         self._saved_at = 0.0
-        self._committer: CommitThread[_Batch, _Committed] | None = None  # from start()
+        self._committer: CommitPipeline[_Batch, _LoggedCommit, _Committed] | None = None
         self._queued_bytes = 0  # in batches handed to the committer, not yet in a map
-        self._waiting: deque[tuple[list[tuple[int, bytes]], int, DoneCallback]] = deque()
+        self._waiting: deque[tuple[list[Write], int, DoneCallback]] = deque()
         self._direct_tasks: set[asyncio.Task[None]] = set()
         self._pressure = asyncio.Event()  # much is held: write back without delay
         self._pressure_bytes = max(1, self.config.memory_limit // 4)
@@ -163,7 +181,7 @@ class Logger:
                                            thread_name_prefix=f"writeback-{resource}")
         self._active = ExtentMap(1)
         self._active_end: LogPosition | None = None
-        self._arrivals: dict[int, list[tuple[int, bytes]]] = {1: []}
+        self._arrivals: dict[int, list[Write]] = {1: []}
         self._maps: list[ExtentMap] = [self._active]
         self._writeback_wake = asyncio.Event()
         self._append_lock = asyncio.Lock()
@@ -189,8 +207,11 @@ class Logger:
         """Recover from the log, then accept writes."""
         report = await asyncio.to_thread(self._recover)
         self._drained.set()
-        self._committer = CommitThread(f"commit-{self.resource}", self._commit_in_thread,
-                                       self._commit_done, asyncio.get_running_loop())
+        self._committer = CommitPipeline(
+            f"commit-{self.resource}", prepare=self._prepare_commit,
+            complete=self._complete_commit, rollback=self._rollback_commit,
+            done=self._commit_done, can_overlap=self._can_overlap,
+            loop=asyncio.get_running_loop(), depth=self.config.commit_depth)
         self._tasks = [
             asyncio.create_task(self._writeback(), name=f"writeback-{self.resource}"),
         ]
@@ -358,7 +379,7 @@ class Logger:
         write_link(self.meta, self.resource, self.host, end)
 
     # ----------------------------------------------------------------- writes
-    def submit(self, writes: list[tuple[int, bytes]], done: DoneCallback) -> None:
+    def submit(self, writes: list[Write], done: DoneCallback) -> None:
         """Log ``writes`` (device offset, data) as one unit: they get consecutive sequence
         numbers and go into the same group commit. ``done(None)`` is called on the event
         loop once all of them are durable in the log (the acknowledgement), or
@@ -387,7 +408,7 @@ class Logger:
             return
         self._enqueue(writes, nbytes, done)
 
-    def _enqueue(self, writes: list[tuple[int, bytes]], nbytes: int, done: DoneCallback
+    def _enqueue(self, writes: list[Write], nbytes: int, done: DoneCallback
                  ) -> None:
         seq = self._next_seq
         self._next_seq = seq + len(writes)
@@ -446,28 +467,55 @@ class Logger:
                 if committer is not None and not self.emergency:
                     committer.resume()
 
-    def _commit_in_thread(self, batches: list[_Batch]) -> _Committed:
-        """One group commit of everything queued (runs in the commit thread; the appender
-        changes only while the thread is paused)."""
+    def _prepare_commit(self, batches: list[_Batch], overlapping: bool
+                        ) -> _LoggedCommit | None:
+        """Encode everything queued as one group commit and reserve its place in the log
+        (in the commit thread; the appender changes only while the pipeline is paused).
+        None if there is nothing to write (barriers only)."""
         appender = self._appender
         assert appender is not None
         writes = [w for batch in batches for w in batch.writes]
-        if not writes:  # barriers only: everything before them is durable already
-            return appender.size, writes
-        return self._append_commit(appender, writes, batches[0].first_seq), writes
-
-    def _append_commit(self, appender: LogAppender, writes: list[tuple[int, bytes]],
-                       first_seq: int) -> int:
-        """Encode and append one group commit. Returns the new end."""
+        if not writes:
+            return None
+        first_seq = batches[0].first_seq
+        start = appender.reserved
+        durable = appender.size  # every commit before this offset is durable
         stamp = time.time_ns()
         level = self.config.compress_level
         if level is None:
-            return appender.write_commit(
-                logrecord.encode_commit(writes, first_seq, appender.size, stamp))
-        return appender.append([
-            logrecord.encode(LogRecord(seq=first_seq + i, offset=offset, data=data,
-                                       stamp_ns=stamp), level)
-            for i, (offset, data) in enumerate(writes)])
+            # end on a block boundary where the next commit may start before this one is
+            # durable: under load (commits in flight, or many writes in one)
+            align = appender.direct and self.config.commit_depth > 1 and (
+                overlapping or len(writes) >= ALIGN_WRITES
+                or sum(batch.nbytes for batch in batches) >= ALIGN_BYTES)
+            chunks, total = logrecord.encode_commit(writes, first_seq, start, stamp, durable,
+                                                    align)
+        else:
+            records = [logrecord.encode(LogRecord(seq=first_seq + i, offset=offset,
+                                                  data=bytes(data), stamp_ns=stamp), level)
+                       for i, (offset, data) in enumerate(writes)]
+            last = records[-1]
+            head = logrecord.sealed_header(last, start, len(records), durable)
+            chunks = [*records[:-1], head, memoryview(last)[len(head):]]
+            total = sum(map(len, chunks))
+        return _LoggedCommit(appender.prepare(chunks, total), writes)
+
+    def _can_overlap(self) -> bool:
+        appender = self._appender
+        return appender is not None and appender.can_overlap
+
+    def _complete_commit(self, job: _LoggedCommit | None) -> _Committed:
+        """A commit's write returned (in an I/O thread): it is durable."""
+        if job is None:
+            return -1, []
+        assert self._appender is not None
+        self._appender.complete(job.prepared)
+        return job.prepared.end, job.writes
+
+    def _rollback_commit(self, job: _LoggedCommit) -> None:
+        """A commit failed (on the loop, nothing in flight): cut the log where it began."""
+        assert self._appender is not None
+        self._appender.rollback(job.prepared.start)
 
     def _commit_done(self, batches: list[_Batch], result: _Committed | None,
                      error: BaseException | None) -> None:
@@ -569,14 +617,14 @@ class Logger:
             pass
 
     # --------------------------------------------------------- emergency mode
-    async def _write_direct(self, offset: int, data: bytes) -> None:
+    async def _write_direct(self, offset: int, data: bytes | bytearray) -> None:
         """Emergency mode: durable on the device before it is acknowledged."""
         await self._drained.wait()
         async with self._direct_lock:
             await asyncio.to_thread(self._pwrite_durable, offset, data)
         self.stats.direct_writes += 1
 
-    def _pwrite_durable(self, offset: int, data: bytes) -> None:
+    def _pwrite_durable(self, offset: int, data: bytes | bytearray) -> None:
         self.device.pwrite(offset, data)
         self.device.flush()
 
@@ -585,7 +633,7 @@ class Logger:
         for batch in batches:
             await self._direct_batch(batch.writes, batch.done)
 
-    async def _direct_batch(self, writes: list[tuple[int, bytes]], done: DoneCallback
+    async def _direct_batch(self, writes: list[Write], done: DoneCallback
                             ) -> None:
         error: OSError | None = None
         for offset, data in writes:
@@ -727,7 +775,7 @@ class Logger:
         if self._held_bytes() < self._pressure_bytes:
             self._pressure.clear()
 
-    def _write_map(self, gen: ExtentMap, arrivals: list[tuple[int, bytes]] | None) -> None:
+    def _write_map(self, gen: ExtentMap, arrivals: list[Write] | None) -> None:
         """Copy one generation to the device and make it durable (runs in a thread)."""
         counters = WritebackCounters()
         # the device is flushed before the applied position is saved, not every round

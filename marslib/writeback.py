@@ -70,7 +70,7 @@ def _write_chunks(dev: Device, chunks: list[Chunk]) -> None:
         dev.write_gathered(start, end, pieces)
 
 
-def write_in_order(dev: Device, writes: list[tuple[int, bytes]],
+def write_in_order(dev: Device, writes: list[tuple[int, bytes | bytearray]],
                    counters: WritebackCounters, flush: bool = True) -> None:
     """Write each logged write in arrival order (the baseline sorting is measured against)."""
     for offset, data in writes:

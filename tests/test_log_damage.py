@@ -142,7 +142,7 @@ def test_every_group_commit_ends_with_a_sealed_marker(tmp_path: Path) -> None:
     starts = [recs[0][0], recs[3][0], recs[4][0]]
     assert [rec.commit_start for _, rec in commits] == starts
     assert [rec.commit_records for _, rec in commits] == [3, 1, 2]
-    assert all(rec.format_version == 0x0101 for _, _, rec in recs)
+    assert all(rec.format_version == 0x0102 for _, _, rec in recs)
 
 
 def test_a_format_1_0_record_is_read_and_counts_as_committed() -> None:

@@ -14,7 +14,7 @@ from marslib.formats import logrecord
 from marslib.formats.logrecord import (
     FLAG_COMPRESSED,
     FLAG_END,
-    HEADER_V1_1_LEN,
+    HEADER_V1_2_LEN,
     HEADER_V1_LEN,
     LogRecord,
     Problem,
@@ -65,7 +65,7 @@ def test_compression_only_where_it_shrinks() -> None:
     assert struct.unpack_from("<I", packed, 8)[0] & FLAG_COMPRESSED
     import os
     rnd = LogRecord(seq=3, offset=0, data=os.urandom(12000))
-    assert len(encode(rnd, 1)) == HEADER_V1_1_LEN + 12000
+    assert len(encode(rnd, 1)) == HEADER_V1_2_LEN + 12000
     assert decode(encode(noise, 1))[0].data == noise.data
 
 
@@ -79,7 +79,7 @@ def test_newer_minor_with_extra_header_field_is_read() -> None:
                     format_version=(1 << 8) | 7)
     got, end = decode(encode(rec) + b"trailing")
     assert bytes(got.data) == b"payload" and got.extension == b"\x01\x02\x03\x04new!"
-    assert end == HEADER_V1_1_LEN + 8 + 7
+    assert end == HEADER_V1_2_LEN + 8 + 7
 
 
 def test_extension_bytes_are_covered_by_the_header_crc() -> None:

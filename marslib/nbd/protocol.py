@@ -224,7 +224,7 @@ class WriteRequest:
 
     handle: int
     offset: int
-    data: bytes
+    data: bytes | bytearray  # a large payload arrives in a buffer of its own
     fua: bool
 
 
@@ -697,9 +697,11 @@ class NbdServerConnection:
         self._payload = None
         self._payload_filled = 0
         handle, offset, flags = self._write_req
-        return self._write_event(handle, offset, flags, bytes(payload))
+        # the payload buffer is this request's own: handed over as it is, not copied
+        return self._write_event(handle, offset, flags, payload)
 
-    def _write_event(self, handle: int, offset: int, flags: int, data: bytes) -> Event:
+    def _write_event(self, handle: int, offset: int, flags: int, data: bytes | bytearray
+                     ) -> Event:
         if flags & ~KNOWN_CMD_FLAGS:
             return self._bad_flags(flags, CMD_WRITE, handle, offset, len(data))
         if self.read_only:

@@ -58,7 +58,7 @@ class NbdBackend(Protocol):
         """Exactly ``length`` bytes at ``offset``."""
         ...
 
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
         """Store ``data`` at ``offset``; returns once durable if ``fua``."""
         ...
 
@@ -86,7 +86,7 @@ class NbdBatchBackend(Protocol):
         """Current export size in bytes."""
         ...
 
-    def submit_writes(self, writes: list[tuple[int, bytes]], done: WriteDone) -> None:
+    def submit_writes(self, writes: list[tuple[int, bytes | bytearray]], done: WriteDone) -> None:
         """Store the writes (offset, data); ``done(None)`` once all are durable, else
         ``done(OSError)``. An empty list is a flush: ``done`` once everything submitted
         before it is durable."""
@@ -362,7 +362,7 @@ class _NbdClient(asyncio.BufferedProtocol):
         of one socket read as one batch (one group commit), the reads as another, flushes
         as a barrier behind the writes. No task per request."""
         next_event = self.conn.next_event
-        writes: list[tuple[int, bytes]] = []
+        writes: list[tuple[int, bytes | bytearray]] = []
         write_handles: list[int] = []
         reads: list[tuple[int, int]] = []
         read_handles: list[int] = []
@@ -421,7 +421,7 @@ class _NbdClient(asyncio.BufferedProtocol):
         self._write(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, req.handle))
         return False
 
-    def _submit(self, writes: list[tuple[int, bytes]], write_handles: list[int],
+    def _submit(self, writes: list[tuple[int, bytes | bytearray]], write_handles: list[int],
                 write_bytes: int, reads: list[tuple[int, int]], read_handles: list[int],
                 read_bytes: int, flush_handles: list[int]) -> None:
         backend = self.batch_backend
@@ -439,7 +439,7 @@ class _NbdClient(asyncio.BufferedProtocol):
             backend.submit_reads(reads, self._read_replies(read_handles, read_bytes, reads))
 
     def _replies_when_done(self, handles: list[int], nbytes: int,
-                           writes: list[tuple[int, bytes]] | None) -> WriteDone:
+                           writes: list[tuple[int, bytes | bytearray]] | None) -> WriteDone:
         def done(error: OSError | None) -> None:
             code = 0
             if error is not None:
