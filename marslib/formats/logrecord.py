@@ -15,8 +15,9 @@ can be told from damage inside the log (see ``marslib.logfile.judge_stop``). Sin
 the marker also says up to which offset the log was durable when the commit was written
 (``durable_end``): commits may be written while earlier ones are still being flushed,
 and only a commit written after a record was durable proves that record was
-acknowledged. Such a marker may carry zero bytes after its fields, so that the commit
-ends on a 4096-byte boundary (readers skip them like any header bytes they do not know).
+acknowledged. Such a marker may carry padding bytes (0xa5) after its fields, so that the
+commit ends on a 4096-byte boundary (readers skip them like any header bytes they do not
+know).
 
 ``format_version`` is ``major << 8 | minor``. A reader accepts any minor of a major it
 knows and skips header bytes it does not understand (``header_len`` says how many);
@@ -206,6 +207,9 @@ _HEADER_1_2 = struct.Struct("<IHHIQQQIIIIQIQ")  # a whole 1.2 header, all fields
 _CRC_END = _CRC_POS + 4
 _crc_bytes = struct.Struct("<I").pack
 _MAX_PAD = MAX_HEADER_LEN - HEADER_V1_2_LEN
+# padding is not zeros: an all-zero sector inside a commit can then only be one that was
+# never written (see marslib.logfile.judge_stop)
+PAD_BYTE = b"\xa5"
 
 
 def encode_commit(writes: Sequence[tuple[int, Buffer]], first_seq: int, commit_start: int,
@@ -215,7 +219,7 @@ def encode_commit(writes: Sequence[tuple[int, Buffer]], first_seq: int, commit_s
     payload of each write in turn, the payloads uncopied, and the commit's length. The
     last record carries ``FLAG_COMMIT``; ``commit_start`` is the logfile offset the commit
     will be written at, ``durable_end`` how far the log is durable now (default: to
-    ``commit_start``). With ``align`` the marker's header is padded with zeros so that the
+    ``commit_start``). With ``align`` the marker's header is padded (``PAD_BYTE``) so that the
     commit ends on a multiple of ``COMMIT_ALIGN`` (unless that needs more padding than a
     header holds; compare the end).
 
@@ -238,7 +242,7 @@ def encode_commit(writes: Sequence[tuple[int, Buffer]], first_seq: int, commit_s
             if align:
                 pad = -(commit_start + total + HEADER_V1_2_LEN + len(extra) + n) % COMMIT_ALIGN
                 if pad <= _MAX_PAD - len(extra):
-                    tail = extra + bytes(pad)
+                    tail = extra + PAD_BYTE * pad
             head = pack(MAGIC, FORMAT_VERSION, HEADER_V1_2_LEN + len(tail), FLAG_COMMIT, seq,
                         stamp_ns, offset, n, n, crc(data, 0), 0, commit_start, last + 1,
                         commit_start if durable_end is None else durable_end)
