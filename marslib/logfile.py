@@ -32,6 +32,7 @@ READ_CHUNK = 8 << 20
 
 PREALLOC_CHUNK = 16 << 20  # zero-filled ahead of the log's end at a time
 PREALLOC_LOW = 8 << 20  # fill the next chunk in the background below this much reserve
+SYNC_FILL = 1 << 20  # what a commit that finds no reserve fills itself (a new logfile)
 DIRECT_BLOCK = 4096  # O_DIRECT alignment, safe whatever the filesystem's block size
 IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 BIG_BATCH = 256 << 10  # commits this big are written without zero-filling ahead
@@ -92,9 +93,10 @@ class LogAppender:
         if self.prealloc <= 0:
             return
         if need > self.allocated:
-            with self._alloc_lock:
+            with self._alloc_lock:  # only a little now: the filler does the rest
                 if need > self.allocated:
-                    self._fill_to(need, self._round(max(need, self.allocated + self.prealloc)))
+                    step = min(self.prealloc, SYNC_FILL)
+                    self._fill_to(need, self._round(max(need, self.allocated + step)))
         if self.allocated - need < PREALLOC_LOW and self._filler is None \
                 and self._failed_fill is None:
             self._filler = threading.Thread(target=self._fill_ahead, daemon=True,
