@@ -50,13 +50,25 @@ class _BufferPool(threading.local):
 
     def __init__(self) -> None:
         self.buf: mmap.mmap | None = None
+        self.whole: memoryview | None = None  # of buf, kept: a view per I/O costs
 
     def get(self, size: int) -> mmap.mmap:
         if self.buf is None or len(self.buf) < size:
+            if self.whole is not None:
+                self.whole.release()
+                self.whole = None
             if self.buf is not None:
                 self.buf.close()
             self.buf = mmap.mmap(-1, max(size, 1 << 20))
         return self.buf
+
+    def view(self, size: int) -> memoryview:
+        """The first ``size`` bytes of this thread's buffer."""
+        whole = self.whole
+        if whole is None or len(whole) < size:
+            self.get(size)
+            whole = self.whole = memoryview(self.buf)  # type: ignore[arg-type]
+        return whole[:size]
 
 
 _pool = _BufferPool()
@@ -190,15 +202,25 @@ class Device:
         """Write the aligned range [start, end) made of ``pieces`` (objects with ``start``
         and ``data``, sorted, inside the range): copied once into an aligned buffer, one
         write. If they leave gaps, the range is read from the device first."""
-        if start % self.alignment or end % self.alignment or end - start > MAX_IO:
+        length = end - start
+        if start % self.alignment or length % self.alignment or length > MAX_IO:
             raise ValueError("write_gathered needs an aligned range of at most MAX_IO")
-        buf = memoryview(_pool.get(end - start))[: end - start]
-        covered = pieces[0].start == start and sum(len(p.data) for p in pieces) == end - start
-        if not covered:
-            self._pread_aligned(buf, start)
-        for p in pieces:
-            buf[p.start - start : p.start - start + len(p.data)] = p.data
-        self._pwrite_aligned(buf, start)
+        buf = _pool.view(length)
+        if len(pieces) == 1:  # the common case: one extent, often exactly one block
+            piece = pieces[0]
+            data = piece.data
+            at = piece.start - start
+            if at or len(data) != length:
+                self._pread_aligned(buf, start)
+            buf[at:at + len(data)] = data
+        else:
+            if pieces[0].start != start or sum(len(p.data) for p in pieces) != length:
+                self._pread_aligned(buf, start)
+            for p in pieces:
+                at = p.start - start
+                buf[at:at + len(p.data)] = p.data
+        if os.pwritev(self.fd, [buf], start) != length:  # short: finish it
+            self._pwrite_aligned(buf, start)
 
     def write_envelope(self, start: int, image: memoryview) -> None:
         """Write an already aligned image (``start`` and length multiples of alignment)."""

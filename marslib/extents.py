@@ -13,7 +13,8 @@ dict holds patches a private copy of that block.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from heapq import merge
 from typing import NamedTuple
 
@@ -202,5 +203,10 @@ def _run(entry: _Entry, first: int, last: int) -> Extent:
     lo = first << BLOCK_SHIFT
     hi = (last + 1) << BLOCK_SHIFT
     if lo == w_start and hi - lo == len(w_view):
-        return Extent(lo, w_view)
-    return Extent(lo, w_view[lo - w_start : hi - w_start])
+        return _extent((lo, w_view))
+    return _extent((lo, w_view[lo - w_start : hi - w_start]))
+
+
+# Extent((start, data)) without the Python-level __new__ of a NamedTuple: the writeback
+# makes one per run of blocks
+_extent: Callable[[tuple[int, memoryview]], Extent] = partial(tuple.__new__, Extent)

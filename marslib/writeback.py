@@ -26,12 +26,15 @@ def merged_chunks(gen: ExtentMap, alignment: int,
     cur_start = cur_end = -1
     pieces: list[Extent] = []
     for ext in gen:
-        e_start = ext.start - ext.start % alignment
-        e_end = -(-ext.end // alignment) * alignment
-        if pieces and e_start <= cur_end and max(cur_end, e_end) - cur_start <= limit:
-            cur_end = max(cur_end, e_end)
-            pieces.append(ext)
-            continue
+        start, data = ext  # a tuple: no attribute lookups on the hot path
+        e_start = start - start % alignment
+        e_end = -(-(start + len(data)) // alignment) * alignment
+        if pieces and e_start <= cur_end:
+            end = e_end if e_end > cur_end else cur_end
+            if end - cur_start <= limit:
+                cur_end = end
+                pieces.append(ext)
+                continue
         if pieces:
             yield cur_start, cur_end, pieces
         cur_start, cur_end, pieces = e_start, e_end, [ext]
