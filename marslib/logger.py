@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ _Committed = tuple[int, list[Write]]  # the commit's end, its writes
 # little beside it, and a single small write at queue depth 1 gains nothing from it
 ALIGN_WRITES = 4
 ALIGN_BYTES = 64 << 10
+READ_WAYS = 4  # threads reading one batch of NBD reads at once
 
 
 @dataclass(slots=True)
@@ -801,22 +803,36 @@ class Logger:
         return buf
 
     def submit_reads(self, reads: list[tuple[int, int]], done: ReadsDone) -> None:
-        """Read each (offset, length) like :meth:`read`, all in one trip to a thread;
-        ``done`` gets the data or an OSError per read, on the event loop."""
+        """Read each (offset, length) like :meth:`read`, in up to ``READ_WAYS`` threads at
+        once (the device gets several requests in flight); ``done`` gets the data or an
+        OSError per read, on the event loop."""
         self.stats.reads += len(reads)
         maps = list(self._maps)  # before the device is read: see _overlay
-        job = asyncio.get_running_loop().run_in_executor(None, self._pread_many, reads)
+        loop = asyncio.get_running_loop()
+        ways = min(READ_WAYS, len(reads))
+        shares = [reads[i::ways] for i in range(ways)]
+        results: list[list[bytearray | OSError] | None] = [None] * ways
+        pending = [ways]
 
-        def finished(job: asyncio.Future[list[bytearray | OSError]]) -> None:
+        def finished(way: int, job: asyncio.Future[list[bytearray | OSError]]) -> None:
             try:
-                results: list[bytearray | OSError] = job.result()
+                results[way] = job.result()
             except Exception as exc:  # the executor is gone (shutdown)
-                results = [OSError(errno.EIO, str(exc))] * len(reads)
-            for (offset, _), buf in zip(reads, results, strict=True):
+                results[way] = [OSError(errno.EIO, str(exc))] * len(shares[way])
+            pending[0] -= 1
+            if pending[0]:
+                return
+            out: list[bytearray | OSError] = [OSError(errno.EIO, "lost")] * len(reads)
+            for w in range(ways):
+                out[w::ways] = results[w]  # type: ignore[assignment]
+            for (offset, _), buf in zip(reads, out, strict=True):
                 if not isinstance(buf, OSError):
                     self._overlay(buf, offset, maps)
-            done(results)
-        job.add_done_callback(finished)
+            done(out)
+
+        for way, share in enumerate(shares):
+            job = loop.run_in_executor(None, self._pread_many, share)
+            job.add_done_callback(partial(finished, way))
 
     def _pread_many(self, reads: list[tuple[int, int]]) -> list[bytearray | OSError]:
         out: list[bytearray | OSError] = []
