@@ -222,20 +222,6 @@ class Device:
         if os.pwritev(self.fd, [buf], start) != length:  # short: finish it
             self._pwrite_aligned(buf, start)
 
-    def write_envelope(self, start: int, image: memoryview) -> None:
-        """Write an already aligned image (``start`` and length multiples of alignment)."""
-        if start % self.alignment or len(image) % self.alignment:
-            raise ValueError("write_envelope needs an aligned start and length")
-        buf = memoryview(_pool.get(len(image)))[: len(image)]
-        buf[:] = image
-        self._pwrite_aligned(buf, start)
-
-    def read_envelope_into(self, start: int, image: memoryview) -> None:
-        """Fill an aligned ``image`` from the device at ``start``."""
-        buf = memoryview(_pool.get(len(image)))[: len(image)]
-        self._pread_aligned(buf, start)
-        image[:] = buf
-
     def flush(self) -> None:
         os.fdatasync(self.fd)
 

@@ -21,10 +21,11 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from marslib.device import Device
+from marslib.device import Device, Piece
 from marslib.errors import LogCorrupt
 from marslib.extents import ExtentMap
 from marslib.fetch import Fetcher
@@ -54,11 +55,11 @@ class _KillAfterWrites:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._device, name)
 
-    def write_envelope(self, start: int, image: memoryview) -> None:
+    def write_gathered(self, start: int, end: int, pieces: Sequence[Piece]) -> None:
         if self._left <= 0:
             os.kill(os.getpid(), signal.SIGKILL)
         self._left -= 1
-        self._device.write_envelope(start, image)
+        self._device.write_gathered(start, end, pieces)
 
 
 def replay_value(pos: LogPosition, batch_end: LogPosition | None = None) -> str:
