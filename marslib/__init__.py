@@ -1,3 +1,3 @@
 """marslib: MARS-style asynchronous replication of block devices."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

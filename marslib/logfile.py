@@ -32,6 +32,8 @@ READ_CHUNK = 8 << 20
 
 PREALLOC_CHUNK = 16 << 20  # zero-filled ahead of the log's end at a time
 PREALLOC_LOW = 8 << 20  # fill the next chunk in the background below this much reserve
+KEEP_BUFFERS = 4  # aligned commit buffers kept for reuse (memory beside memory_limit) ...
+KEEP_BUFFER_SIZE = 4 << 20  # ... of at most this size
 SYNC_FILL = 1 << 20  # what a commit that finds no reserve fills itself (a new logfile)
 DIRECT_BLOCK = 4096  # O_DIRECT alignment, safe whatever the filesystem's block size
 IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
@@ -229,7 +231,7 @@ class LogAppender:
 
     def _give_buffer(self, buf: mmap.mmap) -> None:
         with self._ends_lock:
-            if len(self._free_buffers) < 8 and len(buf) <= 16 << 20:
+            if len(self._free_buffers) < KEEP_BUFFERS and len(buf) <= KEEP_BUFFER_SIZE:
                 self._free_buffers.append(buf)
                 return
         buf.close()
