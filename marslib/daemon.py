@@ -1,8 +1,10 @@
 """marsd: the per-host daemon. It follows the metadata tree and runs each resource's bricks.
 
-One asyncio loop. For every resource whose designated primary is this host and whose
-``todo-HOST/attach`` switch is on, it runs a PrimaryResource (logger, writeback, NBD
-export); otherwise it stops it. marsadm talks to it over the control socket.
+For every resource whose ``todo-HOST/attach`` switch is on it runs a primary (logger,
+writeback, NBD export) where the designated primary is this host, else a secondary (sync,
+fetch, replay); otherwise it stops it. Each resource runs in a worker process of its own
+(:mod:`marslib.worker`), or with ``--workers off`` in marsd's own loop. marsd itself keeps
+the metadata exchange, the network ports, the control socket (marsadm) and this loop.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ from marslib import __version__, control, eventloop
 from marslib.errors import MarsError, UsageError
 from marslib.fetch import FetchService
 from marslib.layout import MarsPaths, check_host_name
-from marslib.logger import Logger, LoggerConfig
+from marslib.logger import LoggerConfig
 from marslib.logsetup import setup_logging
 from marslib.malloc_tuning import tune_malloc
 from marslib.meta import MetaStore
 from marslib.metasync import MetaSync
 from marslib.metrics import serve_metrics
 from marslib.net.conn import read_secret, serve
-from marslib.resource import PrimaryResource
-from marslib.secondary import NetConfig, SecondaryResource
+from marslib.secondary import NetConfig
 from marslib.sizes import format_size, parse_size
 from marslib.space import LEVEL_NAMES, SpaceLimits, free_bytes
 from marslib.sync import SYNC_DONE, SyncService
+from marslib.worker.handle import PrimaryHandle, PrimaryLog, SecondaryHandle
+from marslib.worker.local import LocalPrimary, LocalSecondary
+from marslib.worker.supervisor import WorkerHandle, WorkerPrimary, WorkerSecondary
 
 log = logging.getLogger("marslib.daemon")
 
@@ -45,16 +49,19 @@ class Marsd:
     def __init__(self, paths: MarsPaths, host: str, config: LoggerConfig,
                  listen: str | None = None, port_base: int = 7777,
                  connections: int = 2, space: SpaceLimits | None = None,
-                 metrics: tuple[str, int] | None = ("127.0.0.1", 9577)) -> None:
+                 metrics: tuple[str, int] | None = ("127.0.0.1", 9577),
+                 workers: bool = True, log_level: str = "INFO") -> None:
         self.paths = paths
         self.host = host
         self.config = config
         self.listen = listen
         self.port_base = port_base
         self.connections = connections
+        self.workers = workers  # each resource in a worker process; False: in this loop
+        self.log_level = log_level  # of the workers
         self.meta = MetaStore(paths.root)
-        self.primaries: dict[str, PrimaryResource] = {}
-        self.secondaries: dict[str, SecondaryResource] = {}
+        self.primaries: dict[str, PrimaryHandle] = {}
+        self.secondaries: dict[str, SecondaryHandle] = {}
         self.starting: set[str] = set()  # primaries recovering their log
         self.net: NetConfig | None = None
         self.metasync: MetaSync | None = None
@@ -92,7 +99,8 @@ class Marsd:
             loop.add_signal_handler(sig, self._stop.set)
         self.meta.set(f"version-{self.host}", __version__)
         self._reset_open_counts()
-        log.info("marsd %s started on %s (root %s)", __version__, self.host, self.paths.root)
+        log.info("marsd %s started on %s (root %s), resources %s", __version__, self.host,
+                 self.paths.root, "in worker processes" if self.workers else "in-process")
         try:
             while not self._stop.is_set():
                 if self.metasync is not None:
@@ -166,22 +174,26 @@ class Marsd:
             self.space_level = level
             self.meta.set(f"actual-{self.host}/space-level", str(level))
         async with self._lock:
-            for res in self.primaries.values():
+            for name, res in list(self.primaries.items()):
                 lg = res.logger
                 if lg is None:
                     continue
-                if level >= 4 and not lg.emergency:
-                    await lg.enter_emergency(f"only {format_size(free)} free in "
-                                             f"{self.paths.root}")
-                elif lg.emergency and free >= self.space.no_fetch:
-                    await lg.leave_emergency()
-            for sec in self.secondaries.values():
-                sec.space_blocks_fetch = level >= 3
-                sec.apply_switches()
-                if level >= 2:
-                    sec.drop_applied_logfiles()
+                try:
+                    if level >= 4 and not lg.emergency:
+                        await lg.enter_emergency(f"only {format_size(free)} free in "
+                                                 f"{self.paths.root}")
+                    elif lg.emergency and free >= self.space.no_fetch:
+                        await lg.leave_emergency()
+                except MarsError as exc:  # its worker ended: reconcile restarts it
+                    log.warning("space check: %s", exc, extra={"resource": name})
+            for name, sec in list(self.secondaries.items()):
+                try:
+                    await sec.set_space_level(level)
+                except (MarsError, TimeoutError) as exc:
+                    log.warning("space check: %s", exc or "no answer",
+                                extra={"resource": name})
 
-    def _logger_of(self, name: str) -> Logger | None:
+    def _logger_of(self, name: str) -> PrimaryLog | None:
         res = self.primaries.get(name)
         return res.logger if res is not None else None
 
@@ -233,9 +245,9 @@ class Marsd:
             if req.get("retry") is not None:
                 await self._retry_now(str(req["retry"]))
             await self.reconcile()
-            return {"ok": True, **self.status()}
+            return {"ok": True, **await self.status()}
         if cmd == "status":
-            return {"ok": True, **self.status()}
+            return {"ok": True, **await self.status()}
         if cmd == "log-rotate":
             name = str(req.get("resource"))
             res = self.primaries.get(name)
@@ -244,9 +256,13 @@ class Marsd:
             return {"ok": True, "logfile": await res.logger.rotate()}
         raise UsageError(f"unknown command {cmd!r}")
 
-    def status(self) -> dict[str, Any]:
-        resources = {name: res.status() for name, res in self.primaries.items()}
-        resources.update({name: res.status() for name, res in self.secondaries.items()})
+    async def status(self) -> dict[str, Any]:
+        """Everything ``status`` answers, each running resource's figures asked now."""
+        running: list[tuple[str, PrimaryHandle | SecondaryHandle]] = [
+            *self.primaries.items(), *self.secondaries.items()]
+        figures = await asyncio.gather(*(res.status() for _, res in running))
+        resources = {name: st for (name, res), st in zip(running, figures, strict=True)
+                     if res.exited is None}
         peers = {}
         if self.metasync is not None:
             for name, bundle in self.metasync.peers.items():
@@ -255,6 +271,7 @@ class Marsd:
         return {
             "host": self.host,
             "version": __version__,
+            "workers": self.workers,
             "peers": peers,
             "space_free": self.space_free,
             "space_level": LEVEL_NAMES[self.space_level],
@@ -305,16 +322,22 @@ class Marsd:
         async with self._lock:
             names = set(self.paths.resources()) | set(self.primaries) | set(self.secondaries)
             for name in sorted(names):
+                self._forget_exited(name)
                 want = self._wanted_role(name)
                 running = "primary" if name in self.primaries else \
                     "secondary" if name in self.secondaries else None
                 size = int(self.meta.get(f"resource-{name}/size") or 0)
-                self._publish_device_size(name)
-                if running == "primary" and want == "primary":
+                if running is not None and running == want:
+                    # publish the device size; serve a grown size; follow the switches
+                    res = self.primaries.get(name) or self.secondaries[name]
                     try:
-                        self.primaries[name].grow(size)
+                        await res.refresh(size)
                     except RuntimeError as exc:
                         self.meta.set(f"resource-{name}/actual-{self.host}/error", str(exc))
+                    except (MarsError, TimeoutError) as exc:
+                        log.warning("refresh: %s", exc or "no answer", extra={"resource": name})
+                    if self._forget_exited(name):
+                        continue
                 if running == "secondary" and want == "secondary":
                     sec = self.secondaries[name]
                     if sec.size and size > sec.size and sec.phase != "syncing":
@@ -328,8 +351,6 @@ class Marsd:
                     if syncing and sec.phase != "syncing":
                         running = None  # invalidated: restart with a full sync
                         await self._stop_resource(name)
-                    else:
-                        sec.apply_switches()
                 if running is not None and running != want:
                     # a primary giving up its role (handover) ends its log for the others
                     await self._stop_resource(name, end_log=running == "primary"
@@ -341,50 +362,85 @@ class Marsd:
                         continue
                     await self._start_resource(name, want)
 
-    def _publish_device_size(self, name: str) -> None:
-        """Keep ``device-size-HOST`` current: resize checks every member's device."""
+    def _new_primary(self, name: str) -> PrimaryHandle:
+        if self.workers:
+            return WorkerPrimary(name, self.host, self.paths, self.meta, self.config,
+                                 log_level=self.log_level, on_exit=self._worker_exited)
+        return LocalPrimary(name, self.host, self.paths, self.meta, self.config)
+
+    def _new_secondary(self, name: str) -> SecondaryHandle:
+        assert self.net is not None
+        if self.workers:
+            return WorkerSecondary(name, self.host, self.paths, self.meta, self.net,
+                                   log_level=self.log_level, on_exit=self._worker_exited)
+        return LocalSecondary(name, self.host, self.paths, self.meta, self.net)
+
+    def _worker_exited(self, worker: WorkerHandle) -> None:
+        """A worker ended without being stopped: a crash of its resource only. Record it
+        as a failed start (retried after RETRY_FAILED_AFTER) and let reconcile forget it."""
+        name = worker.name
+        if self.primaries.get(name) is not worker and self.secondaries.get(name) is not worker:
+            return  # it was starting: _start_resource records the failure
+        msg = (f"resource {name} failed: its worker (pid {worker.worker_pid}) "
+               f"{worker.exited}; marsd starts it again in {RETRY_FAILED_AFTER:.0f} s")
+        log.error("%s", msg, extra={"resource": name})
+        self.failures[name] = (time.monotonic(), msg)
+        self._overwrite(f"resource-{name}/actual-{self.host}/error", msg[:1000])
+        if name in self.primaries:
+            # its NBD export went with it
+            self._overwrite(f"resource-{name}/actual-{self.host}/open-count", "0")
+        self.poke()
+
+    def _overwrite(self, key: str, value: str) -> None:
+        """Set a key a worker may have written last: reading it first moves this clock past
+        the worker's stamp, so the new value wins everywhere."""
+        self.meta.read(key)
+        self.meta.set(key, value)
+
+    def _forget_exited(self, name: str) -> bool:
+        """Drop the handle of ``name`` if its worker ended; True if it did."""
         res = self.primaries.get(name) or self.secondaries.get(name)
-        if res is None or res.device is None or res.device.fd < 0:
-            return
-        key = f"resource-{name}/device-size-{self.host}"
-        try:
-            size = str(res.device.size)
-        except OSError:
-            return
-        if self.meta.get(key) != size:
-            self.meta.set(key, size)
+        if res is None or res.exited is None:
+            return False
+        self.primaries.pop(name, None)
+        self.secondaries.pop(name, None)
+        return True
 
     async def _start_resource(self, name: str, role: str = "primary") -> None:
-        res: PrimaryResource | SecondaryResource
         if role == "primary":
-            res = PrimaryResource(name, self.host, self.paths, self.meta, self.config)
-        else:
-            assert self.net is not None
-            res = SecondaryResource(name, self.host, self.paths, self.meta, self.net)
-        if role == "primary":
+            primary = self._new_primary(name)
             self.starting.add(name)
+            try:
+                started = await self._started(name, primary)
+            finally:
+                self.starting.discard(name)
+            if started:
+                self.primaries[name] = primary
+        else:
+            secondary = self._new_secondary(name)
+            if await self._started(name, secondary):
+                self.secondaries[name] = secondary
+
+    async def _started(self, name: str, res: PrimaryHandle | SecondaryHandle) -> bool:
+        """Start ``res``; on failure record why (retried after RETRY_FAILED_AFTER)."""
         try:
             await res.start()
         except (MarsError, OSError, RuntimeError) as exc:
             msg = f"cannot start resource {name}: {exc}"
             log.error(msg, extra={"resource": name})
             self.failures[name] = (time.monotonic(), msg)
-            self.meta.set(f"resource-{name}/actual-{self.host}/error", msg[:1000])
-            return
-        finally:
-            self.starting.discard(name)
+            self._overwrite(f"resource-{name}/actual-{self.host}/error", msg[:1000])
+            return False
         self.failures.pop(name, None)
-        if isinstance(res, PrimaryResource):
-            self.primaries[name] = res
-        else:
-            self.secondaries[name] = res
+        return True
 
     async def _stop_resource(self, name: str, end_log: bool = False) -> None:
         primary = self.primaries.pop(name, None)
+        secondary = self.secondaries.pop(name, None)
         if primary is not None:
             await primary.stop(end_marker=end_log)
-        else:
-            await self.secondaries.pop(name).stop()
+        elif secondary is not None:
+            await secondary.stop()
 
     def poke(self) -> None:
         self._poke.set()
@@ -420,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="ADDRESS:PORT for Prometheus metrics, or 'off'")
     parser.add_argument("--connections", type=int, default=2,
                         help="connections bundled per peer for fetch and sync (1-8)")
+    parser.add_argument("--workers", choices=["on", "off"], default="on",
+                        help="run each resource in a worker process of its own (on, the "
+                        "default: resources use several cores, a crash stays in its "
+                        "resource) or in marsd's own event loop (off: for debugging)")
     args = parser.parse_args(argv)
     host = check_host_name(args.host or os.environ.get("MARS_HOST") or socket.gethostname())
     setup_logging(host, args.log_level)
@@ -438,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                    space=SpaceLimits.parse(args.space_limits),
                    metrics=None if args.metrics == "off" else
                    (args.metrics.rpartition(":")[0] or "127.0.0.1",
-                    int(args.metrics.rpartition(":")[2])))
+                    int(args.metrics.rpartition(":")[2])),
+                   workers=args.workers == "on", log_level=args.log_level)
     try:
         eventloop.run(daemon.run(), args.event_loop)
     except MarsError as exc:

@@ -14,21 +14,23 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from marslib.durable import fsync_dir
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import MarsPaths, check_resource_name, parse_logfile_name
 from marslib.logfile import valid_end
-from marslib.logger import Logger
 from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
 from marslib.pausing import PauseSwitch
+from marslib.position import LogPosition
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_CHUNK = 8 << 20
 MAX_WAIT = 10.0
+NOT_YET = -2  # a logfile newer than its logger's end as last reported: wait for the report
 
 
 def next_logfile(paths: MarsPaths, resource: str, name: str) -> str | None:
@@ -42,10 +44,20 @@ def next_logfile(paths: MarsPaths, resource: str, name: str) -> str | None:
     return None
 
 
+class GrowingLog(Protocol):
+    """What the fetch service needs of a primary's logger: the Logger itself, or marsd's
+    proxy of one in a worker process (whose ``log_end`` may lag, never lead)."""
+
+    @property
+    def log_end(self) -> LogPosition | None: ...
+
+    async def wait_growth(self, timeout: float) -> None: ...
+
+
 class FetchService:
     """Serves local logfiles to fetching secondaries."""
 
-    def __init__(self, paths: MarsPaths, loggers: Callable[[str], Logger | None],
+    def __init__(self, paths: MarsPaths, loggers: Callable[[str], GrowingLog | None],
                  recovering: Callable[[str], bool] = lambda _: False) -> None:
         self.paths = paths
         self.loggers = loggers
@@ -53,17 +65,28 @@ class FetchService:
         self.bytes_served = 0
         self._valid_ends: dict[tuple[str, int, int], int] = {}
 
-    async def _durable_end(self, resource: str, name: str, path: Path) -> int:
+    async def _durable_end(self, resource: str, name: str, path: Path,
+                           nxt: str | None) -> int:
+        """How much of logfile ``name`` may be served; ``nxt`` is the logfile after it,
+        looked for *before* this is called."""
         logger = self.loggers(resource)
         end = logger.log_end if logger is not None else None
-        if end is not None and end.logfile == name:
-            return end.offset
+        if end is not None and nxt is None:
+            if end.logfile == name:
+                return end.offset
+            parsed = parse_logfile_name(name)
+            if parsed is not None and parsed[0] > end.number:
+                # the logger moved on and has not told us yet (a worker's push under way):
+                # nothing of it is known to be durable
+                return NOT_YET
         try:
             st = path.stat()
         except FileNotFoundError:
             return -1
-        if next_logfile(self.paths, resource, name):
-            return st.st_size  # finished logfiles are cut to their exact end
+        if nxt:
+            # finished logfiles are cut to their exact end before the next one exists; a
+            # logger's end may lag (a worker's), the file size does not
+            return st.st_size
         # the newest logfile without its logger (primary down, or a secondary here): it
         # may hold reserved zeros or a torn commit after a crash; serve only complete
         # commits, scanned off the event loop
@@ -100,18 +123,27 @@ class FetchService:
                                                     "next": None, "recovering": True})
             await asyncio.sleep(min(0.1, remaining))
         while True:
-            end = await self._durable_end(resource, name, path)
+            # the next logfile first: once it exists, this one is finished, and its end is
+            # the file's size (a logger's end read before that could be short of it)
             nxt = next_logfile(self.paths, resource, name)
-            if end < 0:
+            end = await self._durable_end(resource, name, path, nxt)
+            remaining = deadline - time.monotonic()
+            if end == NOT_YET:
+                if remaining <= 0:
+                    return Frame(FrameType.FETCH_DATA, {"logfile": name, "offset": offset,
+                                                        "end": offset, "finished": False,
+                                                        "next": None})
+            elif end < 0:
                 return Frame(FrameType.FETCH_DATA, {"logfile": name, "missing": True,
                                                     "next": nxt})
             finished = nxt is not None
-            remaining = deadline - time.monotonic()
-            if offset < end or finished or remaining <= 0:
+            if end != NOT_YET and (offset < end or finished or remaining <= 0):
                 break
             logger = self.loggers(resource)
-            if logger is not None and logger.log_end is not None \
-                    and logger.log_end.logfile == name:
+            log_end = logger.log_end if logger is not None else None
+            asked = parse_logfile_name(name)
+            if logger is not None and log_end is not None and asked is not None \
+                    and asked[0] >= log_end.number:
                 await logger.wait_growth(remaining)
             else:
                 await asyncio.sleep(min(0.2, remaining))

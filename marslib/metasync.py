@@ -1,10 +1,18 @@
 """Spreading the metadata tree: every host pushes keys changed since its last successful
-push to every other host (port 7777); receivers keep whatever is newer (Lamport stamp)."""
+push to every other host (port 7777); receivers keep whatever is newer (Lamport stamp).
+
+"Changed since" is judged by stamp. Other processes write this tree too (marsadm, and
+marsd's resource workers, each with its own Lamport clock), so a key may show up with a
+stamp below one already pushed: one process's clock may be ahead of another's, and a key
+written while the tree is being walked may be missed by that walk. The push therefore
+never counts as done what is younger than ``SETTLE`` seconds (by this host's clock): such
+keys go again with the next pushes, which receivers ignore where they have them."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from marslib.formats.frame import Frame, FrameType
 from marslib.meta import MetaStore, MetaValue
@@ -15,6 +23,7 @@ log = logging.getLogger(__name__)
 
 PUSH_INTERVAL = 0.25
 MAX_ITEMS_PER_PUSH = 2000
+SETTLE = 10.0  # seconds: a key written locally is visible to a walk of the tree by then
 
 
 def cluster_hosts(meta: MetaStore) -> dict[str, str]:
@@ -87,13 +96,14 @@ class MetaSync:
         acked = 0
         while True:
             try:
+                settled = time.time_ns() - int(SETTLE * 1e9)  # before the walk starts
                 items = [mv for mv in await asyncio.to_thread(self.meta.items) if mv.stamp > acked]
                 items.sort(key=lambda mv: mv.stamp)
                 for i in range(0, len(items), MAX_ITEMS_PER_PUSH):
                     part = items[i : i + MAX_ITEMS_PER_PUSH]
                     await bundle.request(Frame(FrameType.META_PUSH, {
                         "items": [[mv.key, mv.value, mv.stamp] for mv in part]}), timeout=30)
-                    acked = part[-1].stamp
+                    acked = max(acked, min(part[-1].stamp, settled))
                     self.acked[name] = acked
                 await asyncio.sleep(PUSH_INTERVAL)
             except (ConnectionError, RemoteError) as exc:

@@ -1,14 +1,15 @@
 """Prometheus metrics of marsd, computed from its status at scrape time.
 
 Served over HTTP on a loopback port (default 127.0.0.1:9577) by the daemon's own event
-loop, so every figure is read consistently with the running bricks."""
+loop; each scrape asks for a fresh status (from every resource's worker), so the figures
+are those of the moment of the scrape."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -44,6 +45,8 @@ def lag_seconds(st: dict[str, Any], now: float) -> float:
 
 
 class MarsCollector(Collector):
+    """The metrics of one status snapshot (``status`` returns it)."""
+
     def __init__(self, status: Callable[[], dict[str, Any]], host: str) -> None:
         self.status = status
         self.host = host
@@ -121,11 +124,16 @@ class MarsCollector(Collector):
         yield from (free, level, peers)
 
 
-async def serve_metrics(address: str, port: int, status: Callable[[], dict[str, Any]],
+async def serve_metrics(address: str, port: int,
+                        status: Callable[[], Awaitable[dict[str, Any]]],
                         host: str) -> asyncio.Server:
     """A minimal HTTP endpoint: GET /metrics in the Prometheus text format."""
-    registry = CollectorRegistry()
-    registry.register(MarsCollector(status, host))
+
+    async def scrape() -> bytes:
+        snapshot = await status()
+        registry = CollectorRegistry()
+        registry.register(MarsCollector(lambda: snapshot, host))
+        return generate_latest(registry)
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -135,7 +143,7 @@ async def serve_metrics(address: str, port: int, status: Callable[[], dict[str, 
             parts = request.split()
             if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (
                     b"/metrics", b"/"):
-                body = generate_latest(registry)
+                body = await scrape()
                 head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
             else:

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 32 << 20
 MAX_REFETCH = 3
 # fault injection for tests: marsd kills itself (SIGKILL) in the middle of a replay batch,
-# before the device write after this many of them
+# before the device write after this many of them; its whole process group, so that with
+# resource workers marsd dies together with the worker that replays
 FAULT_KILL_AFTER = "MARS_FAULT_REPLAY_KILL_AFTER"
 
 
@@ -57,7 +58,7 @@ class _KillAfterWrites:
 
     def write_gathered(self, start: int, end: int, pieces: Sequence[Piece]) -> None:
         if self._left <= 0:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.killpg(0, signal.SIGKILL)
         self._left -= 1
         self._device.write_gathered(start, end, pieces)
 

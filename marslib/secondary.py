@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +56,21 @@ class SecondaryResource:
         self.syncer: SyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self.error: str | None = None
-        self.phase = "starting"
+        self.on_change: Callable[[], None] | None = None  # called when the phase changes
+        self._phase = "starting"
         self.space_blocks_fetch = False  # /mars is too full to fetch
         self.size = 0  # the resource size this secondary runs with
+
+    @property
+    def phase(self) -> str:
+        """starting, syncing, replaying or error (then ``error`` says why)."""
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        if self.on_change is not None:
+            self.on_change()
 
     def _key(self, name: str) -> str:
         return f"resource-{self.name}/{name}"

@@ -16,12 +16,12 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from marslib.checksum import crc32c
 from marslib.device import Device
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import check_resource_name
-from marslib.logger import Logger
 from marslib.meta import MetaStore
 from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
@@ -42,14 +42,28 @@ def block_sums(data: bytes | bytearray | memoryview, block_size: int) -> list[in
     return [crc32c(view[i : i + block_size], 0) for i in range(0, len(view), block_size)]
 
 
+class SyncSource(Protocol):
+    """What the sync service needs of a primary's logger: the Logger itself, or marsd's
+    proxy of one in a worker process. A proxy's ``log_end`` may lag the real one but is
+    never older than the end when the last ``read`` through it returned."""
+
+    @property
+    def log_end(self) -> LogPosition | None: ...
+
+    @property
+    def size(self) -> int: ...
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray: ...
+
+
 class SyncService:
     """The primary's side: checksums and data of its newest state (log overlay included)."""
 
-    def __init__(self, loggers: Callable[[str], Logger | None]) -> None:
+    def __init__(self, loggers: Callable[[str], SyncSource | None]) -> None:
         self.loggers = loggers
         self.bytes_served = 0
 
-    def _logger(self, frame: Frame) -> Logger:
+    def _logger(self, frame: Frame) -> SyncSource:
         name = check_resource_name(str(frame.get("resource", "")))
         logger = self.loggers(name)
         if logger is None:

@@ -1,0 +1,7 @@
+"""``python -m marslib.worker``: started by marsd, never by hand."""
+
+import sys
+
+from marslib.worker.process import main
+
+sys.exit(main())
