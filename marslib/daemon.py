@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                     int(args.metrics.rpartition(":")[2])),
                    workers=args.workers == "on", log_level=args.log_level)
     try:
+        if args.event_loop:
+            os.environ["MARS_EVENT_LOOP"] = args.event_loop  # the workers' loop too
         eventloop.run(daemon.run(), args.event_loop)
     except MarsError as exc:
         log.error("%s", exc)

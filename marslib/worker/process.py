@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from marslib import __version__
+from marslib import __version__, eventloop
 from marslib.errors import MarsError, UsageError
 from marslib.layout import MarsPaths
 from marslib.logger import LoggerConfig
@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     os.set_inheritable(args.fd, False)
     sock = socket.socket(fileno=args.fd)
     try:
-        return asyncio.run(Worker(sock, args.resource, args.host).run())
+        # marsd's choice of event loop reaches us through MARS_EVENT_LOOP
+        return eventloop.run(Worker(sock, args.resource, args.host).run())
     except Exception:
         log.exception("worker failed", extra={"resource": args.resource})
         return 1
