@@ -286,7 +286,8 @@ def test_handover_times_out_while_lagging_and_leaves_everything_as_it_was(pair: 
     # backlog before its first look (a busy machine's marsadm starts slowly), while it waits
     # for alpha to end its log: then alpha is made the primary again
     assert r["rc"] == 3, r
-    assert "catch up" in r["error"] or "to end its log" in r["error"], r
+    # (or, on a busy machine, before marsd even answered the first status question)
+    assert any(why in r["error"] for why in ("catch up", "to end its log", "did not answer")), r
     assert b.marsadm("view")["resources"]["r0"]["primary"] == "alpha"
     wait_until(lambda: pair.status("alpha").get("role") == "primary", "alpha is the primary")
     assert a.marsadm("view")["resources"]["r0"]["primary"] == "alpha"
