@@ -52,7 +52,7 @@ class Handle(Protocol):
 
     @property
     def exited(self) -> str | None:
-        """Why the worker ended without being stopped (None while it runs, in-process)."""
+        """How the worker ended (None while it runs, and always in-process)."""
 
     async def start(self) -> None: ...
 

@@ -109,7 +109,7 @@ class WorkerHandle:
         self.log = logging.LoggerAdapter(log, {"resource": name, "host": host})
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: Channel | None = None
-        self.exited: str | None = None  # why the worker ended on its own
+        self.exited: str | None = None  # how the worker ended (on its own unless stopping)
         self.returncode: int | None = None
         self._stopping = False
         self._hello: asyncio.Future[Hello] | None = None
