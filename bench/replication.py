@@ -128,10 +128,11 @@ class ReplLab:
 
     # ---------------------------------------------------------------- status
     def status(self, host: str) -> dict[str, Any]:
-        """The live status of r0 in ``host``'s marsd, from its control socket."""
+        """The live status of r0 in ``host``'s marsd, from its control socket; empty while
+        r0 is not running there yet (its worker is starting)."""
         h = self.lab.host(host)
         reply = control.request(h.run_dir / "marsd.sock", "status", timeout=30)
-        res: dict[str, Any] = reply["resources"][RES]
+        res: dict[str, Any] = reply["resources"].get(RES, {})
         return res
 
     def marsd_pid(self, host: str) -> int:
