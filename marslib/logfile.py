@@ -145,10 +145,7 @@ class LogAppender:
     def append(self, records: list[bytes]) -> int:
         """Write the encoded ``records`` at the log's end as one group commit (the last
         one sealed as its marker) and make them durable; return the new end."""
-        last = records[-1]
-        head = logrecord.sealed_header(last, self.reserved, len(records))
-        # the last record's payload is written from where it is, not copied
-        return self.write_commit([*records[:-1], head, memoryview(last)[len(head):]])
+        return self.write_commit(logrecord.sealed_commit(records, self.reserved))
 
     def write_commit(self, chunks: list[Buffer]) -> int:
         """Write one encoded group commit (its last record already sealed for an offset of

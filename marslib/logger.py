@@ -72,6 +72,7 @@ class RecoveryReport:
 
 Write = tuple[int, bytes | bytearray]  # device offset, data
 DoneCallback = Callable[[OSError | None], None]
+ReadsDone = Callable[[Sequence[bytes | bytearray | memoryview | OSError]], None]
 _Committed = tuple[int, list[Write]]  # the commit's end, its writes
 # a commit of this many writes or bytes ends on a block boundary (with commit_depth > 1),
 # so that the next one may be written while it is in flight; the padding (< 4 KiB) costs
@@ -90,7 +91,6 @@ class _LoggedCommit:
 
     def write(self) -> None:
         self.prepared.write()
-ReadsDone = Callable[[Sequence[bytes | bytearray | memoryview | OSError]], None]
 
 
 @dataclass(slots=True)
@@ -176,7 +176,7 @@ class Logger:
         self._committer: CommitPipeline[_Batch, _LoggedCommit, _Committed] | None = None
         self._queued_bytes = 0  # in batches handed to the committer, not yet in a map
         self._waiting: deque[tuple[list[Write], int, DoneCallback]] = deque()
-        self._direct_tasks: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # _spawn's tasks, kept referenced
         self._pressure = asyncio.Event()  # much is held: write back without delay
         self._pressure_bytes = max(1, self.config.memory_limit // 4)
         self._writers = ThreadPoolExecutor(max(1, self.config.writeback_threads),
@@ -400,9 +400,7 @@ class Logger:
                 return
             nbytes += len(data)
         if self.emergency:
-            task = asyncio.get_running_loop().create_task(self._direct_batch(writes, done))
-            self._direct_tasks.add(task)
-            task.add_done_callback(self._direct_tasks.discard)
+            self._spawn(self._direct_batch(writes, done), "direct")
             return
         if self._waiting or self._held_bytes() >= self.config.memory_limit:
             self._waiting.append((writes, nbytes, done))  # admitted as writeback frees memory
@@ -496,9 +494,7 @@ class Logger:
             records = [logrecord.encode(LogRecord(seq=first_seq + i, offset=offset,
                                                   data=bytes(data), stamp_ns=stamp), level)
                        for i, (offset, data) in enumerate(writes)]
-            last = records[-1]
-            head = logrecord.sealed_header(last, start, len(records), durable)
-            chunks = [*records[:-1], head, memoryview(last)[len(head):]]
+            chunks = logrecord.sealed_commit(records, start, durable)
             total = sum(map(len, chunks))
         return _LoggedCommit(appender.prepare(chunks, total), writes)
 
@@ -599,8 +595,8 @@ class Logger:
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"{what}-{self.resource}")
-        self._direct_tasks.add(task)
-        task.add_done_callback(self._direct_tasks.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _notify_growth(self) -> None:
         grew, self._grew = self._grew, asyncio.Event()

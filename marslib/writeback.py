@@ -20,8 +20,10 @@ class WritebackCounters:
     bytes: int = 0
 
 
-def merged_chunks(gen: ExtentMap, alignment: int,
-                  limit: int) -> Iterator[tuple[int, int, list[Extent]]]:
+Chunk = tuple[int, int, list[Extent]]  # aligned start, aligned end, the extents in it
+
+
+def merged_chunks(gen: ExtentMap, alignment: int, limit: int) -> Iterator[Chunk]:
     """Group extents whose aligned envelopes touch into chunks of at most ``limit``."""
     cur_start = cur_end = -1
     pieces: list[Extent] = []
@@ -42,7 +44,6 @@ def merged_chunks(gen: ExtentMap, alignment: int,
         yield cur_start, cur_end, pieces
 
 
-Chunk = tuple[int, int, list[Extent]]  # aligned start, aligned end, the extents in it
 
 
 def write_sorted(dev: Device, gen: ExtentMap, chunk_limit: int,

@@ -282,6 +282,15 @@ def sealed_header(encoded: bytes, commit_start: int, commit_records: int,
     return bytes(head)
 
 
+def sealed_commit(records: list[bytes], commit_start: int, durable_end: int | None = None
+                  ) -> list[Buffer]:
+    """Encoded ``records`` as the buffers of one group commit for ``pwritev``: the last
+    one sealed as its marker (see :func:`sealed_header`), every payload uncopied."""
+    last = records[-1]
+    head = sealed_header(last, commit_start, len(records), durable_end)
+    return [*records[:-1], head, memoryview(last)[len(head):]]
+
+
 def seal_commit(encoded: bytes, commit_start: int, commit_records: int,
                 durable_end: int | None = None) -> bytes:
     """``encoded`` as the last record of a group commit (see :func:`sealed_header`)."""
