@@ -4,11 +4,19 @@ from __future__ import annotations
 
 
 class MarsError(Exception):
-    """Base class of every marslib error; the message is meant for the operator."""
+    """Base class of every marslib error; the message is meant for the operator.
+
+    ``exit_code`` is marsadm's exit status for it, and the ``code`` of marsd's error reply
+    on the control socket (:func:`error_for_code` turns a code back into an error).
+    """
+
+    exit_code = 1
 
 
 class UsageError(MarsError):
     """The command line or a request was malformed (marsadm exit code 2)."""
+
+    exit_code = 2
 
 
 class Refused(MarsError):
@@ -17,6 +25,8 @@ class Refused(MarsError):
 
 class TimedOut(MarsError):
     """A wait ran out of time (marsadm exit code 3)."""
+
+    exit_code = 3
 
 
 class DeviceError(MarsError):
@@ -35,3 +45,11 @@ class LogCorrupt(MarsError):
 
 class FormatTooNew(MarsError):
     """A record or frame uses a major version this software does not know."""
+
+
+def error_for_code(code: int, message: str) -> MarsError:
+    """The error a reply's ``code`` stands for (the inverse of ``exit_code``)."""
+    for cls in (UsageError, TimedOut):
+        if code == cls.exit_code:
+            return cls(message)
+    return Refused(message) if code == Refused.exit_code else MarsError(message)

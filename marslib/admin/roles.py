@@ -1,0 +1,258 @@
+"""Who is primary: handover, failover, giving up the role, split brain, invalidate.
+
+The rules are pure functions of a :class:`ResourceSnapshot` and marsd's live status here
+(:func:`primary_refusal`, :func:`handover_refusal`, :func:`secondary_refusal`,
+:func:`invalidate_refusal`); the steps below them act on the tree and wait for marsd.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from marslib.admin.context import Admin, Result, daemon_failure
+from marslib.admin.snapshot import ResourceSnapshot, read_resource
+from marslib.admin.switches import wait_sync
+from marslib.admin.view import DISCONNECTED_AFTER, split_brain_advice, split_brain_losers
+from marslib.errors import Refused, TimedOut
+from marslib.history import forget_links
+from marslib.metrics import lag_bytes
+from marslib.position import LogPosition
+from marslib.schema import NO_PRIMARY, is_primary_host, sync_from_start
+from marslib.sizes import human_size
+
+OPEN_COUNT_GRACE = 2.0  # seconds a handover waits for the old primary's clients to leave
+
+
+def primary_refusal(snap: ResourceSnapshot, host: str, live: dict[str, Any]) -> str | None:
+    """Why ``host`` cannot become primary at all (handover or failover), if it cannot."""
+    me = snap.member(host)
+    if me is None:
+        return f"{host} is not a member of {snap.name}: join-resource first"
+    if not me.attach or not live:
+        return f"{snap.name} is not attached here: run 'marsadm up {snap.name}' first"
+    if not me.synced:
+        return f"{snap.name} is not fully synced here: it would not be consistent"
+    if live.get("replay_redo"):
+        return (f"{snap.name} is not consistent here: replay is redoing the batch a crash "
+                f"interrupted (up to {live['replay_redo']}); retry in a moment")
+    return None
+
+
+def handover_refusal(snap: ResourceSnapshot, host: str, live: dict[str, Any]) -> str | None:
+    """Why ``host`` cannot take over by a planned handover (no --force), if it cannot."""
+    name, old = snap.name, snap.primary
+    if live.get("role") != "secondary":
+        return f"{name} is not running here as a secondary: run 'marsadm up {name}'"
+    me = snap.member(host)
+    if me is None or not me.synced or live.get("phase") != "replaying":
+        return f"{name} is still syncing here: wait with 'marsadm wait-resource {name} sync-off'"
+    if not live.get("consistent"):
+        return f"{name} is not consistent here yet: wait until it has replayed past its syncpos"
+    if live.get("replay_error"):
+        return f"{name} cannot replay here: {live['replay_error']}"
+    if live.get("fetch_paused") or live.get("replay_paused"):
+        return f"fetch or replay of {name} is paused here: resume them first"
+    if snap.forks:
+        return (f"split brain ({snap.forks[0].describe()}): resolve it first ('marsadm "
+                f"view-split-brain {name}'), or use --force")
+    if is_primary_host(old) and old in snap.members:
+        theirs = snap.members[old]
+        if theirs.emergency:
+            return (f"the primary {old} is in emergency mode: its log is incomplete; free "
+                    f"space in its /mars first (it then logs again, and every secondary, this "
+                    f"one too, needs 'marsadm invalidate {name}'), or use --force")
+        if theirs.open_count:
+            return (f"the primary {old} still has {theirs.open_count} NBD client(s) on "
+                    f"{name}: stop the application there (umount, disconnect) first")
+        if (live.get("fetch_contact_age") or 0) > DISCONNECTED_AFTER:
+            return f"the primary {old} has not answered for {live['fetch_contact_age']:.0f}s: " \
+                   "if it is gone, use 'marsadm primary --force' (failover)"
+    return None
+
+
+def secondary_refusal(snap: ResourceSnapshot, host: str) -> str | None:
+    me = snap.member(host)
+    if me is not None and me.open_count:
+        return (f"{snap.name} still has {me.open_count} NBD client(s) here: stop the "
+                "application first")
+    return None
+
+
+def invalidate_refusal(snap: ResourceSnapshot, host: str) -> str | None:
+    if snap.primary == host:
+        return f"{host} is the primary of {snap.name}: only a secondary can be invalidated"
+    if snap.member(host) is None:
+        return f"{host} is not a member of {snap.name}: use join-resource"
+    return None
+
+
+def replayed_all_of(old_final: str | None, applied: str | None) -> bool:
+    """This host's device holds everything up to the old primary's final position."""
+    if not old_final or not applied:
+        return False
+    f, mine = LogPosition.decode(old_final), LogPosition.decode(applied)
+    return (mine.number, mine.offset) >= (f.number, f.offset)
+
+
+# --------------------------------------------------------------------- steps
+def _snapshot_after_clients_left(admin: Admin, name: str) -> ResourceSnapshot:
+    """The snapshot once the old primary's open count reached 0, or after a short grace
+    (the count travels with the metadata, a moment behind the application)."""
+    snap = read_resource(admin.meta, name)
+    deadline = time.monotonic() + min(OPEN_COUNT_GRACE, admin.timeout)
+    while time.monotonic() < deadline and is_primary_host(snap.primary) and \
+            snap.primary in snap.members and snap.members[snap.primary].open_count:
+        time.sleep(0.1)
+        snap = read_resource(admin.meta, name)
+    return snap
+
+
+def make_primary(admin: Admin, name: str, force: bool) -> Result:
+    """``primary``: a planned handover to this host, or with ``force`` a failover."""
+    k = admin.require_resource(name)
+    snap = read_resource(admin.meta, name)
+    if snap.member(admin.host) is None:
+        raise Refused(f"{admin.host} is not a member of {name}: join-resource first")
+    old = snap.primary
+    if old == admin.host:
+        admin.say(f"{admin.host} is already the primary of {name}: nothing changes")
+        return {"changed": False, "primary": admin.host}
+    st = admin.require_daemon(f"{name} must run here to take over")
+    live = dict(st["resources"].get(name, {}))
+    why = primary_refusal(snap, admin.host, live)
+    if why is None and not force:
+        why = handover_refusal(_snapshot_after_clients_left(admin, name), admin.host, live)
+        if why:
+            why = f"handover of {name} to {admin.host} refused: {why}"
+    if why:
+        raise Refused(why)
+    if admin.dry_run:
+        admin.say(f"would {'fail over' if force else 'hand over'} {name} from {old} "
+                  f"to {admin.host}")
+        return {"changed": True, "dry_run": True}
+    t0 = time.monotonic()
+    if force:
+        admin.meta.set(k.primary, admin.host, durable=True)
+        admin.say(f"failover: {admin.host} takes over {name} from what it has replayed; if "
+                  f"{old} still writes, that is a split brain")
+    else:
+        _wait_caught_up(admin, name)  # while the old primary still serves: no change yet
+        admin.meta.set(k.primary, NO_PRIMARY, durable=True)
+        admin.poke()
+        try:
+            _wait_old_primary_done(admin, name, old)
+        except TimedOut:
+            if is_primary_host(old):
+                admin.meta.set(k.primary, old or NO_PRIMARY, durable=True)  # as it was
+            raise
+        admin.meta.set(k.primary, admin.host, durable=True)
+    admin.poke()
+
+    def serving() -> str | bool:
+        st = admin.daemon("status")
+        return st["resources"].get(name, {}).get("role") == "primary" or \
+            daemon_failure(st, name) or False
+
+    admin.wait_for(f"{name} to come up as primary here", serving)
+    secs = round(time.monotonic() - t0, 3)
+    now = admin.live(name)
+    admin.say(f"{admin.host} is now the primary of {name} ({secs}s): NBD export at "
+              f"{now.get('nbd_socket')}")
+    return {"changed": True, "primary": admin.host, "previous": old, "seconds": secs,
+            "forced": force}
+
+
+def _wait_caught_up(admin: Admin, name: str) -> None:
+    """Wait (within --timeout) until this secondary has applied all it knows of; on a
+    timeout nothing has changed."""
+    def done() -> bool:
+        lag = lag_bytes(admin.live(name))
+        admin.progress(f"handover {name}: {human_size(lag or 0)} still to replay")
+        return lag == 0
+    admin.wait_for(f"{name} to catch up here before the handover", done)
+
+
+def _wait_old_primary_done(admin: Admin, name: str, old: str | None) -> None:
+    """Wait until the old primary has ended its log and this host has replayed all of it."""
+    if not is_primary_host(old):
+        return
+    assert old is not None
+    k = admin.keys(name)
+
+    def done() -> bool:
+        if admin.meta.get(k.actual(old, "is-primary")) != "0":
+            return False
+        final = admin.meta.get(k.replay(old))
+        applied = admin.live(name).get("applied")
+        if final and applied:
+            f, mine = LogPosition.decode(final), LogPosition.decode(applied)
+            admin.progress(f"handover {name}: replayed {mine.number}:{mine.offset} of "
+                           f"{f.number}:{f.offset}")
+        return replayed_all_of(final, applied)
+
+    admin.wait_for(f"{old} to end its log and {admin.host} to replay all of it", done)
+    admin.progress("\n")
+
+
+def give_up_primary(admin: Admin, name: str) -> Result:
+    """``secondary``: no host is primary until another member runs ``primary``."""
+    k = admin.require_resource(name)
+    snap = read_resource(admin.meta, name)
+    if snap.primary != admin.host:
+        admin.say(f"{admin.host} is not the primary of {name} (the primary is "
+                  f"{snap.primary}): nothing changes")
+        return {"changed": False}
+    why = secondary_refusal(snap, admin.host)
+    if why:
+        raise Refused(why)
+    admin.require_daemon(f"the primary of {name} must end its log")
+    if admin.dry_run:
+        admin.say(f"would end {name}'s log here; no host would be primary")
+        return {"changed": True, "dry_run": True}
+    admin.meta.set(k.primary, NO_PRIMARY, durable=True)
+    admin.poke()
+    admin.wait_for(f"{name} to end its log here",
+                   lambda: admin.live(name).get("role") != "primary")
+    admin.say(f"{admin.host} is no longer the primary of {name}; make another member primary "
+              "with 'marsadm primary'")
+    return {"changed": True}
+
+
+def invalidate(admin: Admin, name: str, wait: bool = False) -> Result:
+    """Discard this secondary's data and history: a fast full sync from the primary."""
+    k = admin.require_resource(name)
+    snap = read_resource(admin.meta, name)
+    why = invalidate_refusal(snap, admin.host)
+    if why:
+        raise Refused(why)
+    if wait:
+        admin.require_daemon("--wait waits for the full sync marsd runs")
+    if admin.dry_run:
+        admin.say(f"would resync {name} on {admin.host} from the primary")
+        return {"changed": True, "dry_run": True}
+    dropped = forget_links(admin.meta, name, admin.host)  # this host's history is discarded
+    admin.meta.set(k.syncstatus(admin.host), sync_from_start(snap.size))
+    admin.poke()
+    admin.say(f"{name}: full sync from the primary restarted on {admin.host}"
+              + (f" ({dropped} version links of its old history dropped)" if dropped else ""))
+    if wait:
+        wait_sync(admin, name)
+    return {"changed": True}
+
+
+def view_split_brain(admin: Admin, name: str) -> Result:
+    admin.require_resource(name)
+    snap = read_resource(admin.meta, name)
+    losers = split_brain_losers(snap)
+    for f in snap.forks:
+        admin.say(f.describe())
+    if snap.forks:
+        admin.say(f"designated primary: {snap.primary}; hosts to resync (marsadm invalidate "
+                  f"{name} on each): {', '.join(losers) or '-'}")
+        if not snap.has_primary:
+            admin.say(split_brain_advice(name, snap.primary, losers))
+    else:
+        admin.say(f"{name}: no split brain")
+    return {"changed": False, "split_brain": bool(snap.forks), "losers": losers,
+            "forks": [f.describe() for f in snap.forks]}

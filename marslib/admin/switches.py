@@ -1,0 +1,158 @@
+"""Attach and detach, pause and resume, and waiting for a condition on this host."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marslib.admin.context import Admin, Result, daemon_failure
+from marslib.errors import Refused
+from marslib.metrics import lag_bytes
+from marslib.schema import OFF, ON, switch_on
+
+WAIT_CONDITIONS = ("sync-off", "consistent", "up-to-date", "primary", "secondary")
+
+
+def bring_up(admin: Admin, name: str) -> Result:
+    """Ask marsd to start ``name`` now and wait until it runs (a secondary: until marsd
+    has it, whatever its phase)."""
+    admin.daemon("reconcile", retry=name)  # an operator's up retries a failed start now
+    is_primary = admin.meta.get(admin.keys(name).primary) == admin.host
+
+    def running() -> str | bool:
+        st = admin.daemon("status")
+        if name in st["resources"]:
+            return True
+        return daemon_failure(st, name) or not is_primary
+
+    admin.wait_for(f"resource {name} to come up", running)
+    st = admin.live(name)
+    if st.get("role") == "secondary":
+        admin.say(f"{name} is up on {admin.host} as a secondary ({st.get('phase')})")
+    elif st:
+        admin.say(f"{name} is up on {admin.host}: NBD export at {st['nbd_socket']}")
+        rec = st.get("recovery") or {}
+        if rec.get("records_replayed"):
+            admin.say(f"recovery replayed {rec['records_replayed']} records "
+                      f"({rec['bytes_replayed']} bytes) in {rec['seconds']}s")
+        if rec.get("torn_tail"):
+            admin.say(f"recovery cut a torn tail: {rec['torn_tail']}")
+    return {"status": st}
+
+
+def up(admin: Admin, name: str, device: bool = False) -> Result:
+    """Attach ``name`` here and wait until marsd runs it; with ``device`` also give the
+    primary its block device node."""
+    k = admin.require_member(name, "join-resource first")
+    key = k.todo(admin.host, "attach")
+    changed = admin.meta.get(key) != ON
+    admin.require_daemon(f"'up' waits until marsd serves {name}")
+    if admin.dry_run:
+        admin.say(f"would {'bring up' if changed else 'leave up'} {name}")
+        return {"changed": changed, "dry_run": True}
+    admin.meta.set(key, ON)
+    result = {"changed": changed, **bring_up(admin, name)}
+    if device and result["status"].get("role") == "primary":
+        from marslib.admin.devnode import attach_device
+        node = attach_device(admin, name)
+        result.update(changed=changed or node["changed"], node=node.get("node"))
+    return result
+
+
+def down(admin: Admin, name: str, force: bool = False) -> Result:
+    k = admin.require_resource(name)
+    key = k.todo(admin.host, "attach")
+    st = admin.daemon_status()
+    live = (st or {}).get("resources", {}).get(name)
+    if live and live.get("open_count") and not force:
+        raise Refused(f"resource {name} is in use by {live['open_count']} NBD client(s): stop "
+                      "the application (umount, disconnect) first, or use --force")
+    node = (live or {}).get("device_node")
+    if node:
+        raise Refused(f"resource {name} has the block device {node} here: "
+                      f"'marsadm detach-device {name}' first (umount it if it is mounted)")
+    changed = admin.meta.get(key) != OFF or live is not None
+    if admin.dry_run:
+        admin.say(f"would {'take down' if changed else 'leave down'} {name}")
+        return {"changed": changed, "dry_run": True}
+    admin.meta.set(key, OFF)
+    if st is not None:
+        admin.daemon("reconcile")
+        admin.wait_for(f"resource {name} to go down",
+                       lambda: name not in admin.daemon("status")["resources"])
+    admin.say(f"{name} is down on {admin.host}")
+    return {"changed": changed}
+
+
+def set_switch(admin: Admin, name: str, switch: str, on: bool) -> Result:
+    """pause-/resume-fetch, -replay, -sync."""
+    k = admin.require_resource(name)
+    key = k.todo(admin.host, switch)
+    changed = switch_on(admin.meta.get(key)) != on
+    if admin.dry_run:
+        admin.say(f"would {'resume' if on else 'pause'} {switch} of {name} on {admin.host}")
+        return {"changed": changed, "dry_run": True}
+    admin.meta.set(key, ON if on else OFF)
+    running = admin.poke()
+    if switch == "replay" and not on and running:
+        admin.wait_for(f"replay of {name} to pause",
+                       lambda: admin.live(name).get("replay_paused", True))
+    admin.say(f"{name}: {switch} {'resumed' if on else 'paused'} on {admin.host}")
+    return {"changed": changed}
+
+
+def set_connected(admin: Admin, name: str, on: bool) -> Result:
+    """connect / disconnect: fetch and sync together."""
+    a = set_switch(admin, name, "fetch", on)
+    b = set_switch(admin, name, "sync", on)
+    return {"changed": a["changed"] or b["changed"], **({"dry_run": True}
+                                                         if admin.dry_run else {})}
+
+
+def progress_line(label: str, done: int, total: int, rate: float, eta: float | None) -> str:
+    from marslib.sizes import format_size
+    width = 30
+    frac = done / total if total else 1.0
+    bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+    eta_text = f"{eta:.0f}s" if eta is not None else "?"
+    return (f"{label} [{bar}] {frac * 100:5.1f}% {format_size(done)}/{format_size(total)} "
+            f"{rate / 1e6:.1f} MB/s ETA {eta_text}")
+
+
+def wait_sync(admin: Admin, name: str) -> None:
+    k = admin.keys(name)
+
+    def done() -> bool:
+        status = admin.meta.get(k.syncstatus(admin.host))
+        if status == "done":
+            return True
+        st = admin.live(name)
+        if "sync_done" in st:
+            admin.progress(progress_line(f"sync {name}", st["sync_done"], st["sync_size"],
+                                         st["sync_rate"], st.get("sync_eta")))
+        return False
+    admin.wait_for(f"the full sync of {name}", done)
+    admin.progress("\n")
+
+
+def condition_reached(cond: str, st: dict[str, Any]) -> bool:
+    """A wait-resource condition, from marsd's live status of the resource."""
+    if cond == "primary":
+        return st.get("role") == "primary"
+    if cond == "secondary":
+        return st.get("role") == "secondary"
+    if st.get("role") == "primary":  # the primary's data is the reference
+        return cond in ("consistent", "up-to-date")
+    if cond == "consistent":
+        return bool(st.get("consistent"))
+    return bool(st.get("consistent")) and lag_bytes(st) == 0
+
+
+def wait_resource(admin: Admin, name: str, cond: str) -> Result:
+    admin.require_resource(name)
+    admin.require_daemon(f"waiting for {name} needs its live status")
+    if cond == "sync-off":
+        wait_sync(admin, name)
+    else:
+        admin.wait_for(f"{name} to be {cond}",
+                       lambda: condition_reached(cond, admin.live(name)))
+    return {"changed": False}
