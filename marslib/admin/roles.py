@@ -16,7 +16,6 @@ from marslib.admin.switches import wait_sync
 from marslib.admin.view import DISCONNECTED_AFTER, split_brain_advice, split_brain_losers
 from marslib.errors import Refused, TimedOut
 from marslib.history import forget_links
-from marslib.metrics import lag_bytes
 from marslib.position import LogPosition
 from marslib.schema import NO_PRIMARY, is_primary_host, sync_from_start
 from marslib.sizes import human_size
@@ -167,6 +166,7 @@ def _wait_caught_up(admin: Admin, name: str) -> None:
     """Wait (within --timeout) until this secondary has applied all it knows of; on a
     timeout nothing has changed."""
     def done() -> bool:
+        from marslib.metrics import lag_bytes  # until status.lag (merge)
         lag = lag_bytes(admin.live(name))
         admin.progress(f"handover {name}: {human_size(lag or 0)} still to replay")
         return lag == 0

@@ -12,12 +12,15 @@ from typing import Any
 
 from marslib.admin.context import Admin, daemon_failure
 from marslib.admin.snapshot import MemberSnapshot, ResourceSnapshot, read_resource
-from marslib.metrics import lag_bytes, lag_seconds
 from marslib.position import LogPosition
 from marslib.replay import interrupted_batch
 from marslib.schema import NO_PRIMARY
 
 VIEW_SCHEMA_VERSION = 1  # of ``view --json``; bumped when a field changes meaning
+
+MEMBER_STATES = ("SplitBrain", "Detached", "Emergency", "Outdated", "Error", "Primary",
+                 "PrimaryDown", "Syncing", "Inconsistent", "ReplayPaused", "FetchPaused",
+                 "Disconnected", "UpToDate", "Replaying")  # what member_state() returns
 
 DISCONNECTED_AFTER = 15.0  # seconds without an answer from the primary (long polls: 5 s)
 
@@ -98,6 +101,7 @@ def add_live(info: dict[str, Any], live: dict[str, Any] | None, failure: str | N
         info["running"] = True
         info.update({k: live[k] for k in LIVE_KEYS if k in live})
         if live.get("role") == "secondary":
+            from marslib.metrics import lag_bytes, lag_seconds  # until status.lag (merge)
             info["lag_bytes"] = lag_bytes(live)
             info["lag_seconds"] = round(lag_seconds(live, now), 1)
         if live.get("replay_error"):
