@@ -69,6 +69,7 @@ class NodeInfo:
     backend: str  # FUSE or KERNEL
     socket: str  # the NBD export it reaches
     client_pid: int | None = None  # nbdfuse or nbd-client
+    connections: int = 0  # NBD connections it holds: each counts in open-count
     healthy: bool = True
     problem: str | None = None  # why it is not healthy
 
@@ -83,8 +84,10 @@ class State:
     backend: str
     device: str
     socket: str
-    socket_ino: int  # the export's socket when attached: a restarted export has a new one
+    socket_id: str  # the export's socket when attached (inode:ctime): a restarted export
+    # has a new one
     client_pid: int
+    connections: int  # NBD connections the client holds (each counts in open-count)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -96,13 +99,14 @@ class State:
         try:
             raw = json.loads(path.read_text())
             return cls(str(raw["backend"]), str(raw["device"]), str(raw["socket"]),
-                       int(raw["socket_ino"]), int(raw["client_pid"]))
+                       str(raw["socket_id"]), int(raw["client_pid"]), int(raw["connections"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
 
-def socket_ino(sock: Path) -> int:
-    """The inode of the export's socket; Refused if there is no export."""
+def socket_id(sock: Path) -> str:
+    """Who the export's socket is (``INODE:CTIME_NS``; a new socket at the same path gets
+    another ctime even where the filesystem reuses the inode); Refused if there is none."""
     try:
         st = os.stat(sock)
     except FileNotFoundError:
@@ -110,7 +114,7 @@ def socket_ino(sock: Path) -> int:
                       "on this host") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise Refused(f"{sock} is not a socket")
-    return st.st_ino
+    return f"{st.st_ino}:{st.st_ctime_ns}"
 
 
 def link_target(node: Path) -> str | None:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from marslib.devnode import system
-from marslib.devnode.common import FUSE, NodePaths, State, socket_ino
-from marslib.errors import TimedOut
+from marslib.devnode.common import FUSE, NodePaths, State, socket_id
+from marslib.errors import MarsError, TimedOut
 
 log = logging.getLogger("marslib.devnode")
 
@@ -27,8 +27,11 @@ def nbd_uri(resource: str, sock: Path) -> str:
     return f"nbd+unix:///{resource}?socket={sock}"
 
 
+CONNECTIONS = 4  # nbdfuse's default where the server allows multi-conn, as marslib's does
+
+
 def nbdfuse_command(paths: NodePaths, sock: Path) -> list[str]:
-    return ["nbdfuse", "-P", str(paths.pidfile), str(paths.fuse_dir),
+    return ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(paths.pidfile), str(paths.fuse_dir),
             nbd_uri(paths.resource, sock)]
 
 
@@ -53,11 +56,13 @@ def problem(paths: NodePaths, state: State, sock: Path) -> str | None:
     if system.loop_backing(state.device) != os.path.realpath(paths.nbd_file):
         return f"{state.device} is no longer a loop device over {paths.nbd_file}"
     try:
-        ino = os.stat(sock).st_ino
-    except OSError:
+        ident = socket_id(sock)
+    except MarsError:
         return f"the NBD export {sock} is gone"
-    if ino != state.socket_ino:
+    if ident != state.socket_id:
         return "the NBD export was restarted: nbdfuse's connection to it is gone"
+    if not system.unix_listening(sock):
+        return f"nothing serves the NBD export {sock} (marsd stopped?)"
     return None
 
 
@@ -68,7 +73,7 @@ def devices(paths: NodePaths) -> list[str]:
 
 def build(paths: NodePaths, sock: Path, timeout: float) -> State:
     """Start nbdfuse and a loop device over its file; the caller links the node."""
-    ino = socket_ino(sock)
+    ident = socket_id(sock)
     paths.fuse_dir.mkdir(parents=True, exist_ok=True)
     paths.pidfile.unlink(missing_ok=True)
     with open(paths.client_log, "ab") as logf:
@@ -86,7 +91,8 @@ def build(paths: NodePaths, sock: Path, timeout: float) -> State:
                            f"{timeout:.0f} s")
         time.sleep(0.02)
     loop = system.run(["losetup", "-f", "--show", str(paths.nbd_file)]).strip()
-    return State(FUSE, loop, str(sock), ino, system.read_pid(paths.pidfile) or proc.pid)
+    return State(FUSE, loop, str(sock), ident, system.read_pid(paths.pidfile) or proc.pid,
+                 CONNECTIONS)
 
 
 def teardown(paths: NodePaths, timeout: float) -> list[str]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from marslib.devnode import system
-from marslib.devnode.common import KERNEL, NodePaths, State, socket_ino
+from marslib.devnode.common import KERNEL, NodePaths, State, socket_id
 from marslib.errors import Refused, TimedOut
 
 SYS_MODULE_NBD = Path("/sys/module/nbd")
@@ -80,7 +80,7 @@ def problem(state: State, sys_block: Path = system.SYS_BLOCK) -> str | None:
 
 def build(paths: NodePaths, sock: Path, timeout: float, runner: Runner = run_logged,
           sys_block: Path = system.SYS_BLOCK) -> State:
-    ino = socket_ino(sock)
+    ident = socket_id(sock)
     device = free_device(sys_block)
     cmd = connect_command(paths.resource, sock, device)
     rc = runner(cmd, paths.client_log)
@@ -92,7 +92,7 @@ def build(paths: NodePaths, sock: Path, timeout: float, runner: Runner = run_log
         if time.monotonic() >= deadline:
             raise TimedOut(f"{device} was not connected within {timeout:.0f} s")
         time.sleep(0.05)
-    return State(KERNEL, device, str(sock), ino, connected_pid(device, sys_block))
+    return State(KERNEL, device, str(sock), ident, connected_pid(device, sys_block), 1)
 
 
 def teardown(state: State | None, runner: Runner = run_logged,

@@ -57,7 +57,7 @@ def node_state(resource: str, run_dir: Path | None = None) -> NodeInfo | None:
     else:
         why = fuse.problem(paths, state, Path(state.socket))
     return NodeInfo(resource, str(paths.node), state.device, state.backend, state.socket,
-                    state.client_pid, healthy=why is None, problem=why)
+                    state.client_pid, state.connections, healthy=why is None, problem=why)
 
 
 def _devices(paths: NodePaths, state: State | None) -> list[str]:

@@ -40,6 +40,7 @@ class DeviceNodes:
         self.serving = serving  # names of the primaries running here now
         self.nodes: dict[str, NodeInfo] = {}  # as last seen
         self.notes: dict[str, str] = {}  # why a node is missing or not rebuilt
+        self.held: dict[str, str] = {}  # primaries kept running: their node is in use
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------ helpers
@@ -52,6 +53,11 @@ class DeviceNodes:
     def _primary_here(self, name: str) -> bool:
         value = self.meta.get(self._keys(name).primary)
         return is_primary_host(value) and value == self.host
+
+    def _to_run_here(self, name: str) -> bool:
+        """The tree still wants ``name`` running here as primary."""
+        return self.meta.get(self._keys(name).todo(self.host, "attach")) == ON and \
+            self._primary_here(name)
 
     def _publish(self, name: str, info: NodeInfo | None) -> None:
         key = self._keys(name).actual(self.host, "device")
@@ -93,6 +99,9 @@ class DeviceNodes:
         async with self._lock:
             serving = set(self.serving())
             names = serving | set(self.nodes) | set(self.paths.resources())
+            for name in list(self.held):
+                if name not in serving or self._to_run_here(name):
+                    del self.held[name]  # stopped after all, or wanted again
             for name in sorted(names):
                 try:
                     if name in serving and self.switch(name):
@@ -121,10 +130,14 @@ class DeviceNodes:
                 if await asyncio.to_thread(node_state, name, self.paths.run_dir) is not None:
                     await self._detach(name)
             except Refused as exc:
-                self._note(name, f"the primary keeps running: {exc}")
+                msg = f"the primary keeps running: {exc}"
+                if self.held.get(name) != msg:
+                    log.warning("%s", msg, extra={"resource": name})
+                self.held[name] = msg
                 return False
             except (MarsError, OSError) as exc:
                 self._note(name, f"block device node: {exc}")
+            self.held.pop(name, None)
             return True
 
     async def before_stop(self, name: str) -> None:
@@ -138,11 +151,12 @@ class DeviceNodes:
     def status(self, name: str) -> dict[str, Any] | None:
         """``device_node`` of marsd's status for ``name``: the node as last seen."""
         info = self.nodes.get(name)
-        if info is None and name not in self.notes:
+        note = self.held.get(name) or self.notes.get(name)
+        if info is None and note is None:
             return None
         out: dict[str, Any] = info.to_dict() if info is not None else {}
         out["wanted"] = self.switch(name)
-        out["note"] = self.notes.get(name)
+        out["note"] = note
         return out
 
     # ------------------------------------------------------------ control commands

@@ -144,6 +144,20 @@ def openers(paths: tuple[str, ...], devnum: str | None) -> list[tuple[int, str]]
     return found
 
 
+def unix_listening(path: Path) -> bool:
+    """A server listens on the unix socket ``path`` (``/proc/net/unix``: no connection
+    is made, so a server sees nothing)."""
+    want = str(path)
+    with open("/proc/net/unix") as f:
+        next(f, None)  # header
+        for line in f:
+            parts = line.split()
+            # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000: listening
+            if len(parts) >= 8 and parts[7] == want and int(parts[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def process_alive(pid: int, *needles: str) -> bool:
     """``pid`` runs (not a zombie) and its command line contains every needle."""
     if pid <= 0:
