@@ -328,3 +328,29 @@ def test_no_node_no_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(Refused, match="no NBD export"):
         node.attach("r9", tmp_path / "r9.nbd", tmp_path, backend=FUSE)
     assert not os.path.lexists(tmp_path / "dev" / "r9")
+
+
+# ------------------------------------------------------------------ Ansible
+def test_ansible_device_node_plan() -> None:
+    """mars_resource's device_node: attach where primary, nothing on a secondary, detach
+    only where a node exists (marsadm view's member field ``device_node``)."""
+    from test_ansible_modules import M, member, params, view
+    mod = M["mars_resource"]
+    alpha = member("primary", "Primary", "/dev/vg0/r0")
+    beta = member("secondary", "UpToDate", "/dev/vg1/r0")
+    on_alpha = view(host="alpha", alpha=alpha, beta=beta)
+    p = params("mars_resource", name="r0", device="/dev/vg0/r0", device_node=True)
+    assert mod.plan_node(on_alpha, p) == ["attach-device", "r0"]
+    assert mod.plan_node(view(host="beta", alpha=alpha, beta=beta), p) is None
+    off = params("mars_resource", name="r0", device="/dev/vg0/r0")
+    assert off["device_node"] is False
+    assert mod.plan_node(on_alpha, off) is None  # no node: nothing to do
+    with_node = view(host="alpha", alpha={**alpha, "device_node": "/dev/mars/r0"}, beta=beta)
+    assert mod.plan_node(with_node, off) == ["detach-device", "r0"]
+    gone = params("mars_resource", name="r0", state="absent")
+    assert mod.plan_node(with_node, gone) is None
+    # check mode, resource not there yet: a create would make this host its primary
+    assert mod.plan_node(view(host="gamma"), {**p, "name": "r1"}, check_mode=True) == \
+        ["attach-device", "r1"]
+    create = mod.plan(view(host="gamma"), {**p, "name": "r1"})
+    assert create["action"] == "create-resource" and "--wait" in create["args"]
