@@ -20,6 +20,8 @@ import time
 from typing import Any
 
 from marslib import __version__, control, eventloop
+from marslib.devnode.service import COMMANDS as DEVICE_COMMANDS
+from marslib.devnode.service import DeviceNodes
 from marslib.errors import MarsError, UsageError
 from marslib.fetch import FetchService
 from marslib.layout import MarsPaths, check_host_name
@@ -75,6 +77,8 @@ class Marsd:
         self._poke = asyncio.Event()
         self._stop = asyncio.Event()
         self._control: asyncio.AbstractServer | None = None
+        # block device nodes /dev/mars/R (marslib/devnode, docs/block-device.md)
+        self.devnodes = DeviceNodes(host, paths, self.meta, serving=lambda: self.primaries)
 
     # --------------------------------------------------------------- control
     async def run(self) -> None:
@@ -248,6 +252,8 @@ class Marsd:
             return {"ok": True, **await self.status()}
         if cmd == "status":
             return {"ok": True, **await self.status()}
+        if cmd in DEVICE_COMMANDS:  # attach-device, detach-device (marslib/devnode)
+            return await self.devnodes.handle(cmd, req)
         if cmd == "log-rotate":
             name = str(req.get("resource"))
             res = self.primaries.get(name)
@@ -263,6 +269,9 @@ class Marsd:
         figures = await asyncio.gather(*(res.status() for _, res in running))
         resources = {name: st for (name, res), st in zip(running, figures, strict=True)
                      if res.exited is None}
+        for name in self.primaries:  # the block device node (marslib/devnode)
+            if name in resources:
+                resources[name]["device_node"] = self.devnodes.status(name)
         peers = {}
         if self.metasync is not None:
             for name, bundle in self.metasync.peers.items():
@@ -351,6 +360,9 @@ class Marsd:
                     if syncing and sec.phase != "syncing":
                         running = None  # invalidated: restart with a full sync
                         await self._stop_resource(name)
+                if running == "primary" and want != "primary" and \
+                        not await self.devnodes.may_stop(name):
+                    continue  # its block device node is in use: the primary stays
                 if running is not None and running != want:
                     # a primary giving up its role (handover) ends its log for the others
                     await self._stop_resource(name, end_log=running == "primary"
@@ -361,6 +373,7 @@ class Marsd:
                     if failed and time.monotonic() - failed[0] < RETRY_FAILED_AFTER:
                         continue
                     await self._start_resource(name, want)
+            await self.devnodes.follow()  # block device nodes of the primaries here
 
     def _new_primary(self, name: str) -> PrimaryHandle:
         if self.workers:
@@ -438,6 +451,7 @@ class Marsd:
         primary = self.primaries.pop(name, None)
         secondary = self.secondaries.pop(name, None)
         if primary is not None:
+            await self.devnodes.before_stop(name)  # its block device node goes first
             await primary.stop(end_marker=end_log)
         elif secondary is not None:
             await secondary.stop()

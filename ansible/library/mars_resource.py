@@ -16,6 +16,9 @@ description:
   - V(absent) makes a secondary leave the resource (C(marsadm leave-resource)); on the
     primary, with O(force=true) only, it deletes the resource (C(marsadm delete-resource)),
     which marsadm refuses while other members remain.
+  - O(device_node) gives the resource a block device node C(/dev/mars/NAME) on this host
+    while it is the primary here (C(marsadm attach-device)), or takes it away
+    (C(marsadm detach-device)); see docs/block-device.md.
   - A host that already is a member with the same device is left as it is (with
     V(joined) and O(wait), a sync still running is waited for, without a change). The data
     device itself is never created, changed or wiped.
@@ -60,6 +63,17 @@ options:
     description:
       - Required for V(absent) on the primary, which deletes the resource with its logfiles
         (even with NBD clients connected). The data device is left as it is.
+    type: bool
+    default: false
+  device_node:
+    description:
+      - V(true) with V(present) or V(joined), where this host is the primary of the
+        resource, gives it the block device node C(/dev/mars/NAME) (C(marsadm
+        attach-device)); C(marsd) keeps it, also across its restarts, while the switch is
+        on. Nothing happens where this host is a secondary (a node exists only on the
+        primary). V(present) then waits until C(marsd) serves the resource.
+      - V(false) takes away a node this host has (C(marsadm detach-device)); refused, and
+        the task fails, while the node is mounted or open. Nothing happens without one.
     type: bool
     default: false
   marsadm:
@@ -108,6 +122,12 @@ EXAMPLES = r"""
     device: /dev/vg0/r0
     timeout: 3600
   register: joined
+
+- name: Create r0 with a block device node /dev/mars/r0 for a filesystem
+  mars_resource:
+    name: r0
+    device: /dev/vg0/r0
+    device_node: true
 
 - name: Leave r0 on a secondary
   mars_resource:
@@ -160,6 +180,17 @@ bytes:
   description: Bytes covered by the full sync (the resource's size).
   returned: when this host joined with O(wait)
   type: int
+device_node:
+  description: The block device node on this host (C(/dev/mars/NAME)) after the task, null
+    if it has none.
+  returned: with V(present) and V(joined)
+  type: str
+  sample: /dev/mars/r0
+device_node_action:
+  description: C(attach-device) or C(detach-device) if the task ran it (or would in check
+    mode), else null.
+  returned: with V(present) and V(joined)
+  type: str
 """
 
 import time
@@ -183,6 +214,7 @@ def argument_spec():
         size=dict(type="str"),
         wait=dict(type="bool"),
         force=dict(type="bool", default=False),
+        device_node=dict(type="bool", default=False),
     )
 
 
@@ -247,8 +279,8 @@ def plan(view, params):
             except ValueError as exc:
                 out["fail"] = str(exc)
                 return out
-        if p.get("wait"):
-            args.append("--wait")
+        if p.get("wait") or p.get("device_node"):
+            args.append("--wait")  # a node needs the resource served
         out.update(changed=True, action="create-resource", args=args)
         return out
     args = ["join-resource", name, device]
@@ -256,6 +288,28 @@ def plan(view, params):
         args.append("--wait")
     out.update(changed=True, action="join-resource", args=args)
     return out
+
+
+def plan_node(view, params, check_mode=False):
+    """The marsadm arguments that make this host's node match O(device_node), or None.
+
+    ``view`` is marsadm's view after the resource part of the task; its member entry has
+    ``device_node`` (the node path, or null) where marsadm reports it.
+    """
+    if params["state"] == "absent" or view is None:
+        return None
+    res, me = this_member(view, params["name"])
+    if me is None:
+        # in check mode a resource the task would create has this host as its primary
+        return ["attach-device", params["name"]] if check_mode and \
+            params.get("device_node") and params["state"] == "present" else None
+    if params.get("device_node"):
+        if me.get("role") != "primary":
+            return None
+        return ["attach-device", params["name"]]
+    if me.get("device_node"):
+        return ["detach-device", params["name"]]
+    return None
 
 
 def summary(view, name):
@@ -301,6 +355,20 @@ def main():
             if todo["action"] == "join-resource" and p["wait"]:
                 result["sync_seconds"] = secs
                 result["bytes"] = summary(after_view, p["name"])["size"]
+    node_args = plan_node(after_view, p, module.check_mode)
+    if p["state"] != "absent":
+        _, me = this_member(after_view, p["name"])
+        result["device_node"] = (me or {}).get("device_node")
+        result["device_node_action"] = node_args[0] if node_args else None
+    if node_args:
+        if module.check_mode and this_member(after_view, p["name"])[1] is None:
+            node_reply = dict(changed=True, node=None)  # the resource is not there yet
+        else:
+            node_reply = marsadm.run_or_fail(node_args, dry_run=module.check_mode)
+        result["changed"] = result["changed"] or bool(node_reply.get("changed"))
+        if not module.check_mode:
+            result["device_node"] = node_reply.get("node") \
+                if node_args[0] == "attach-device" else None
     result.update(summary(after_view, p["name"]))
     if module._diff:
         before = diff_state(view, p["name"])
