@@ -477,6 +477,9 @@ def render_view(result: dict[str, Any]) -> list[str]:
                 "-" if sync is None else f"{sync * 100:.1f}%", str(info["open_count"]),
                 info["device"] or "-", info.get("device_node") or "-",
             ))
+            if info.get("device_node_note"):
+                notes.append(f"note: {v['resource']}@{host}: block device: "
+                             f"{info['device_node_note']}")
             if info.get("error"):
                 notes.append(f"note: {v['resource']}@{host}: {info['error']}"
                              + advice_host(info["error"], host, result["host"]))

@@ -1,11 +1,26 @@
 """The block device node of a resource (``/dev/mars/R``): marsd builds and keeps it while
-the resource is primary here, as the switch ``todo-HOST/device`` says."""
+the resource is primary here and its switch ``todo-HOST/device`` is on; these steps ask
+marsd, which sets the switch as it acts (``marslib/devnode``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from marslib.admin.context import Admin, Result
-from marslib.errors import MarsError, Refused
-from marslib.schema import OFF, ON
+from marslib.errors import Refused
+
+
+def node_of(live: dict[str, Any]) -> dict[str, Any] | None:
+    """The node in marsd's live status of a resource, if it has one."""
+    node = live.get("device_node")
+    return node if isinstance(node, dict) and node.get("node") else None
+
+
+def clients_besides_node(live: dict[str, Any]) -> int:
+    """NBD clients of a running primary other than its own block device node's
+    connections (nbdfuse holds several)."""
+    node = node_of(live) or {}
+    return max(0, int(live.get("open_count") or 0) - int(node.get("connections") or 0))
 
 
 def attach_device(admin: Admin, name: str) -> Result:
@@ -17,42 +32,39 @@ def attach_device(admin: Admin, name: str) -> Result:
     live = st["resources"].get(name, {})
     if live.get("role") != "primary":
         raise Refused(f"{name} is not running here: run 'marsadm up {name}' first")
-    key = k.todo(admin.host, "device")
-    before = admin.meta.get(key)
-    if live.get("device_node") and before == ON:
-        admin.say(f"{name} already has the block device {live['device_node']}: nothing "
-                  "changes")
-        return {"changed": False, "node": live["device_node"]}
+    node = node_of(live)
     if admin.dry_run:
-        admin.say(f"would give {name} a block device node here")
-        return {"changed": True, "dry_run": True}
-    admin.meta.set(key, ON)
-    try:
-        reply = admin.daemon("attach-device", resource=name)
-    except MarsError:
-        if before is None:
-            admin.meta.delete(key)  # refused: the tree is as it was
-        else:
-            admin.meta.set(key, before)
-        raise
-    node = reply.get("node")
-    admin.say(f"{name}: block device {node} ({reply.get('backend')})")
-    return {"changed": True, **{k2: v for k2, v in reply.items() if k2 != "ok"}}
+        healthy = bool(node and node.get("healthy") and node.get("wanted"))
+        admin.say(f"{name} has the block device {(node or {}).get('node')}: nothing changes"
+                  if healthy else f"would give {name} a block device node here")
+        return {"changed": not healthy, "dry_run": True}
+    reply = admin.daemon("attach-device", resource=name)
+    admin.say(f"{name}: block device {reply.get('node')} ({reply.get('backend')}"
+              f"{', unchanged' if not reply.get('changed') else ''})")
+    return {k2: v for k2, v in reply.items() if k2 != "ok"}
 
 
 def detach_device(admin: Admin, name: str) -> Result:
-    k = admin.require_resource(name)
-    key = k.todo(admin.host, "device")
+    admin.require_resource(name)
     st = admin.daemon_status()
-    live = (st or {}).get("resources", {}).get(name, {})
-    if not live.get("device_node") and admin.meta.get(key) != ON:
+    if st is None:
+        raise Refused(f"marsd is not running here: it owns the block device of {name}; "
+                      "start it first")
+    live = st["resources"].get(name, {})
+    wanted = admin.meta.get(admin.keys(name).todo(admin.host, "device")) == "1"
+    if node_of(live) is None and not wanted:
         admin.say(f"{name} has no block device here: nothing changes")
         return {"changed": False}
     if admin.dry_run:
         admin.say(f"would remove the block device of {name}")
         return {"changed": True, "dry_run": True}
-    if st is not None and live.get("device_node"):
-        admin.daemon("detach-device", resource=name)  # refused while mounted: no change
-    admin.meta.set(key, OFF)
-    admin.say(f"{name}: block device removed")
-    return {"changed": True}
+    reply = admin.daemon("detach-device", resource=name)  # refused while in use
+    admin.say(f"{name}: block device {reply.get('node')} removed")
+    return {k2: v for k2, v in reply.items() if k2 != "ok"}
+
+
+def release_node(admin: Admin, name: str, live: dict[str, Any]) -> None:
+    """Before the primary stops here: take its node away (refused while mounted or open,
+    and then nothing has changed)."""
+    if node_of(live) is not None and not admin.dry_run:
+        admin.daemon("detach-device", resource=name)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from marslib.admin.context import Admin, Result, daemon_failure
+from marslib.admin.devnode import clients_besides_node, release_node
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
 from marslib.admin.switches import wait_sync
 from marslib.admin.view import DISCONNECTED_AFTER, split_brain_advice, split_brain_losers
@@ -61,6 +62,9 @@ def handover_refusal(snap: ResourceSnapshot, host: str, live: dict[str, Any]) ->
             return (f"the primary {old} is in emergency mode: its log is incomplete; free "
                     f"space in its /mars first (it then logs again, and every secondary, this "
                     f"one too, needs 'marsadm invalidate {name}'), or use --force")
+        if theirs.node:
+            return (f"the primary {old} has the block device {theirs.node} of {name}: "
+                    f"unmount it there and run 'marsadm detach-device {name}' there first")
         if theirs.open_count:
             return (f"the primary {old} still has {theirs.open_count} NBD client(s) on "
                     f"{name}: stop the application there (umount, disconnect) first")
@@ -70,10 +74,14 @@ def handover_refusal(snap: ResourceSnapshot, host: str, live: dict[str, Any]) ->
     return None
 
 
-def secondary_refusal(snap: ResourceSnapshot, host: str) -> str | None:
+def secondary_refusal(snap: ResourceSnapshot, host: str,
+                      live_clients: int | None = None) -> str | None:
+    """Why ``host`` cannot give up the primary role; ``live_clients``: NBD clients besides
+    its own block device node, as marsd counts them now (else the tree's count)."""
     me = snap.member(host)
-    if me is not None and me.open_count:
-        return (f"{snap.name} still has {me.open_count} NBD client(s) here: stop the "
+    clients = live_clients if live_clients is not None else me.open_count if me else 0
+    if clients:
+        return (f"{snap.name} still has {clients} NBD client(s) here: stop the "
                 "application first")
     return None
 
@@ -203,13 +211,15 @@ def give_up_primary(admin: Admin, name: str) -> Result:
         admin.say(f"{admin.host} is not the primary of {name} (the primary is "
                   f"{snap.primary}): nothing changes")
         return {"changed": False}
-    why = secondary_refusal(snap, admin.host)
+    st = admin.require_daemon(f"the primary of {name} must end its log")
+    live = dict(st["resources"].get(name, {}))
+    why = secondary_refusal(snap, admin.host, clients_besides_node(live) if live else None)
     if why:
         raise Refused(why)
-    admin.require_daemon(f"the primary of {name} must end its log")
     if admin.dry_run:
         admin.say(f"would end {name}'s log here; no host would be primary")
         return {"changed": True, "dry_run": True}
+    release_node(admin, name, live)  # refused while it is mounted: no change yet
     admin.meta.set(k.primary, NO_PRIMARY, durable=True)
     admin.poke()
     admin.wait_for(f"{name} to end its log here",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from marslib.admin.context import Admin, Result, daemon_failure
+from marslib.admin.devnode import attach_device, clients_besides_node, release_node
 from marslib.errors import Refused
 from marslib.schema import OFF, ON, switch_on
 
@@ -51,7 +52,6 @@ def up(admin: Admin, name: str, device: bool = False) -> Result:
     admin.meta.set(key, ON)
     result = {"changed": changed, **bring_up(admin, name)}
     if device and result["status"].get("role") == "primary":
-        from marslib.admin.devnode import attach_device
         node = attach_device(admin, name)
         result.update(changed=changed or node["changed"], node=node.get("node"))
     return result
@@ -62,17 +62,15 @@ def down(admin: Admin, name: str, force: bool = False) -> Result:
     key = k.todo(admin.host, "attach")
     st = admin.daemon_status()
     live = (st or {}).get("resources", {}).get(name)
-    if live and live.get("open_count") and not force:
-        raise Refused(f"resource {name} is in use by {live['open_count']} NBD client(s): stop "
+    clients = clients_besides_node(live or {})
+    if clients and not force:
+        raise Refused(f"resource {name} is in use by {clients} NBD client(s): stop "
                       "the application (umount, disconnect) first, or use --force")
-    node = (live or {}).get("device_node")
-    if node:
-        raise Refused(f"resource {name} has the block device {node} here: "
-                      f"'marsadm detach-device {name}' first (umount it if it is mounted)")
     changed = admin.meta.get(key) != OFF or live is not None
     if admin.dry_run:
         admin.say(f"would {'take down' if changed else 'leave down'} {name}")
         return {"changed": changed, "dry_run": True}
+    release_node(admin, name, live or {})  # refused while it is mounted: no change yet
     admin.meta.set(key, OFF)
     if st is not None:
         admin.daemon("reconcile")

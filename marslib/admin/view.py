@@ -30,7 +30,7 @@ LIVE_KEYS = ("logfile", "log_end", "applied", "pending_bytes", "open_count", "wr
              "fetch_rate", "replay_rate", "replay_paused", "fetch_paused", "replay_error",
              "sync_done", "sync_size", "sync_rate", "sync_eta", "corrupt_refetched",
              "caught_up_at", "logfile_count", "logfile_bytes", "fetch_contact_age",
-             "fetch_bytes", "sync_copied", "replay_redo", "device_node")
+             "fetch_bytes", "sync_copied", "replay_redo")
 
 
 def tree_lag(primary: str | None, mine: str | None) -> int | None:
@@ -106,6 +106,11 @@ def add_live(info: dict[str, Any], live: dict[str, Any] | None, failure: str | N
             info["lag_seconds"] = round(lag_seconds(live, now), 1)
         if live.get("replay_error"):
             info["error"] = live["replay_error"]
+        node = live.get("device_node")
+        if isinstance(node, dict):  # marsd's view of the node is newer than the tree's
+            info["device_node"] = node.get("node") if node.get("healthy") else None
+            if node.get("note") or node.get("problem"):
+                info["device_node_note"] = node.get("note") or node.get("problem")
     else:
         # not running here (marsd stopped or killed, resource down): no export, no NBD
         # client, whatever a crash left in actual-HOST/open-count and is-primary
