@@ -403,21 +403,27 @@ HIDDEN = frozenset({"ok"})  # an answer printed on stdout is ok; failures go to 
 
 def render_human(out: dict[str, Any]) -> str:
     """A command's reply as aligned ``key: value`` lines, for people (``--json`` is for
-    programs). Nested objects (the ledger, settings, records per host) follow their key,
-    indented; empty values are left out; sizes in binary units, times as local time."""
+    programs). Plain values first, then lists (one item a line) and nested objects (the
+    ledger, settings, records per host), indented under their key; empty values are left
+    out; sizes in binary units, times as local time."""
     return "\n".join(_lines(out, ""))
 
 
 def _lines(obj: dict[str, Any], indent: str) -> list[str]:
     items = [(k, v) for k, v in obj.items() if k not in HIDDEN and v not in (None, "", [], {})]
-    width = max((len(k) for k, _ in items), default=0) + 1
-    lines: list[str] = []
+    plain = [(k, v) for k, v in items if not isinstance(v, (dict, list, tuple))]
+    width = max((len(k) for k, _ in plain), default=0) + 1
+    lines = [f"{indent}{k + ':':<{width}} {_value(k, v)}" for k, v in plain]
     for key, value in items:
         if isinstance(value, dict):
             lines += [f"{indent}{key}:", *_lines(value, indent + "  ")]
-        else:
-            lines.append(f"{indent}{key + ':':<{width}} {_value(key, value)}")
+        elif isinstance(value, (list, tuple)):
+            lines += [f"{indent}{key}:", *(f"{indent}  - {_item(key, v)}" for v in value)]
     return lines
+
+
+def _item(key: str, value: Any) -> str:
+    return _inline(value) if isinstance(value, dict) else _value(key, value)
 
 
 def _value(key: str, value: Any) -> str:
@@ -429,9 +435,6 @@ def _value(key: str, value: Any) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(value))
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "; ".join(_value(key, v) if not isinstance(v, dict) else _inline(v)
-                         for v in value)
     return str(value)
 
 
