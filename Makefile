@@ -43,7 +43,7 @@ PREFIX ?= /usr/local
 INSTALL_COMMANDS := marsadm marsd mars-app
 WRAPPER_MARK := written by marslib's make install
 
-install: setup
+install: $(PY)
 	@install -d "$(DESTDIR)$(PREFIX)/bin"
 	@for c in $(INSTALL_COMMANDS); do \
 	  dest="$(DESTDIR)$(PREFIX)/bin/$$c"; \
@@ -54,6 +54,9 @@ install: setup
 	    "exec '$(CURDIR)/$(VENV)/bin/python' '$(CURDIR)/bin/$$c' \"\$$@\"" >"$$dest.tmp" && \
 	  chmod 755 "$$dest.tmp" && mv -f "$$dest.tmp" "$$dest" && echo "installed $$dest"; \
 	done
+
+$(PY):  # a checkout without its venv yet: what make setup does
+	@scripts/bootstrap.sh
 
 uninstall:
 	@for c in $(INSTALL_COMMANDS); do \
