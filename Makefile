@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-local test soak bench lint clean molecule
+.PHONY: setup demo demo-local test soak bench lint clean molecule install uninstall
 
 setup:
 	@scripts/bootstrap.sh
@@ -35,3 +35,33 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check marslib tests bench
 	$(VENV)/bin/mypy marslib
+
+# `make install [PREFIX=/usr/local]`: marsadm, marsd and mars-app in PREFIX/bin, small sh
+# wrappers that run this checkout with its venv (so the checkout must stay where it is);
+# `make uninstall` removes exactly those wrappers (a file there that is not one is left).
+PREFIX ?= /usr/local
+INSTALL_COMMANDS := marsadm marsd mars-app
+WRAPPER_MARK := written by marslib's make install
+
+install: $(PY)
+	@install -d "$(DESTDIR)$(PREFIX)/bin"
+	@for c in $(INSTALL_COMMANDS); do \
+	  dest="$(DESTDIR)$(PREFIX)/bin/$$c"; \
+	  if [ -e "$$dest" ] && ! grep -qs "$(WRAPPER_MARK)" "$$dest"; then \
+	    echo "install: $$dest exists and is not a marslib wrapper: left alone" >&2; exit 1; fi; \
+	  printf '%s\n' '#!/bin/sh' \
+	    "# $$c, $(WRAPPER_MARK) from $(CURDIR); make uninstall removes it" \
+	    "exec '$(CURDIR)/$(VENV)/bin/python' '$(CURDIR)/bin/$$c' \"\$$@\"" >"$$dest.tmp" && \
+	  chmod 755 "$$dest.tmp" && mv -f "$$dest.tmp" "$$dest" && echo "installed $$dest"; \
+	done
+
+$(PY):  # a checkout without its venv yet: what make setup does
+	@scripts/bootstrap.sh
+
+uninstall:
+	@for c in $(INSTALL_COMMANDS); do \
+	  dest="$(DESTDIR)$(PREFIX)/bin/$$c"; \
+	  if grep -qs "$(WRAPPER_MARK)" "$$dest"; then rm -f "$$dest" && echo "removed $$dest"; \
+	  elif [ -e "$$dest" ]; then echo "uninstall: $$dest is not a marslib wrapper: left alone" >&2; \
+	  fi; \
+	done

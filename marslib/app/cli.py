@@ -131,8 +131,8 @@ class App:
                                        "settings": current}
                 differ = {k: v for k, v in wanted.items() if current.get(k) != v}
                 if differ:
-                    out["note"] = (f"already running with {current}; stop it first to "
-                                   f"change {', '.join(sorted(differ))}")
+                    out["note"] = (f"already running with {_inline(current)}; stop it "
+                                   f"first to change {', '.join(sorted(differ))}")
                 self.info("start: writer already running as pid %d", pid)
                 return out
             vol = volume.attach(self.paths, a.fs, a.mkfs, readonly=False, timeout=self.timeout)
@@ -388,17 +388,70 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     elif out["ok"]:
-        _print_human(args.command, out)
+        print(render_human(out))
     else:
         print(f"mars-app {args.command}: {out['error']}", file=sys.stderr)
     return code
 
 
-def _print_human(command: str, out: dict[str, Any]) -> None:
-    skip = {"ok", "acked", "settings"}
-    for key, value in out.items():
-        if key not in skip and value not in (None, [], {}):
-            print(f"{key}: {value}")
+# ------------------------------------------------------------------ output for people
+SIZE_KEYS = frozenset({"fs_size", "fs_free", "data_bytes", "bytes", "export_size",
+                       "old_fs_size", "new_fs_size"})
+TIME_KEYS = frozenset({"time"})  # the ledger's wall clock, seconds since the epoch
+HIDDEN = frozenset({"ok"})  # an answer printed on stdout is ok; failures go to stderr
+
+
+def render_human(out: dict[str, Any]) -> str:
+    """A command's reply as aligned ``key: value`` lines, for people (``--json`` is for
+    programs). Plain values first, then lists (one item a line) and nested objects (the
+    ledger, settings, records per host), indented under their key; empty values are left
+    out; sizes in binary units, times as local time."""
+    return "\n".join(_lines(out, ""))
+
+
+def _lines(obj: dict[str, Any], indent: str) -> list[str]:
+    items = [(k, v) for k, v in obj.items() if k not in HIDDEN and v not in (None, "", [], {})]
+    plain = [(k, v) for k, v in items if not isinstance(v, (dict, list, tuple))]
+    width = max((len(k) for k, _ in plain), default=0) + 1
+    lines = [f"{indent}{k + ':':<{width}} {_value(k, v)}" for k, v in plain]
+    for key, value in items:
+        if isinstance(value, dict):
+            lines += [f"{indent}{key}:", *_lines(value, indent + "  ")]
+        elif isinstance(value, (list, tuple)):
+            lines += [f"{indent}{key}:", *(f"{indent}  - {_item(key, v)}" for v in value)]
+    return lines
+
+
+def _item(key: str, value: Any) -> str:
+    return _inline(value) if isinstance(value, dict) else _value(key, value)
+
+
+def _value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key in SIZE_KEYS and isinstance(value, int):
+        return _size(value)
+    if key in TIME_KEYS and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _inline(obj: dict[str, Any]) -> str:
+    """A small object on one line: ``fs=ext4 rate=200 record_size=4096``."""
+    return " ".join(f"{k}={_value(k, v)}" for k, v in obj.items())
+
+
+def _size(n: int) -> str:
+    if abs(n) < 1024:
+        return f"{n} B"
+    x = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        x /= 1024
+        if abs(x) < 1024:
+            return f"{x:.1f} {unit}"
+    return f"{x / 1024:.1f} TiB"
 
 
 if __name__ == "__main__":
