@@ -15,7 +15,7 @@ demo-local: setup
 
 test: setup
 	$(VENV)/bin/ruff check marslib tests bench ansible/library ansible/module_utils \
-		bin/mars-demo bin/mars-demo-local bin/mars-lab bin/mars-app
+		bin/mars-demo bin/mars-demo-local bin/mars-lab bin/mars-app bin/_checkout.py bin/marsadm bin/marsd
 	$(PY) -m pytest -q -rs
 
 # every Molecule scenario (the test suite runs `default` and `handover`)

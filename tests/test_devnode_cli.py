@@ -31,6 +31,12 @@ def primary(host: MarsHost, blockdev: BlockDev, tmp_path: Path,
         n.cleanup()
 
 
+def switches(host: MarsHost) -> dict[str, tuple[str, int]]:
+    """What an operator's verb writes (marsd keeps moving replay-HOST itself)."""
+    return {k: v for k, v in tree_state(host.root).items()
+            if "/todo-" in k or k.endswith("/primary") or k.endswith("/size")}
+
+
 def member_view(host: MarsHost) -> dict:  # type: ignore[type-arg]
     return host.marsadm("view")["resources"]["r0"]["members"][host.name]
 
@@ -42,19 +48,18 @@ def test_up_device_view_and_down_refused_while_mounted(primary: Node) -> None:
     assert member_view(host)["device_node"] == str(primary.link)
     text = subprocess.run([str(Path(__file__).parents[1] / "bin" / "marsadm"), "view"],
                           capture_output=True, text=True, env=host.env).stdout
-    print(repr(text))
     row = next(x for x in text.splitlines() if x.startswith("r0 "))
     assert row.split()[-1] == str(primary.link), text
     assert host.marsadm("attach-device", "r0")["changed"] is False  # idempotent
     subprocess.run(["mkfs.ext4", "-q", "-F", str(primary.link)], check=True)
     primary.mount()
-    before = tree_state(host.root)
+    before = switches(host)
     for verb in (("down", "r0"), ("down", "r0", "--force"), ("detach-device", "r0"),
                  ("secondary", "r0")):
         r = host.marsadm(*verb, check=False)
         assert r["rc"] == 1 and "in use" in r["error"] and str(primary.mnt) in r["error"], r
         assert host.status("r0").get("role") == "primary", f"{verb} stopped the primary"
-    assert tree_state(host.root) == before, "a refused verb changed the tree"
+    assert switches(host) == before, "a refused verb changed the tree"
     primary.umount()
     # unmounted: down takes the node away itself, then stops the resource
     assert host.marsadm("down", "r0")["changed"]
