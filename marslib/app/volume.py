@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from marslib.devnode.system import loops_backed_by, process_alive, read_pid, wait_gone
 from marslib.errors import MarsError, Refused, TimedOut
 
 log = logging.getLogger("marslib.app.volume")
@@ -164,39 +165,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def process_alive(pid: int, *needles: str) -> bool:
-    """``pid`` runs (not a zombie) and its command line contains every needle."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = st[st.rfind(b")") + 2:st.rfind(b")") + 3]
-    if state in (b"Z", b"X"):
-        return False
-    return all(n in cmdline for n in needles)
 
 
-def wait_gone(pid: int, timeout: float, *needles: str) -> bool:
-    deadline = time.monotonic() + timeout
-    while process_alive(pid, *needles):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
-def read_pid(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except FileNotFoundError:
-        return 0
-    except ValueError:
-        return 0
 
 
 @contextlib.contextmanager
@@ -260,19 +232,6 @@ def mounts_at(path: Path) -> list[Mount]:
     return out
 
 
-def loops_backed_by(path: Path) -> list[str]:
-    """Loop devices whose backing file is ``path`` (also when it is gone or stale)."""
-    want = os.path.realpath(path)
-    out = []
-    sys_block = Path("/sys/block")
-    for dev in sorted(sys_block.glob("loop*")):
-        try:
-            backing = (dev / "loop" / "backing_file").read_text().strip()
-        except OSError:  # not bound to a file, or gone meanwhile
-            continue
-        if backing.removesuffix(" (deleted)") == want:
-            out.append(f"/dev/{dev.name}")
-    return out
 
 
 def fuse_alive(paths: AppPaths) -> bool:
