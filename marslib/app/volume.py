@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marslib.devnode.system import loops_backed_by, process_alive, read_pid, wait_gone
+from marslib.devnode.system import (
+    fuse_answers,
+    loops_backed_by,
+    mounts_at,
+    process_alive,
+    read_pid,
+    wait_gone,
+)
 from marslib.errors import MarsError, Refused, TimedOut
 
 log = logging.getLogger("marslib.app.volume")
@@ -192,58 +199,11 @@ def resource_lock(paths: AppPaths, timeout: float) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ what is there
-def _unescape(field: str) -> str:
-    """Mount table fields escape space, tab, newline and backslash as octal."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-@dataclass(frozen=True)
-class Mount:
-    target: str
-    source: str
-    fstype: str
-    options: tuple[str, ...]
-
-    @property
-    def readonly(self) -> bool:
-        return "ro" in self.options
-
-
-def mounts_at(path: Path) -> list[Mount]:
-    """Every mount on ``path``, bottom first (the last one is what is visible)."""
-    target = os.path.realpath(path)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(lf) < 6 or len(rf) < 2:
-                continue
-            if _unescape(lf[4]) == target:
-                out.append(Mount(target, _unescape(rf[1]), rf[0], tuple(lf[5].split(","))))
-    return out
-
-
 
 
 def fuse_alive(paths: AppPaths) -> bool:
     """nbdfuse is mounted on ``fuse/`` and answers."""
-    top = mounts_at(paths.fuse)
-    if not top or not top[-1].fstype.startswith("fuse"):
-        return False
-    try:
-        os.stat(paths.nbd_file)
-    except OSError:
-        return False
-    return True
+    return fuse_answers(paths.fuse, paths.nbd_file)
 
 
 @dataclass

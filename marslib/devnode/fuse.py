@@ -37,14 +37,7 @@ def nbdfuse_command(paths: NodePaths, sock: Path) -> list[str]:
 
 def fuse_alive(paths: NodePaths) -> bool:
     """nbdfuse is mounted on ``R.fuse`` and its file answers ``stat``."""
-    top = system.mounts_at(paths.fuse_dir)
-    if not top or not top[-1].fstype.startswith("fuse"):
-        return False
-    try:
-        os.stat(paths.nbd_file)
-    except OSError:
-        return False
-    return True
+    return system.fuse_answers(paths.fuse_dir, paths.nbd_file)
 
 
 def problem(paths: NodePaths, state: State, sock: Path) -> str | None:

@@ -58,6 +58,11 @@ class Mount:
     source: str
     fstype: str
     devno: str  # "MAJOR:MINOR" of the mounted device
+    options: tuple[str, ...] = ()  # the mount's own options (rw/ro, ...)
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
 
 
 def mounts() -> list[Mount]:
@@ -66,9 +71,10 @@ def mounts() -> list[Mount]:
         for line in f:
             left, _, right = line.partition(" - ")
             lf, rf = left.split(), right.split()
-            if len(lf) < 5 or len(rf) < 2:
+            if len(lf) < 6 or len(rf) < 2:
                 continue
-            out.append(Mount(_unescape(lf[4]), _unescape(rf[1]), rf[0], lf[2]))
+            out.append(Mount(_unescape(lf[4]), _unescape(rf[1]), rf[0], lf[2],
+                             tuple(lf[5].split(","))))
     return out
 
 
@@ -76,6 +82,18 @@ def mounts_at(path: Path) -> list[Mount]:
     """Every mount on ``path``, bottom first (the last one is what is visible)."""
     target = os.path.realpath(path)
     return [m for m in mounts() if m.target == target]
+
+
+def fuse_answers(fuse_dir: Path, file: Path) -> bool:
+    """A FUSE filesystem is mounted on ``fuse_dir`` and its ``file`` answers ``stat``."""
+    top = mounts_at(fuse_dir)
+    if not top or not top[-1].fstype.startswith("fuse"):
+        return False
+    try:
+        os.stat(file)
+    except OSError:
+        return False
+    return True
 
 
 def devno(dev: str) -> str | None:
