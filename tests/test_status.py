@@ -143,7 +143,7 @@ def test_live_status_of_a_primary_and_a_secondary_round_trips_in_every_phase(
     end = LogPosition.decode(reply(a)["resources"]["r0"]["log_end"])
 
     def fetched_all() -> ResourceStatus | None:
-        st = ResourceStatus.from_json(reply(b)["resources"]["r0"])
+        st = control.daemon_status(b.run_dir / "marsd.sock").resources["r0"]
         ok = st.fetcher is not None and st.fetcher.fetch_remote_end == end.offset
         return st if ok else None
     behind = wait_until(fetched_all, "beta to fetch alpha's new write")
