@@ -409,10 +409,10 @@ def _view(admin: Admin, a: argparse.Namespace) -> Result:
               "cluster": admin.meta.get(UUID), "host": admin.host, "marsd": daemon is not None,
               "ip": admin.meta.get(ip(admin.host)),  # None once this host left
               "version": __version__,
-              "marsd_version": daemon.get("version") if daemon else None,
-              "peers": daemon.get("peers") if daemon else None,
-              "space_free": daemon.get("space_free") if daemon else None,
-              "space_level": daemon.get("space_level") if daemon else None,
+              "marsd_version": daemon.version if daemon else None,
+              "peers": daemon.to_json()["peers"] if daemon else None,
+              "space_free": daemon.space_free if daemon else None,
+              "space_level": daemon.space_level if daemon else None,
               "root": str(admin.paths.root),
               "resources": {v["resource"]: v for v in views}}
     for line in render_view(result):

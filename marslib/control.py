@@ -4,6 +4,9 @@ Request: ``{"cmd": NAME, ...arguments}``, one line of at most ``MAX_REQUEST`` by
 Reply: ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE, "code": EXIT_CODE}``;
 a malformed request gets code 2 ("bad control request: ...") and marsd closes that
 connection.
+
+``status`` (and ``reconcile``) answer with :meth:`marslib.status.DaemonStatus.to_json`
+besides ``ok``; :func:`daemon_status` reads it back typed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from marslib.errors import MarsError, Refused, TimedOut, UsageError
+from marslib.errors import MarsError, Refused, TimedOut, UsageError, error_for_code
+from marslib.status import DaemonStatus
 
 MAX_LINE = 1 << 20  # a reply
 MAX_REQUEST = 1 << 16  # a request line, without its newline (asyncio's stream limit)
@@ -86,10 +90,10 @@ def request(sock_path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> di
             from None
     if not reply.get("ok"):
         err = str(reply.get("error", "unknown error"))
-        code = int(reply.get("code", 1))
-        if code == 2:
-            raise UsageError(err)
-        if code == 3:
-            raise TimedOut(err)
-        raise Refused(err) if code == 1 else MarsError(err)
+        raise error_for_code(int(reply.get("code", 1)), err)
     return reply
+
+
+def daemon_status(sock_path: Path, timeout: float = 30.0) -> DaemonStatus:
+    """marsd's ``status``: every resource it runs, its peers and its free space."""
+    return DaemonStatus.from_json(request(sock_path, "status", timeout))

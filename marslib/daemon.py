@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from marslib.net.conn import read_secret, serve
 from marslib.secondary import NetConfig
 from marslib.sizes import format_size, parse_size
 from marslib.space import LEVEL_NAMES, SpaceLimits, free_bytes
+from marslib.status import DaemonStatus, PeerStatus
 from marslib.sync import SYNC_DONE, SyncService
 from marslib.worker.handle import PrimaryHandle, PrimaryLog, SecondaryHandle
 from marslib.worker.local import LocalPrimary, LocalSecondary
@@ -249,9 +251,9 @@ class Marsd:
             if req.get("retry") is not None:
                 await self._retry_now(str(req["retry"]))
             await self.reconcile()
-            return {"ok": True, **await self.status()}
+            return {"ok": True, **(await self.status()).to_json()}
         if cmd == "status":
-            return {"ok": True, **await self.status()}
+            return {"ok": True, **(await self.status()).to_json()}
         if cmd in DEVICE_COMMANDS:  # attach-device, detach-device (marslib/devnode)
             return await self.devnodes.handle(cmd, req)
         if cmd == "log-rotate":
@@ -262,7 +264,7 @@ class Marsd:
             return {"ok": True, "logfile": await res.logger.rotate()}
         raise UsageError(f"unknown command {cmd!r}")
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> DaemonStatus:
         """Everything ``status`` answers, each running resource's figures asked now."""
         running: list[tuple[str, PrimaryHandle | SecondaryHandle]] = [
             *self.primaries.items(), *self.secondaries.items()]
@@ -271,27 +273,28 @@ class Marsd:
                      if res.exited is None}
         for name in self.primaries:  # the block device node (marslib/devnode)
             if name in resources:
-                resources[name]["device_node"] = self.devnodes.status(name)
+                resources[name] = dataclasses.replace(resources[name],
+                                                      device_node=self.devnodes.status(name))
         peers = {}
         if self.metasync is not None:
             for name, bundle in self.metasync.peers.items():
-                peers[name] = {"connected": bundle.connections > 0,
-                               "error": bundle.last_error}
-        return {
-            "host": self.host,
-            "version": __version__,
-            "workers": self.workers,
-            "peers": peers,
-            "space_free": self.space_free,
-            "space_level": LEVEL_NAMES[self.space_level],
-            "space_level_number": self.space_level,
-            "resources": resources,
-            "failures": {name: msg for name, (_, msg) in self.failures.items()},
+                peers[name] = PeerStatus(connected=bundle.connections > 0,
+                                         error=bundle.last_error)
+        return DaemonStatus(
+            host=self.host,
+            version=__version__,
+            workers=self.workers,
+            peers=peers,
+            space_free=self.space_free,
+            space_level=LEVEL_NAMES[self.space_level],
+            space_level_number=self.space_level,
+            resources=resources,
+            failures={name: msg for name, (_, msg) in self.failures.items()},
             # seconds until marsd tries a failed start again by itself (reconcile may run
             # up to 2 s later)
-            "retry_in": {name: round(max(0.0, at + RETRY_FAILED_AFTER - time.monotonic()), 1)
-                         for name, (at, _) in self.failures.items()},
-        }
+            retry_in={name: round(max(0.0, at + RETRY_FAILED_AFTER - time.monotonic()), 1)
+                      for name, (at, _) in self.failures.items()},
+        )
 
     async def _retry_now(self, name: str) -> None:
         """An operator's ``up``: try a failed start of ``name`` again now instead of after

@@ -24,6 +24,7 @@ from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
 from marslib.pausing import PauseSwitch
 from marslib.position import LogPosition
+from marslib.status import FetchStatus
 
 log = logging.getLogger(__name__)
 
@@ -343,16 +344,16 @@ class Fetcher:
         finally:
             os.close(fd)
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> FetchStatus:
         secs = max(time.monotonic() - self.started, 1e-6)
-        return {
-            "fetch_logfile": self.logfile,
-            "fetch_local_end": self.local_end,
-            "fetch_remote_end": self.remote_end,
-            "fetch_bytes": self.bytes_fetched,
-            "fetch_rate": round(self.bytes_fetched / secs),
-            "fetch_paused": self.paused,
-            "fetch_connections": self.bundle.connections,
-            "fetch_error": self.bundle.last_error,
-            "fetch_contact_age": round(time.monotonic() - self.last_contact, 1),
-        }
+        return FetchStatus(
+            fetch_logfile=self.logfile,
+            fetch_local_end=self.local_end,
+            fetch_remote_end=self.remote_end,
+            fetch_bytes=self.bytes_fetched,
+            fetch_rate=round(self.bytes_fetched / secs),
+            fetch_paused=self.paused,
+            fetch_connections=self.bundle.connections,
+            fetch_error=self.bundle.last_error,
+            fetch_contact_age=round(time.monotonic() - self.last_contact, 1),
+        )

@@ -36,6 +36,7 @@ from marslib.layout import MarsPaths, logfile_name
 from marslib.logfile import LogAppender, LogScanner, PreparedCommit, StopKind, judge_stop
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.status import LoggerStatus
 from marslib.writeback import WritebackCounters, write_in_order, write_sorted
 
 log = logging.getLogger(__name__)
@@ -924,26 +925,26 @@ class Logger:
         return self._log_end
 
     # ----------------------------------------------------------------- status
-    def status(self) -> dict[str, object]:
-        return {
-            "logfile": logfile_name(self._number, self.host),
-            "log_end": self._log_end.encode() if self._log_end else None,
-            "applied": self._applied.encode() if self._applied else None,
-            "next_seq": self._next_seq,
-            "pending_bytes": self._held_bytes(),
-            "queued_writes": sum(len(b.writes) for b in self._committer.queued())
+    def status(self) -> LoggerStatus:
+        return LoggerStatus(
+            logfile=logfile_name(self._number, self.host),
+            log_end=self._log_end.encode() if self._log_end else None,
+            applied=self._applied.encode() if self._applied else None,
+            next_seq=self._next_seq,
+            pending_bytes=self._held_bytes(),
+            queued_writes=sum(len(b.writes) for b in self._committer.queued())
             if self._committer is not None else 0,
-            "writes": self.stats.writes,
-            "bytes_written": self.stats.bytes_written,
-            "commits": self.stats.commits,
-            "writes_per_commit": round(self.stats.writes / self.stats.commits, 2)
+            writes=self.stats.writes,
+            bytes_written=self.stats.bytes_written,
+            commits=self.stats.commits,
+            writes_per_commit=round(self.stats.writes / self.stats.commits, 2)
             if self.stats.commits else 0.0,
-            "writeback_rounds": self.stats.writeback_rounds,
-            "device_writes": self.stats.device_writes,
-            "direct_writes": self.stats.direct_writes,
-            "emergency": self.emergency,
-            "errors": list(self.stats.errors),
-        }
+            writeback_rounds=self.stats.writeback_rounds,
+            device_writes=self.stats.device_writes,
+            direct_writes=self.stats.direct_writes,
+            emergency=self.emergency,
+            errors=tuple(self.stats.errors),
+        )
 
 
 def logfile_path(paths: MarsPaths, resource: str, pos: LogPosition) -> Path:

@@ -10,44 +10,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from marslib.position import LogPosition
+from marslib import status as res_status
+from marslib.status import PRIMARY, SECONDARY, DaemonStatus, LoggerStatus
 
 log = logging.getLogger(__name__)
 
-ROLES = ("primary", "secondary")
-
-
-def lag_bytes(st: dict[str, Any]) -> int | None:
-    """How many bytes of log a secondary has not applied yet (as far as it knows)."""
-    if st.get("role") != "secondary" or "replay" not in st:
-        return None
-    pos = LogPosition.decode(st["replay"])
-    remote = int(st.get("fetch_remote_end", -1))
-    if remote < 0:
-        return None
-    if pos.logfile == st.get("fetch_logfile"):
-        return max(0, remote - pos.offset)
-    return max(0, remote) + int(st.get("fetch_local_end", 0))
-
-
-def lag_seconds(st: dict[str, Any], now: float) -> float:
-    """Seconds since a secondary last had everything the primary had (0: up to date)."""
-    lb = lag_bytes(st)
-    if not lb:
-        return 0.0
-    return max(0.0, now - float(st.get("caught_up_at", now)))
+ROLES = (PRIMARY, SECONDARY)
 
 
 class MarsCollector(Collector):
     """The metrics of one status snapshot (``status`` returns it)."""
 
-    def __init__(self, status: Callable[[], dict[str, Any]], host: str) -> None:
+    def __init__(self, status: Callable[[], DaemonStatus], host: str) -> None:
         self.status = status
         self.host = host
 
@@ -87,45 +66,47 @@ class MarsCollector(Collector):
         log_bytes = GaugeMetricFamily("mars_logfile_bytes", "bytes of logfiles in /mars",
                                       labels=res_labels)
         now = time.time()
-        for name, r in st.get("resources", {}).items():
+        for name, r in st.resources.items():
             for rl in ROLES:
-                role.add_metric([name, rl], 1.0 if r.get("role") == rl else 0.0)
-            open_count.add_metric([name], float(r.get("open_count", 0)))
-            logfiles.add_metric([name], float(r.get("logfile_count", 0)))
-            log_bytes.add_metric([name], float(r.get("logfile_bytes", 0)))
-            if r.get("role") == "primary":
-                written.add_metric([name], float(r.get("bytes_written", 0)))
-                writes.add_metric([name], float(r.get("writes", 0)))
-                commits.add_metric([name], float(r.get("commits", 0)))
-                pending.add_metric([name], float(r.get("pending_bytes", 0)))
-                emergency.add_metric([name], 1.0 if r.get("emergency") else 0.0)
+                role.add_metric([name, rl], 1.0 if r.role == rl else 0.0)
+            open_count.add_metric([name], float(r.open_count))
+            logfiles.add_metric([name], float(r.logfile_count))
+            log_bytes.add_metric([name], float(r.logfile_bytes))
+            if r.role == PRIMARY:
+                lg = r.logger or LoggerStatus()
+                written.add_metric([name], float(lg.bytes_written))
+                writes.add_metric([name], float(lg.writes))
+                commits.add_metric([name], float(lg.commits))
+                pending.add_metric([name], float(lg.pending_bytes))
+                emergency.add_metric([name], 1.0 if lg.emergency else 0.0)
                 continue
-            lb = lag_bytes(r)
+            lb = res_status.lag(r)
             if lb is not None:
                 lagb.add_metric([name], float(lb))
-                lags.add_metric([name], lag_seconds(r, now))
-            consistent.add_metric([name], 1.0 if r.get("consistent") else 0.0)
-            fetched.add_metric([name], float(r.get("fetch_bytes", 0)))
-            replayed.add_metric([name], float(r.get("replay_bytes", 0)))
-            if "sync_done" in r:
-                sync_done.add_metric([name], float(r["sync_done"]))
-                sync_size.add_metric([name], float(r["sync_size"]))
+                lags.add_metric([name], res_status.lag_seconds(r, now))
+            consistent.add_metric([name], 1.0 if r.secondary and r.secondary.consistent
+                                  else 0.0)
+            fetched.add_metric([name], float(r.fetcher.fetch_bytes if r.fetcher else 0))
+            replayed.add_metric([name], float(r.replayer.replay_bytes if r.replayer else 0))
+            if r.syncer is not None:
+                sync_done.add_metric([name], float(r.syncer.sync_done))
+                sync_size.add_metric([name], float(r.syncer.sync_size))
         yield from (role, lagb, lags, consistent, fetched, replayed, written, writes, commits,
                     pending, sync_done, sync_size, emergency, open_count, logfiles, log_bytes)
         free = GaugeMetricFamily("mars_free_bytes", "free bytes in /mars")
-        free.add_metric([], float(st.get("space_free", 0)))
+        free.add_metric([], float(st.space_free))
         level = GaugeMetricFamily("mars_space_level", "0 ok, 1 warn, 2 drop, 3 no-fetch, "
                                   "4 emergency")
-        level.add_metric([], float(st.get("space_level_number", 0)))
+        level.add_metric([], float(st.space_level_number))
         peers = GaugeMetricFamily("mars_peer_connected", "metadata connection to a peer is up",
                                   labels=["peer"])
-        for peer, info in st.get("peers", {}).items():
-            peers.add_metric([peer], 1.0 if info.get("connected") else 0.0)
+        for peer, info in st.peers.items():
+            peers.add_metric([peer], 1.0 if info.connected else 0.0)
         yield from (free, level, peers)
 
 
 async def serve_metrics(address: str, port: int,
-                        status: Callable[[], Awaitable[dict[str, Any]]],
+                        status: Callable[[], Awaitable[DaemonStatus]],
                         host: str) -> asyncio.Server:
     """A minimal HTTP endpoint: GET /metrics in the Prometheus text format."""
 

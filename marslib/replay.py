@@ -34,6 +34,7 @@ from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.logfile import LogScanner, StopKind
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.status import ReplayStatus
 from marslib.writeback import WritebackCounters, write_sorted
 
 log = logging.getLogger(__name__)
@@ -331,22 +332,22 @@ class Replayer:
                 return True
         return False
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> ReplayStatus:
         secs = max(time.monotonic() - self.started, 1e-6)
-        return {
-            "replay": self.position.encode(),
-            "replay_records": self.stats.records,
-            "replay_bytes": self.stats.bytes,
-            "replay_rate": round(self.stats.bytes / secs),
+        return ReplayStatus(
+            replay=self.position.encode(),
+            replay_records=self.stats.records,
+            replay_bytes=self.stats.bytes,
+            replay_rate=round(self.stats.bytes / secs),
             # paused only once the batch in progress has ended (and an interrupted one is
             # redone): the device is consistent
-            "replay_paused": self.paused and self._idle.is_set() and self.redo_to is None,
-            "replay_redo": None if self.redo_to is None else self.redo_to.encode(),
-            "replay_error": self.error,
-            "corrupt_refetched": self.stats.corrupt_refetched,
-            "replay_stamp_ns": self.stats.last_stamp_ns,
-            "caught_up_at": self.caught_up_at,
-        }
+            replay_paused=self.paused and self._idle.is_set() and self.redo_to is None,
+            replay_redo=None if self.redo_to is None else self.redo_to.encode(),
+            replay_error=self.error,
+            corrupt_refetched=self.stats.corrupt_refetched,
+            replay_stamp_ns=self.stats.last_stamp_ns,
+            caught_up_at=self.caught_up_at,
+        )
 
 
 def logfile_number(name: str) -> int:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from typing import Any
 
 from marslib.device import Device
 from marslib.layout import MarsPaths
 from marslib.logger import Logger, LoggerConfig, RecoveryReport
 from marslib.meta import MetaStore
 from marslib.nbd.server import NbdServer, start_nbd_server
+from marslib.status import PrimaryStatus, RecoveryStatus, ResourceStatus
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +120,26 @@ class PrimaryResource:
         self.meta.set(self._key(f"actual-{self.host}/is-primary"), "0")
         self.log.info("stopped")
 
-    def status(self) -> dict[str, Any]:
-        st: dict[str, Any] = {"role": "primary",
-                              "device": self.device.path if self.device else None}
-        if self.logger is not None:
-            st.update(self.logger.status())
-        st["open_count"] = self.nbd.open_count if self.nbd else 0
-        st["nbd_socket"] = str(self.paths.nbd_socket(self.name))
-        st["recovery"] = asdict(self.recovery) if self.recovery else None
-        st.update(logfile_usage(self.paths, self.name))
-        return st
+    def status(self) -> ResourceStatus:
+        count, size = logfile_usage(self.paths, self.name)
+        recovery = None
+        if self.recovery is not None:
+            recovery = RecoveryStatus(**{**asdict(self.recovery), "logfiles_read": tuple(
+                self.recovery.logfiles_read)})
+        return ResourceStatus(
+            role="primary",
+            device=self.device.path if self.device else None,
+            open_count=self.nbd.open_count if self.nbd else 0,
+            logfile_count=count,
+            logfile_bytes=size,
+            primary=PrimaryStatus(nbd_socket=str(self.paths.nbd_socket(self.name)),
+                                  recovery=recovery),
+            logger=self.logger.status() if self.logger is not None else None,
+        )
 
 
-def logfile_usage(paths: MarsPaths, name: str) -> dict[str, int]:
+def logfile_usage(paths: MarsPaths, name: str) -> tuple[int, int]:
+    """How many logfiles of ``name`` are in /mars, and their bytes."""
     files = paths.logfiles(name)
     size = 0
     for _, _, p in files:
@@ -140,4 +147,4 @@ def logfile_usage(paths: MarsPaths, name: str) -> dict[str, int]:
             size += p.stat().st_size
         except FileNotFoundError:
             pass
-    return {"logfile_count": len(files), "logfile_bytes": size}
+    return len(files), size

@@ -7,7 +7,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from marslib.device import Device
 from marslib.durable import mkdir_durably
@@ -19,6 +18,7 @@ from marslib.net.conn import PeerBundle
 from marslib.position import LogPosition
 from marslib.replay import Replayer
 from marslib.resource import logfile_usage
+from marslib.status import ResourceStatus, SecondaryStatus
 from marslib.sync import SYNC_DONE, SyncClient, parse_syncstatus
 
 log = logging.getLogger(__name__)
@@ -212,19 +212,20 @@ class SecondaryResource:
             self.device.close()
         self.log.info("stopped")
 
-    def status(self) -> dict[str, Any]:
-        st: dict[str, Any] = {"role": "secondary", "phase": self.phase,
-                              "fetch_blocked_by_space": self.space_blocks_fetch,
-                              "device": self.device.path if self.device else None,
-                              "open_count": 0, "error": self.error,
-                              "consistent": self.consistent()}
+    def status(self) -> ResourceStatus:
         sync = parse_syncstatus(self.meta.get(self._key(f"syncstatus-{self.host}")))
-        if self.syncer is not None and sync is not None:
-            st.update(self.syncer.status())
-        if self.fetcher is not None:
-            st.update(self.fetcher.status())
-        if self.replayer is not None:
-            st.update(self.replayer.status())
-            st["applied"] = self.replayer.position.encode()
-        st.update(logfile_usage(self.paths, self.name))
-        return st
+        count, size = logfile_usage(self.paths, self.name)
+        return ResourceStatus(
+            role="secondary",
+            device=self.device.path if self.device else None,
+            open_count=0,
+            logfile_count=count,
+            logfile_bytes=size,
+            secondary=SecondaryStatus(phase=self.phase,
+                                      fetch_blocked_by_space=self.space_blocks_fetch,
+                                      error=self.error, consistent=self.consistent()),
+            syncer=self.syncer.status() if self.syncer is not None and sync is not None
+            else None,
+            fetcher=self.fetcher.status() if self.fetcher is not None else None,
+            replayer=self.replayer.status() if self.replayer is not None else None,
+        )

@@ -27,6 +27,7 @@ from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
 from marslib.pausing import PauseSwitch
 from marslib.position import LogPosition
+from marslib.status import FullSyncStatus
 
 log = logging.getLogger(__name__)
 
@@ -327,10 +328,10 @@ class SyncClient:
 
         await asyncio.gather(*(copy(f, n) for f, n in runs))
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> FullSyncStatus:
         p = self.progress
-        return {
-            "sync_done": p.done, "sync_size": p.size, "sync_copied": p.copied,
-            "sync_rate": round(p.rate), "sync_paused": self.paused,
-            "sync_eta": round((p.size - p.done) / p.rate, 1) if p.rate > 0 else None,
-        }
+        return FullSyncStatus(
+            sync_done=p.done, sync_size=p.size, sync_copied=p.copied,
+            sync_rate=round(p.rate), sync_paused=self.paused,
+            sync_eta=round((p.size - p.done) / p.rate, 1) if p.rate > 0 else None,
+        )

@@ -13,12 +13,13 @@ from marslib.admin.context import Admin
 from marslib.admin.resize import device_sizes, plan_resize
 from marslib.admin.snapshot import MemberSnapshot, ResourceSnapshot, read_resource
 from marslib.admin.switches import condition_reached
-from marslib.admin.view import member_info, member_state, split_brain_losers, tree_lag
+from marslib.admin.view import member_info, member_state, split_brain_losers
 from marslib.errors import Refused
 from marslib.history import Fork
 from marslib.layout import MarsPaths
 from marslib.meta import MetaStore
 from marslib.schema import NO_PRIMARY, ResourceKeys, SyncStatus
+from marslib.status import ResourceStatus, tree_lag
 
 DONE = SyncStatus(0, 0, finished=True)
 
@@ -33,9 +34,17 @@ def snap(primary: str | None = "alpha", **kw: Any) -> ResourceSnapshot:
     return ResourceSnapshot("r0", 1 << 26, primary, members=members, **kw)
 
 
-LIVE_SECONDARY = {"role": "secondary", "phase": "replaying", "consistent": True,
+LIVE = {"role": "secondary", "phase": "replaying", "consistent": True,
                   "replay": "log-000000001-alpha,4096,1", "fetch_logfile": "log-000000001-alpha",
                   "fetch_remote_end": 4096, "fetch_local_end": 4096, "fetch_contact_age": 0.1}
+
+
+def live(**change: Any) -> ResourceStatus:
+    """marsd's status of a secondary, as the control socket's JSON would give it."""
+    return ResourceStatus.from_json({**LIVE, **change})
+
+
+LIVE_SECONDARY = live()
 
 
 # ------------------------------------------------------------------ roles
@@ -53,7 +62,7 @@ def test_a_caught_up_consistent_secondary_may_take_over() -> None:
     ({"fetch_contact_age": 99.0}, "has not answered for 99s"),
 ])
 def test_handover_refused_by_the_live_status(change: dict[str, Any], words: str) -> None:
-    why = roles.handover_refusal(snap(), "beta", {**LIVE_SECONDARY, **change})
+    why = roles.handover_refusal(snap(), "beta", live(**change))
     assert why is not None and words in why
 
 
@@ -74,9 +83,9 @@ def test_handover_refused_by_the_old_primary_and_the_history() -> None:
 def test_failover_still_needs_a_synced_attached_member() -> None:
     s = snap(members={"beta": replace(member("beta"), sync=SyncStatus(10, 100))})
     assert "not fully synced" in str(roles.primary_refusal(s, "beta", LIVE_SECONDARY))
-    assert "not attached" in str(roles.primary_refusal(snap(), "beta", {}))
+    assert "not attached" in str(roles.primary_refusal(snap(), "beta", None))
     assert "join-resource first" in str(roles.primary_refusal(snap(), "gamma", LIVE_SECONDARY))
-    redo = {**LIVE_SECONDARY, "replay_redo": "log-000000001-alpha,8192,2"}
+    redo = live(replay_redo="log-000000001-alpha,8192,2")
     assert "redoing the batch" in str(roles.primary_refusal(snap(), "beta", redo))
 
 
@@ -117,7 +126,7 @@ def test_states_from_the_tree_and_the_live_status() -> None:
 
 
 def test_tree_lag_only_within_one_logfile() -> None:
-    assert tree_lag("log-000000002-a,900,5", "log-000000002-a,100,2") == 800
+    assert tree_lag("log-000000002-a,900,5", "log-000000002-a,100,2") == 800  # status.tree_lag
     assert tree_lag("log-000000002-a,900,5", "log-000000002-a,950,6") == 0
     assert tree_lag("log-000000003-a,10,5", "log-000000002-a,100,2") is None
     assert tree_lag(None, "log-000000002-a,100,2") is None
@@ -132,12 +141,12 @@ def test_split_brain_losers_differ_from_the_primary() -> None:
 
 
 def test_wait_conditions() -> None:
-    assert condition_reached("primary", {"role": "primary"})
-    assert condition_reached("up-to-date", {"role": "primary"})
+    assert condition_reached("primary", ResourceStatus(role="primary"))
+    assert condition_reached("up-to-date", ResourceStatus(role="primary"))
     assert condition_reached("up-to-date", LIVE_SECONDARY)
-    assert not condition_reached("up-to-date", {**LIVE_SECONDARY, "fetch_remote_end": 9000})
-    assert not condition_reached("consistent", {**LIVE_SECONDARY, "consistent": False})
-    assert not condition_reached("secondary", {})
+    assert not condition_reached("up-to-date", live(fetch_remote_end=9000))
+    assert not condition_reached("consistent", live(consistent=False))
+    assert not condition_reached("secondary", None)
 
 
 # ----------------------------------------------------------------- resize

@@ -12,6 +12,7 @@ from marslib.errors import Refused, TimedOut
 from marslib.layout import MarsPaths, check_resource_name
 from marslib.meta import MetaStore
 from marslib.schema import UUID, ResourceKeys
+from marslib.status import DaemonStatus, ResourceStatus
 
 Result = dict[str, Any]  # what a step returns: "changed" and its figures; JSON for --json
 
@@ -40,13 +41,14 @@ class Admin:
         """Ask marsd; DaemonNotRunning (a Refused) when it is not running."""
         return control.request(self.paths.control_socket, cmd, timeout=self.timeout, **kw)
 
-    def daemon_status(self) -> dict[str, Any] | None:
+    def daemon_status(self) -> DaemonStatus | None:
+        """marsd's status, typed; None when marsd is not running."""
         try:
-            return self.daemon("status")
+            return DaemonStatus.from_json(self.daemon("status"))
         except control.DaemonNotRunning:
             return None
 
-    def require_daemon(self, why: str) -> dict[str, Any]:
+    def require_daemon(self, why: str) -> DaemonStatus:
         """marsd's status; refused (before anything changes) when marsd is not running."""
         st = self.daemon_status()
         if st is None:
@@ -55,9 +57,9 @@ class Admin:
                 f"{why}: start marsd first (systemctl start marsd); nothing was changed")
         return st
 
-    def live(self, resource: str) -> dict[str, Any]:
-        """marsd's status of one resource ({} when it does not run it)."""
-        return dict(self.daemon("status")["resources"].get(resource, {}))
+    def live(self, resource: str) -> ResourceStatus | None:
+        """marsd's status of one resource (None when it does not run it)."""
+        return DaemonStatus.from_json(self.daemon("status")).resources.get(resource)
 
     def poke(self) -> bool:
         """Tell marsd to act on the tree now; False when it is not running."""
@@ -109,10 +111,10 @@ class Admin:
             time.sleep(0.05)
 
 
-def daemon_failure(st: dict[str, Any], name: str) -> str | None:
+def daemon_failure(st: DaemonStatus, name: str) -> str | None:
     """marsd's last failure to start ``name``, and when it tries again by itself."""
-    msg = st.get("failures", {}).get(name)
-    retry_in = st.get("retry_in", {}).get(name)  # None from an older marsd
+    msg = st.failures.get(name)
+    retry_in = st.retry_in.get(name)  # None from an older marsd
     if not msg or retry_in is None:
         return msg
     at = time.strftime("%H:%M:%S", time.localtime(time.time() + retry_in))

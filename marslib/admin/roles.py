@@ -8,7 +8,6 @@ The rules are pure functions of a :class:`ResourceSnapshot` and marsd's live sta
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from marslib.admin.context import Admin, Result, daemon_failure
 from marslib.admin.devnode import clients_besides_node, release_node
@@ -20,38 +19,44 @@ from marslib.history import forget_links
 from marslib.position import LogPosition
 from marslib.schema import NO_PRIMARY, is_primary_host, sync_from_start
 from marslib.sizes import human_size
+from marslib.status import ResourceStatus, lag
 
 OPEN_COUNT_GRACE = 2.0  # seconds a handover waits for the old primary's clients to leave
 
 
-def primary_refusal(snap: ResourceSnapshot, host: str, live: dict[str, Any]) -> str | None:
-    """Why ``host`` cannot become primary at all (handover or failover), if it cannot."""
+def primary_refusal(snap: ResourceSnapshot, host: str,
+                    live: ResourceStatus | None) -> str | None:
+    """Why ``host`` cannot become primary at all (handover or failover), if it cannot;
+    ``live`` is marsd's status of the resource here (None: not running here)."""
     me = snap.member(host)
     if me is None:
         return f"{host} is not a member of {snap.name}: join-resource first"
-    if not me.attach or not live:
+    if not me.attach or live is None:
         return f"{snap.name} is not attached here: run 'marsadm up {snap.name}' first"
     if not me.synced:
         return f"{snap.name} is not fully synced here: it would not be consistent"
-    if live.get("replay_redo"):
+    redo = live.replayer.replay_redo if live.replayer else None
+    if redo:
         return (f"{snap.name} is not consistent here: replay is redoing the batch a crash "
-                f"interrupted (up to {live['replay_redo']}); retry in a moment")
+                f"interrupted (up to {redo}); retry in a moment")
     return None
 
 
-def handover_refusal(snap: ResourceSnapshot, host: str, live: dict[str, Any]) -> str | None:
+def handover_refusal(snap: ResourceSnapshot, host: str, live: ResourceStatus) -> str | None:
     """Why ``host`` cannot take over by a planned handover (no --force), if it cannot."""
     name, old = snap.name, snap.primary
-    if live.get("role") != "secondary":
+    sec, fetch, replay = live.secondary, live.fetcher, live.replayer
+    if live.role != "secondary" or sec is None:
         return f"{name} is not running here as a secondary: run 'marsadm up {name}'"
     me = snap.member(host)
-    if me is None or not me.synced or live.get("phase") != "replaying":
+    if me is None or not me.synced or sec.phase != "replaying":
         return f"{name} is still syncing here: wait with 'marsadm wait-resource {name} sync-off'"
-    if not live.get("consistent"):
+    if not sec.consistent:
         return f"{name} is not consistent here yet: wait until it has replayed past its syncpos"
-    if live.get("replay_error"):
-        return f"{name} cannot replay here: {live['replay_error']}"
-    if live.get("fetch_paused") or live.get("replay_paused"):
+    if replay is not None and replay.replay_error:
+        return f"{name} cannot replay here: {replay.replay_error}"
+    if (fetch is not None and fetch.fetch_paused) or (replay is not None and
+                                                      replay.replay_paused):
         return f"fetch or replay of {name} is paused here: resume them first"
     if snap.forks:
         return (f"split brain ({snap.forks[0].describe()}): resolve it first ('marsadm "
@@ -68,8 +73,9 @@ def handover_refusal(snap: ResourceSnapshot, host: str, live: dict[str, Any]) ->
         if theirs.open_count:
             return (f"the primary {old} still has {theirs.open_count} NBD client(s) on "
                     f"{name}: stop the application there (umount, disconnect) first")
-        if (live.get("fetch_contact_age") or 0) > DISCONNECTED_AFTER:
-            return f"the primary {old} has not answered for {live['fetch_contact_age']:.0f}s: " \
+        age = fetch.fetch_contact_age if fetch is not None else 0.0
+        if age > DISCONNECTED_AFTER:
+            return f"the primary {old} has not answered for {age:.0f}s: " \
                    "if it is gone, use 'marsadm primary --force' (failover)"
     return None
 
@@ -126,9 +132,9 @@ def make_primary(admin: Admin, name: str, force: bool) -> Result:
         admin.say(f"{admin.host} is already the primary of {name}: nothing changes")
         return {"changed": False, "primary": admin.host}
     st = admin.require_daemon(f"{name} must run here to take over")
-    live = dict(st["resources"].get(name, {}))
+    live = st.resources.get(name)
     why = primary_refusal(snap, admin.host, live)
-    if why is None and not force:
+    if why is None and live is not None and not force:
         why = handover_refusal(_snapshot_after_clients_left(admin, name), admin.host, live)
         if why:
             why = f"handover of {name} to {admin.host} refused: {why}"
@@ -157,15 +163,16 @@ def make_primary(admin: Admin, name: str, force: bool) -> Result:
     admin.poke()
 
     def serving() -> str | bool:
-        st = admin.daemon("status")
-        return st["resources"].get(name, {}).get("role") == "primary" or \
-            daemon_failure(st, name) or False
+        st = admin.require_daemon(f"{name} must come up as primary here")
+        res = st.resources.get(name)
+        return (res is not None and res.role == "primary") or daemon_failure(st, name) \
+            or False
 
     admin.wait_for(f"{name} to come up as primary here", serving)
     secs = round(time.monotonic() - t0, 3)
     now = admin.live(name)
-    admin.say(f"{admin.host} is now the primary of {name} ({secs}s): NBD export at "
-              f"{now.get('nbd_socket')}")
+    export = now.primary.nbd_socket if now is not None and now.primary else None
+    admin.say(f"{admin.host} is now the primary of {name} ({secs}s): NBD export at {export}")
     return {"changed": True, "primary": admin.host, "previous": old, "seconds": secs,
             "forced": force}
 
@@ -174,10 +181,10 @@ def _wait_caught_up(admin: Admin, name: str) -> None:
     """Wait (within --timeout) until this secondary has applied all it knows of; on a
     timeout nothing has changed."""
     def done() -> bool:
-        from marslib.metrics import lag_bytes  # until status.lag (merge)
-        lag = lag_bytes(admin.live(name))
-        admin.progress(f"handover {name}: {human_size(lag or 0)} still to replay")
-        return lag == 0
+        res = admin.live(name)
+        behind = lag(res) if res is not None else None
+        admin.progress(f"handover {name}: {human_size(behind or 0)}B still to replay")
+        return behind == 0
     admin.wait_for(f"{name} to catch up here before the handover", done)
 
 
@@ -192,7 +199,8 @@ def _wait_old_primary_done(admin: Admin, name: str, old: str | None) -> None:
         if admin.meta.get(k.actual(old, "is-primary")) != "0":
             return False
         final = admin.meta.get(k.replay(old))
-        applied = admin.live(name).get("applied")
+        res = admin.live(name)
+        applied = res.applied if res is not None else None
         if final and applied:
             f, mine = LogPosition.decode(final), LogPosition.decode(applied)
             admin.progress(f"handover {name}: replayed {mine.number}:{mine.offset} of "
@@ -212,8 +220,9 @@ def give_up_primary(admin: Admin, name: str) -> Result:
                   f"{snap.primary}): nothing changes")
         return {"changed": False}
     st = admin.require_daemon(f"the primary of {name} must end its log")
-    live = dict(st["resources"].get(name, {}))
-    why = secondary_refusal(snap, admin.host, clients_besides_node(live) if live else None)
+    live = st.resources.get(name)
+    why = secondary_refusal(snap, admin.host,
+                            clients_besides_node(live) if live is not None else None)
     if why:
         raise Refused(why)
     if admin.dry_run:
@@ -223,7 +232,7 @@ def give_up_primary(admin: Admin, name: str) -> Result:
     admin.meta.set(k.primary, NO_PRIMARY, durable=True)
     admin.poke()
     admin.wait_for(f"{name} to end its log here",
-                   lambda: admin.live(name).get("role") != "primary")
+                   lambda: getattr(admin.live(name), "role", None) != "primary")
     admin.say(f"{admin.host} is no longer the primary of {name}; make another member primary "
               "with 'marsadm primary'")
     return {"changed": True}

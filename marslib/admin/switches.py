@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from marslib.admin.context import Admin, Result, daemon_failure
 from marslib.admin.devnode import attach_device, clients_besides_node, release_node
 from marslib.errors import Refused
 from marslib.schema import OFF, ON, switch_on
+from marslib.status import ResourceStatus, up_to_date
 
 WAIT_CONDITIONS = ("sync-off", "consistent", "up-to-date", "primary", "secondary")
 
@@ -19,24 +18,25 @@ def bring_up(admin: Admin, name: str) -> Result:
     is_primary = admin.meta.get(admin.keys(name).primary) == admin.host
 
     def running() -> str | bool:
-        st = admin.daemon("status")
-        if name in st["resources"]:
+        st = admin.require_daemon(f"marsd must start {name}")
+        if name in st.resources:
             return True
         return daemon_failure(st, name) or not is_primary
 
     admin.wait_for(f"resource {name} to come up", running)
     st = admin.live(name)
-    if st.get("role") == "secondary":
-        admin.say(f"{name} is up on {admin.host} as a secondary ({st.get('phase')})")
-    elif st:
-        admin.say(f"{name} is up on {admin.host}: NBD export at {st['nbd_socket']}")
-        rec = st.get("recovery") or {}
-        if rec.get("records_replayed"):
-            admin.say(f"recovery replayed {rec['records_replayed']} records "
-                      f"({rec['bytes_replayed']} bytes) in {rec['seconds']}s")
-        if rec.get("torn_tail"):
-            admin.say(f"recovery cut a torn tail: {rec['torn_tail']}")
-    return {"status": st}
+    if st is not None and st.role == "secondary":
+        phase = st.secondary.phase if st.secondary else "?"
+        admin.say(f"{name} is up on {admin.host} as a secondary ({phase})")
+    elif st is not None and st.primary is not None:
+        admin.say(f"{name} is up on {admin.host}: NBD export at {st.primary.nbd_socket}")
+        rec = st.primary.recovery
+        if rec is not None and rec.records_replayed:
+            admin.say(f"recovery replayed {rec.records_replayed} records "
+                      f"({rec.bytes_replayed} bytes) in {rec.seconds}s")
+        if rec is not None and rec.torn_tail:
+            admin.say(f"recovery cut a torn tail: {rec.torn_tail}")
+    return {"status": st.to_json() if st is not None else {}}
 
 
 def up(admin: Admin, name: str, device: bool = False) -> Result:
@@ -51,7 +51,7 @@ def up(admin: Admin, name: str, device: bool = False) -> Result:
         return {"changed": changed, "dry_run": True}
     admin.meta.set(key, ON)
     result = {"changed": changed, **bring_up(admin, name)}
-    if device and result["status"].get("role") == "primary":
+    if device and result["status"].get("role") == "primary":  # the JSON of bring_up
         node = attach_device(admin, name)
         result.update(changed=changed or node["changed"], node=node.get("node"))
     return result
@@ -61,8 +61,8 @@ def down(admin: Admin, name: str, force: bool = False) -> Result:
     k = admin.require_resource(name)
     key = k.todo(admin.host, "attach")
     st = admin.daemon_status()
-    live = (st or {}).get("resources", {}).get(name)
-    clients = clients_besides_node(live or {})
+    live = st.resources.get(name) if st is not None else None
+    clients = clients_besides_node(live)
     if clients and not force:
         raise Refused(f"resource {name} is in use by {clients} NBD client(s): stop "
                       "the application (umount, disconnect) first, or use --force")
@@ -70,12 +70,11 @@ def down(admin: Admin, name: str, force: bool = False) -> Result:
     if admin.dry_run:
         admin.say(f"would {'take down' if changed else 'leave down'} {name}")
         return {"changed": changed, "dry_run": True}
-    release_node(admin, name, live or {})  # refused while it is mounted: no change yet
+    release_node(admin, name, live)  # refused while it is mounted: no change yet
     admin.meta.set(key, OFF)
     if st is not None:
         admin.daemon("reconcile")
-        admin.wait_for(f"resource {name} to go down",
-                       lambda: name not in admin.daemon("status")["resources"])
+        admin.wait_for(f"resource {name} to go down", lambda: admin.live(name) is None)
     admin.say(f"{name} is down on {admin.host}")
     return {"changed": changed}
 
@@ -91,8 +90,10 @@ def set_switch(admin: Admin, name: str, switch: str, on: bool) -> Result:
     admin.meta.set(key, ON if on else OFF)
     running = admin.poke()
     if switch == "replay" and not on and running:
-        admin.wait_for(f"replay of {name} to pause",
-                       lambda: admin.live(name).get("replay_paused", True))
+        def paused() -> bool:
+            res = admin.live(name)
+            return res is None or res.replayer is None or res.replayer.replay_paused
+        admin.wait_for(f"replay of {name} to pause", paused)
     admin.say(f"{name}: {switch} {'resumed' if on else 'paused'} on {admin.host}")
     return {"changed": changed}
 
@@ -122,27 +123,26 @@ def wait_sync(admin: Admin, name: str) -> None:
         status = admin.meta.get(k.syncstatus(admin.host))
         if status == "done":
             return True
-        st = admin.live(name)
-        if "sync_done" in st:
-            admin.progress(progress_line(f"sync {name}", st["sync_done"], st["sync_size"],
-                                         st["sync_rate"], st.get("sync_eta")))
+        res = admin.live(name)
+        sync = res.syncer if res is not None else None
+        if sync is not None:
+            admin.progress(progress_line(f"sync {name}", sync.sync_done, sync.sync_size,
+                                         sync.sync_rate, sync.sync_eta))
         return False
     admin.wait_for(f"the full sync of {name}", done)
     admin.progress("\n")
 
 
-def condition_reached(cond: str, st: dict[str, Any]) -> bool:
+def condition_reached(cond: str, st: ResourceStatus | None) -> bool:
     """A wait-resource condition, from marsd's live status of the resource."""
-    if cond == "primary":
-        return st.get("role") == "primary"
-    if cond == "secondary":
-        return st.get("role") == "secondary"
-    if st.get("role") == "primary":  # the primary's data is the reference
+    if st is None:
+        return False
+    if cond in ("primary", "secondary"):
+        return st.role == cond
+    if st.role == "primary":  # the primary's data is the reference
         return cond in ("consistent", "up-to-date")
-    if cond == "consistent":
-        return bool(st.get("consistent"))
-    from marslib.metrics import lag_bytes  # until status.lag (merge)
-    return bool(st.get("consistent")) and lag_bytes(st) == 0
+    consistent = st.secondary is not None and st.secondary.consistent
+    return consistent and (cond == "consistent" or up_to_date(st))
 
 
 def wait_resource(admin: Admin, name: str, cond: str) -> Result:

@@ -12,9 +12,9 @@ from typing import Any
 
 from marslib.admin.context import Admin, daemon_failure
 from marslib.admin.snapshot import MemberSnapshot, ResourceSnapshot, read_resource
-from marslib.position import LogPosition
 from marslib.replay import interrupted_batch
 from marslib.schema import NO_PRIMARY
+from marslib.status import DaemonStatus, ResourceStatus, lag, lag_seconds, tree_lag
 
 VIEW_SCHEMA_VERSION = 1  # of ``view --json``; bumped when a field changes meaning
 
@@ -31,17 +31,6 @@ LIVE_KEYS = ("logfile", "log_end", "applied", "pending_bytes", "open_count", "wr
              "sync_done", "sync_size", "sync_rate", "sync_eta", "corrupt_refetched",
              "caught_up_at", "logfile_count", "logfile_bytes", "fetch_contact_age",
              "fetch_bytes", "sync_copied", "replay_redo")
-
-
-def tree_lag(primary: str | None, mine: str | None) -> int | None:
-    """Bytes between two replay positions in the same logfile (a view from the tree)."""
-    if not primary or not mine:
-        return None
-    try:
-        p, q = LogPosition.decode(primary), LogPosition.decode(mine)
-    except ValueError:
-        return None
-    return max(0, p.offset - q.offset) if p.number == q.number else None
 
 
 def member_state(info: dict[str, Any]) -> str:
@@ -94,23 +83,23 @@ def member_info(snap: ResourceSnapshot, m: MemberSnapshot) -> dict[str, Any]:
     }
 
 
-def add_live(info: dict[str, Any], live: dict[str, Any] | None, failure: str | None,
+def add_live(info: dict[str, Any], live: ResourceStatus | None, failure: str | None,
              now: float) -> None:
-    """Overlay this host's live figures from marsd (None: marsd is not running)."""
-    if live:
+    """Overlay this host's live figures from marsd (None: it does not run the resource)."""
+    if live is not None:
         info["running"] = True
-        info.update({k: live[k] for k in LIVE_KEYS if k in live})
-        if live.get("role") == "secondary":
-            from marslib.metrics import lag_bytes, lag_seconds  # until status.lag (merge)
-            info["lag_bytes"] = lag_bytes(live)
+        flat = live.to_json()
+        info.update({k: flat[k] for k in LIVE_KEYS if k in flat})
+        if live.role == "secondary":
+            info["lag_bytes"] = lag(live)
             info["lag_seconds"] = round(lag_seconds(live, now), 1)
-        if live.get("replay_error"):
-            info["error"] = live["replay_error"]
-        node = live.get("device_node")
-        if isinstance(node, dict):  # marsd's view of the node is newer than the tree's
-            info["device_node"] = node.get("node") if node.get("healthy") else None
-            if node.get("note") or node.get("problem"):
-                info["device_node_note"] = node.get("note") or node.get("problem")
+        if live.replayer is not None and live.replayer.replay_error:
+            info["error"] = live.replayer.replay_error
+        node = live.device_node
+        if node is not None:  # marsd's view of the node is newer than the tree's
+            info["device_node"] = node.node if node.healthy else None
+            if node.note or node.problem:
+                info["device_node_note"] = node.note or node.problem
     else:
         # not running here (marsd stopped or killed, resource down): no export, no NBD
         # client, whatever a crash left in actual-HOST/open-count and is-primary
@@ -154,7 +143,7 @@ def advice_host(error: str, member: str, here: str) -> str:
     return f' (reported by {member}: "this host" and "here" mean {member}, not {here})'
 
 
-def resource_view(admin: Admin, name: str, daemon: dict[str, Any] | None,
+def resource_view(admin: Admin, name: str, daemon: DaemonStatus | None,
                   snap: ResourceSnapshot | None = None) -> dict[str, Any]:
     """Everything about one resource as known here: tree values of every member, plus the
     live status of this host's marsd."""
@@ -180,7 +169,7 @@ def resource_view(admin: Admin, name: str, daemon: dict[str, Any] | None,
     for host, m in snap.members.items():
         info = member_info(snap, m)
         if host == admin.host:
-            live = daemon["resources"].get(name) if daemon else None
+            live = daemon.resources.get(name) if daemon else None
             add_live(info, live, daemon_failure(daemon, name) if daemon else None, now)
         info["split_brain"] = snap.differs_from_primary(host)
         info["state"] = member_state(info)

@@ -22,6 +22,7 @@ from marslib.errors import MarsError, Refused, UsageError
 from marslib.layout import MarsPaths, check_resource_name
 from marslib.meta import MetaStore
 from marslib.schema import OFF, ON, ResourceKeys, is_primary_host
+from marslib.status import DeviceNodeStatus
 
 log = logging.getLogger("marslib.devnode")
 
@@ -148,16 +149,15 @@ class DeviceNodes:
                         "resource runs here again and it is unmounted", name,
                         extra={"resource": name})
 
-    def status(self, name: str) -> dict[str, Any] | None:
+    def status(self, name: str) -> DeviceNodeStatus | None:
         """``device_node`` of marsd's status for ``name``: the node as last seen."""
         info = self.nodes.get(name)
         note = self.held.get(name) or self.notes.get(name)
         if info is None and note is None:
             return None
-        out: dict[str, Any] = info.to_dict() if info is not None else {}
-        out["wanted"] = self.switch(name)
-        out["note"] = note
-        return out
+        seen = {} if info is None else {k: v for k, v in info.to_dict().items()
+                                        if k != "resource"}
+        return DeviceNodeStatus(**seen, wanted=self.switch(name), note=note)
 
     # ------------------------------------------------------------ control commands
     async def handle(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:

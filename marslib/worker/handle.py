@@ -8,11 +8,12 @@ worker process and speak to it over the control channel. Both offer these surfac
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from marslib.device import Device
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.status import ResourceStatus
 
 
 class PrimaryLog(Protocol):
@@ -56,7 +57,8 @@ class Handle(Protocol):
 
     async def start(self) -> None: ...
 
-    async def status(self) -> dict[str, Any]: ...
+    async def status(self) -> ResourceStatus:
+        """The resource's live figures, asked now."""
 
     async def refresh(self, size: int) -> None:
         """One pass of marsd over the tree: publish ``device-size-HOST``; a primary serves

@@ -3,13 +3,12 @@ worker process (which serves one of these over its control channel)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from marslib.layout import MarsPaths
 from marslib.logger import LoggerConfig
 from marslib.meta import MetaStore
 from marslib.resource import PrimaryResource
 from marslib.secondary import NetConfig, SecondaryResource
+from marslib.status import ResourceStatus
 from marslib.worker.handle import PrimaryLog, publish_device_size
 
 
@@ -40,7 +39,7 @@ class LocalPrimary:
         publish_device_size(self.meta, self.name, self.host, self.resource.device)
         self.resource.grow(size)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> ResourceStatus:
         return self.resource.status()
 
 
@@ -85,5 +84,5 @@ class LocalSecondary:
         if level >= 2:
             self.resource.drop_applied_logfiles()
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> ResourceStatus:
         return self.resource.status()

@@ -106,6 +106,8 @@ class StatePush(State):
 @message("started")
 @dataclass(frozen=True)
 class Started(State):
+    """The resource runs; ``status`` is its :meth:`marslib.status.ResourceStatus.to_json`."""
+
     status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,6 +120,10 @@ class Stopped(State):
 @message("status-reply")
 @dataclass(frozen=True)
 class StatusReply(State):
+    """``status``: the resource's :meth:`marslib.status.ResourceStatus.to_json`, which marsd
+    reads back with ``ResourceStatus.from_json`` (unknown keys from a newer worker are
+    ignored)."""
+
     status: dict[str, Any] = field(default_factory=dict)
 
 

@@ -163,7 +163,7 @@ class Worker:
         if res is None:
             raise UsageError(f"{msg.TYPE}: resource {self.name} is not started in this worker")
         if isinstance(msg, StatusRequest):
-            return StatusReply(**self.state(), status=await res.status())
+            return StatusReply(**self.state(), status=(await res.status()).to_json())
         if isinstance(msg, Stop):
             try:
                 await self._stop(msg.end_marker)
@@ -236,7 +236,7 @@ class Worker:
         self.res = res
         await asyncio.sleep(0)  # a secondary's task takes its first phase
         self._pusher = asyncio.create_task(self._push_state(), name="push-state")
-        return Started(**self.state(), status=await res.status())
+        return Started(**self.state(), status=(await res.status()).to_json())
 
     async def _take_lock(self, paths: MarsPaths) -> None:
         path = lock_path(paths, self.name)

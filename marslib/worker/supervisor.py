@@ -35,6 +35,7 @@ from marslib.logger import LoggerConfig
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
 from marslib.secondary import NetConfig
+from marslib.status import ResourceStatus
 from marslib.worker.channel import STREAM_LIMIT, Channel, ChannelClosed
 from marslib.worker.messages import (
     READ_CHUNK,
@@ -114,7 +115,7 @@ class WorkerHandle:
         self._stopping = False
         self._hello: asyncio.Future[Hello] | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._last_status: dict[str, Any] = {}
+        self._last_status = ResourceStatus(role=self.role)
 
     @property
     def worker_pid(self) -> int | None:
@@ -139,7 +140,7 @@ class WorkerHandle:
             await self._ended()
             raise
         if isinstance(reply, Started):
-            self._last_status = dict(reply.status)
+            self._last_status = ResourceStatus.from_json(reply.status)
         self.log.info("running as %s in worker pid %d", self.role, self.worker_pid)
 
     async def _spawn(self) -> None:
@@ -242,20 +243,19 @@ class WorkerHandle:
     def _closed(self) -> None:
         """The worker is gone: wake whoever waits on it."""
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> ResourceStatus:
         """The resource's live figures, asked now; the last ones if the worker is slow."""
         try:
             reply = await self.request(StatusRequest(), timeout=STATUS_TIMEOUT)
             assert isinstance(reply, StatusReply)
-            st = dict(reply.status)
-            self._last_status = st
+            st = self._last_status = ResourceStatus.from_json(reply.status)
         except TimeoutError:
-            st = {**self._last_status, "worker_error": f"worker pid {self.worker_pid} did "
-                  f"not answer within {STATUS_TIMEOUT:.0f} s: figures may be old"}
+            st = dataclasses.replace(
+                self._last_status, worker_error=f"worker pid {self.worker_pid} did not "
+                f"answer within {STATUS_TIMEOUT:.0f} s: figures may be old")
         except MarsError as exc:
-            st = {**self._last_status, "worker_error": str(exc)}
-        st["worker_pid"] = self.worker_pid
-        return st
+            st = dataclasses.replace(self._last_status, worker_error=str(exc))
+        return dataclasses.replace(st, worker_pid=self.worker_pid)
 
 
 class LoggerProxy:
