@@ -326,7 +326,7 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
     """Everything about one resource as known here: tree values of every member, plus the
     live status of this host's marsd."""
     from marslib.metrics import lag_bytes, lag_seconds
-    from marslib.sync import parse_syncstatus
+    from marslib.schema import SyncStatus
 
     m = ctx.meta
     r = lambda k: ctx.rkey(name, k)  # noqa: E731
@@ -354,7 +354,8 @@ def resource_view(ctx: Ctx, name: str, daemon: dict[str, Any] | None) -> dict[st
     }
     primary_replay = m.get(r(f"replay-{primary}")) if primary else None
     for host in members:
-        sync = parse_syncstatus(m.get(r(f"syncstatus-{host}")))
+        st = SyncStatus.decode(m.get(r(f"syncstatus-{host}")))
+        sync = (st.done, st.size) if st is not None and not st.finished else None
         info: dict[str, Any] = {
             "device": m.get(r(f"data-{host}")),
             "role": "primary" if host == primary else "secondary",

@@ -36,6 +36,7 @@ from marslib.layout import MarsPaths, logfile_name
 from marslib.logfile import LogAppender, LogScanner, PreparedCommit, StopKind, judge_stop
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.schema import ON, ResourceKeys, flag
 from marslib.writeback import WritebackCounters, write_in_order, write_sorted
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,15 @@ class Logger:
     # ------------------------------------------------------------------ keys
     @property
     def _replay_key(self) -> str:
-        return f"resource-{self.resource}/replay-{self.host}"
+        return ResourceKeys(self.resource).replay(self.host)
+
+    @property
+    def _emergency_key(self) -> str:
+        return ResourceKeys(self.resource).actual(self.host, "emergency")
+
+    @property
+    def _error_key(self) -> str:
+        return ResourceKeys(self.resource).actual(self.host, "error")
 
     # -------------------------------------------------------------- recovery
     async def start(self) -> RecoveryReport:
@@ -217,7 +226,7 @@ class Logger:
         self._tasks = [
             asyncio.create_task(self._writeback(), name=f"writeback-{self.resource}"),
         ]
-        if self.meta.get(f"resource-{self.resource}/actual-{self.host}/emergency") == "1":
+        if self.meta.get(self._emergency_key) == ON:
             # direct writes happened before a restart: they are in no log
             await self.leave_emergency()
         return report
@@ -665,16 +674,14 @@ class Logger:
             await self._writeback_round()
         self._applied = self._log_end
         await asyncio.to_thread(self._save_position, True)
-        self.meta.set(f"resource-{self.resource}/actual-{self.host}/emergency", "1",
-                      durable=True)
+        self.meta.set(self._emergency_key, flag(True), durable=True)
         self._drained.set()
 
     async def leave_emergency(self) -> None:
         """Log again, in a new logfile after a history gap: every replica must be
         resynced (marsadm invalidate) since the direct writes are in no log."""
         async with self._exclusive():
-            if not self.emergency and self.meta.get(
-                    f"resource-{self.resource}/actual-{self.host}/emergency") != "1":
+            if not self.emergency and self.meta.get(self._emergency_key) != ON:
                 return
             await self._drained.wait()
             async with self._direct_lock:
@@ -692,9 +699,9 @@ class Logger:
             self._notify_growth()
             self._applied = self._active_end = self._log_end
             await asyncio.to_thread(self._save_position, True)
-            gap_key = f"resource-{self.resource}/history-gap"
-            self.meta.set(gap_key, str(self._number), durable=True)
-            self.meta.set(f"resource-{self.resource}/actual-{self.host}/emergency", "0")
+            self.meta.set(ResourceKeys(self.resource).history_gap, str(self._number),
+                          durable=True)
+            self.meta.set(self._emergency_key, flag(False))
             self._clear_error()
             self.log.warning("left emergency mode: logging again in %s; every secondary must "
                              "be resynced with 'marsadm invalidate %s' (run it on each secondary)",
@@ -871,15 +878,14 @@ class Logger:
         self._saved_at = time.monotonic()
 
     def _set_error(self, reason: str) -> None:
-        key = f"resource-{self.resource}/actual-{self.host}/error"
-        if self.meta.get(key) != reason:
-            self.meta.set(key, reason[:1000])
+        if self.meta.get(self._error_key) != reason:
+            self.meta.set(self._error_key, reason[:1000])
         self.stats.errors = (self.stats.errors + [reason])[-5:]
 
     def _clear_error(self) -> None:
         if self.stats.errors:
             self.stats.errors = []
-            self.meta.delete(f"resource-{self.resource}/actual-{self.host}/error")
+            self.meta.delete(self._error_key)
 
     # ------------------------------------------------------------------- stop
     async def stop(self, end_marker: bool = False) -> LogPosition | None:

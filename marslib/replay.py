@@ -34,6 +34,7 @@ from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.logfile import LogScanner, StopKind
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.schema import ResourceKeys
 from marslib.writeback import WritebackCounters, write_sorted
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class Replayer:
 
     @property
     def _key(self) -> str:
-        return f"resource-{self.resource}/replay-{self.host}"
+        return ResourceKeys(self.resource).replay(self.host)
 
     def _load_value(self) -> str:
         value = self.meta.get(self._key)
@@ -317,7 +318,7 @@ class Replayer:
                           f"{self.resource}'")
             self.blocked = True
             return False
-        gap = int(self.meta.get(f"resource-{self.resource}/history-gap") or 0)
+        gap = int(self.meta.get(ResourceKeys(self.resource).history_gap) or 0)
         for number, host, _ in self.paths.logfiles(self.resource):
             if number > pos.number:
                 if number >= gap > pos.number:
