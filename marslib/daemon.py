@@ -17,12 +17,14 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
-from marslib import __version__, control, eventloop, schema
+from marslib import __version__, control, eventloop, logretention, schema
 from marslib.errors import MarsError, UsageError
 from marslib.fetch import FetchService
-from marslib.layout import MarsPaths, check_host_name
+from marslib.layout import MarsPaths, check_host_name, check_resource_name
+from marslib.logfile import first_record_stamp
 from marslib.logger import LoggerConfig
 from marslib.logsetup import setup_logging
 from marslib.malloc_tuning import tune_malloc
@@ -42,6 +44,8 @@ from marslib.worker.supervisor import WorkerHandle, WorkerPrimary, WorkerSeconda
 log = logging.getLogger("marslib.daemon")
 
 RETRY_FAILED_AFTER = 10.0
+DEFAULT_ROTATE_SIZE = 256 << 20  # cron: rotate a logfile at this size ...
+DEFAULT_ROTATE_AGE = 3600.0  # ... or when its first record is this many seconds old
 
 
 class Marsd:
@@ -255,7 +259,57 @@ class Marsd:
             if res is None or res.logger is None:
                 raise MarsError(f"resource {name} is not running as primary on {self.host}")
             return {"ok": True, "logfile": await res.logger.rotate()}
+        if cmd == "log-delete":
+            return {"ok": True, **await self.log_delete(check_resource_name(
+                str(req.get("resource"))), bool(req.get("dry_run")))}
+        if cmd == "cron":
+            return {"ok": True, **await self.cron(
+                _size_arg(req.get("rotate_size", DEFAULT_ROTATE_SIZE)),
+                float(req.get("rotate_age", DEFAULT_ROTATE_AGE)), bool(req.get("dry_run")))}
         raise UsageError(f"unknown command {cmd!r}")
+
+    # ------------------------------------------------------------- logfiles
+    async def log_delete(self, name: str, dry_run: bool = False) -> dict[str, Any]:
+        """Delete the logfiles of ``name`` every member has applied (marslib.logretention):
+        ``deleted`` (names) and ``bytes_freed`` (what a dry run would free)."""
+        doomed = logretention.deletable_logfiles(self.meta, self.paths, name)
+        if dry_run:
+            freed = sum(_size_of(p) for p in doomed)
+        else:
+            freed = await asyncio.to_thread(logretention.delete_logfiles, doomed, name)
+        return {"deleted": [p.name for p in doomed], "bytes_freed": freed, "dry_run": dry_run}
+
+    async def cron(self, rotate_size: int, rotate_age: float,
+                   dry_run: bool = False) -> dict[str, Any]:
+        """Housekeeping of every resource here: rotate a primary's logfile that is big or
+        whose first record is older than ``rotate_age`` seconds, delete the logfiles every
+        member has applied. ``actions``: resource -> ``rotated_to`` (or ``would_rotate``)
+        with ``reason``, ``deleted``."""
+        actions: dict[str, dict[str, Any]] = {}
+        for name in self.paths.resources():
+            done: dict[str, Any] = {}
+            res = self.primaries.get(name)
+            lg = res.logger if res is not None else None
+            pos = lg.log_end if lg is not None else None
+            if lg is not None and pos is not None:
+                path = self.paths.logfile(name, pos.number, pos.host)
+                stamp = await asyncio.to_thread(first_record_stamp, path)
+                reason = logretention.rotation_due(
+                    pos, stamp / 1e9 if stamp is not None else None, time.time(),
+                    rotate_size, rotate_age)
+                if reason is not None:
+                    done["reason"] = reason
+                    if dry_run:
+                        done["would_rotate"] = pos.logfile
+                    else:
+                        done["rotated_to"] = await lg.rotate()
+                        log.info("cron rotated: %s", reason, extra={"resource": name})
+            deleted = await self.log_delete(name, dry_run)
+            if deleted["deleted"]:
+                done["deleted"] = deleted["deleted"]
+            if done:
+                actions[name] = done
+        return {"actions": actions, "dry_run": dry_run}
 
     async def status(self) -> dict[str, Any]:
         """Everything ``status`` answers, each running resource's figures asked now."""
@@ -445,6 +499,18 @@ class Marsd:
 
     def poke(self) -> None:
         self._poke.set()
+
+
+def _size_arg(value: object) -> int:
+    """A size from a control request: bytes, or a text like ``256M``."""
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,7 +190,6 @@ class Logger:
         self._append_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: str | None = None
-        self._stopping = False
         self._grew = asyncio.Event()  # set (and replaced) whenever the durable log grows
         self._wb_lock = asyncio.Lock()  # one writeback round at a time
         self._device_dirty = False  # written back but not yet flushed
@@ -397,17 +396,13 @@ class Logger:
         ``done(OSError)`` if they failed. No task or future per write: this is the hot path.
 
         An empty ``writes`` is a barrier: ``done`` is called once everything submitted
-        before it is durable (NBD flush)."""
+        before it is durable (NBD flush). Every write lies within ``size``: the callers
+        check that (the NBD protocol against the export size, :meth:`write` itself), and
+        the size only grows."""
         if self._failed:
             done(OSError(errno.EIO, self._failed))
             return
-        nbytes = 0
-        size = self.size
-        for offset, data in writes:
-            if offset < 0 or offset + len(data) > size:
-                done(OSError(errno.ENOSPC, "write beyond the end of the device"))
-                return
-            nbytes += len(data)
+        nbytes = sum(len(data) for _, data in writes)
         if self.emergency:
             self._spawn(self._direct_batch(writes, done), "direct")
             return
@@ -890,7 +885,6 @@ class Logger:
     # ------------------------------------------------------------------- stop
     async def stop(self, end_marker: bool = False) -> LogPosition | None:
         """Drain: commit queued writes, optionally end the log, write everything back."""
-        self._stopping = True
         while self._waiting or (self._committer is not None and not self._committer.idle) \
                 or self._rotating:
             self._pressure.set()
@@ -950,7 +944,3 @@ class Logger:
             "emergency": self.emergency,
             "errors": list(self.stats.errors),
         }
-
-
-def logfile_path(paths: MarsPaths, resource: str, pos: LogPosition) -> Path:
-    return paths.logfile(resource, pos.number, pos.host)

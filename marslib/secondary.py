@@ -14,6 +14,7 @@ from marslib.durable import mkdir_durably
 from marslib.errors import LogCorrupt
 from marslib.fetch import Fetcher
 from marslib.layout import MarsPaths, parse_logfile_name
+from marslib.logretention import applied_logfiles, delete_logfiles
 from marslib.meta import MetaStore
 from marslib.net.conn import PeerBundle
 from marslib.position import LogPosition
@@ -187,15 +188,12 @@ class SecondaryResource:
         for the other members."""
         if self.replayer is None:
             return []
-        pos = self.replayer.position
-        dropped = []
-        for number, _, path in self.paths.logfiles(self.name):
-            if number < pos.number:
-                path.unlink(missing_ok=True)
-                dropped.append(path.name)
-        if dropped:
-            self.log.warning("space short: dropped applied logfiles %s", " ".join(dropped))
-        return dropped
+        doomed = applied_logfiles(self.paths, self.name, self.replayer.position)
+        if doomed:
+            self.log.warning("space short: dropping applied logfiles %s",
+                             " ".join(p.name for p in doomed))
+            delete_logfiles(doomed, self.name)
+        return [p.name for p in doomed]
 
     def consistent(self) -> bool:
         """Whether the device holds a consistent prefix of the primary's history (between
