@@ -154,6 +154,7 @@ class Logger:
         size: int | None = None,
     ) -> None:
         self.resource = resource
+        self.keys = ResourceKeys(resource)
         self.host = host
         self.paths = paths
         self.meta = meta
@@ -199,19 +200,6 @@ class Logger:
         self._direct_lock = asyncio.Lock()
         self._rotating = False  # a rotation of the full logfile is under way
 
-    # ------------------------------------------------------------------ keys
-    @property
-    def _replay_key(self) -> str:
-        return ResourceKeys(self.resource).replay(self.host)
-
-    @property
-    def _emergency_key(self) -> str:
-        return ResourceKeys(self.resource).actual(self.host, "emergency")
-
-    @property
-    def _error_key(self) -> str:
-        return ResourceKeys(self.resource).actual(self.host, "error")
-
     # -------------------------------------------------------------- recovery
     async def start(self) -> RecoveryReport:
         """Recover from the log, then accept writes."""
@@ -225,14 +213,14 @@ class Logger:
         self._tasks = [
             asyncio.create_task(self._writeback(), name=f"writeback-{self.resource}"),
         ]
-        if self.meta.get(self._emergency_key) == ON:
+        if self.meta.get(self.keys.actual(self.host, "emergency")) == ON:
             # direct writes happened before a restart: they are in no log
             await self.leave_emergency()
         return report
 
     def _recover(self) -> RecoveryReport:
         t0 = time.monotonic()
-        saved = self.meta.get(self._replay_key)
+        saved = self.meta.get(self.keys.replay(self.host))
         start = LogPosition.decode(saved) if saved else None
         files = self.paths.logfiles(self.resource)
         if start is not None:
@@ -669,14 +657,14 @@ class Logger:
             await self._writeback_round()
         self._applied = self._log_end
         await asyncio.to_thread(self._save_position, True)
-        self.meta.set(self._emergency_key, flag(True), durable=True)
+        self.meta.set(self.keys.actual(self.host, "emergency"), flag(True), durable=True)
         self._drained.set()
 
     async def leave_emergency(self) -> None:
         """Log again, in a new logfile after a history gap: every replica must be
         resynced (marsadm invalidate) since the direct writes are in no log."""
         async with self._exclusive():
-            if not self.emergency and self.meta.get(self._emergency_key) != ON:
+            if not self.emergency and self.meta.get(self.keys.actual(self.host, "emergency")) != ON:
                 return
             await self._drained.wait()
             async with self._direct_lock:
@@ -694,9 +682,8 @@ class Logger:
             self._notify_growth()
             self._applied = self._active_end = self._log_end
             await asyncio.to_thread(self._save_position, True)
-            self.meta.set(ResourceKeys(self.resource).history_gap, str(self._number),
-                          durable=True)
-            self.meta.set(self._emergency_key, flag(False))
+            self.meta.set(self.keys.history_gap, str(self._number), durable=True)
+            self.meta.set(self.keys.actual(self.host, "emergency"), flag(False))
             self._clear_error()
             self.log.warning("left emergency mode: logging again in %s; every secondary must "
                              "be resynced with 'marsadm invalidate %s' (run it on each secondary)",
@@ -868,19 +855,19 @@ class Logger:
         if self._device_dirty:
             self._device_dirty = False
             self.device.flush()
-        self.meta.set(self._replay_key, self._applied.encode(), durable=durable)
+        self.meta.set(self.keys.replay(self.host), self._applied.encode(), durable=durable)
         self._saved = self._applied
         self._saved_at = time.monotonic()
 
     def _set_error(self, reason: str) -> None:
-        if self.meta.get(self._error_key) != reason:
-            self.meta.set(self._error_key, reason[:1000])
+        if self.meta.get(self.keys.actual(self.host, "error")) != reason:
+            self.meta.set(self.keys.actual(self.host, "error"), reason[:1000])
         self.stats.errors = (self.stats.errors + [reason])[-5:]
 
     def _clear_error(self) -> None:
         if self.stats.errors:
             self.stats.errors = []
-            self.meta.delete(self._error_key)
+            self.meta.delete(self.keys.actual(self.host, "error"))
 
     # ------------------------------------------------------------------- stop
     async def stop(self, end_marker: bool = False) -> LogPosition | None:
