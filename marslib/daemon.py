@@ -18,14 +18,16 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
-from marslib import __version__, control, eventloop
+from marslib import __version__, control, eventloop, logretention, schema
 from marslib.devnode.service import COMMANDS as DEVICE_COMMANDS
 from marslib.devnode.service import DeviceNodes
 from marslib.errors import MarsError, UsageError
 from marslib.fetch import FetchService
-from marslib.layout import MarsPaths, check_host_name
+from marslib.layout import MarsPaths, check_host_name, check_resource_name
+from marslib.logfile import first_record_stamp
 from marslib.logger import LoggerConfig
 from marslib.logsetup import setup_logging
 from marslib.malloc_tuning import tune_malloc
@@ -33,11 +35,12 @@ from marslib.meta import MetaStore
 from marslib.metasync import MetaSync
 from marslib.metrics import serve_metrics
 from marslib.net.conn import read_secret, serve
+from marslib.schema import ON, ResourceKeys, SyncStatus
 from marslib.secondary import NetConfig
 from marslib.sizes import format_size, parse_size
 from marslib.space import LEVEL_NAMES, SpaceLimits, free_bytes
 from marslib.status import DaemonStatus, PeerStatus
-from marslib.sync import SYNC_DONE, SyncService
+from marslib.sync import SyncService
 from marslib.worker.handle import PrimaryHandle, PrimaryLog, SecondaryHandle
 from marslib.worker.local import LocalPrimary, LocalSecondary
 from marslib.worker.supervisor import WorkerHandle, WorkerPrimary, WorkerSecondary
@@ -45,6 +48,8 @@ from marslib.worker.supervisor import WorkerHandle, WorkerPrimary, WorkerSeconda
 log = logging.getLogger("marslib.daemon")
 
 RETRY_FAILED_AFTER = 10.0
+DEFAULT_ROTATE_SIZE = 256 << 20  # cron: rotate a logfile at this size ...
+DEFAULT_ROTATE_AGE = 3600.0  # ... or when its first record is this many seconds old
 
 
 class Marsd:
@@ -84,7 +89,7 @@ class Marsd:
 
     # --------------------------------------------------------------- control
     async def run(self) -> None:
-        if not (self.paths.root / "uuid").is_symlink():
+        if not (self.paths.root / schema.UUID).is_symlink():
             raise MarsError(f"{self.paths.root} holds no cluster: run 'marsadm create-cluster'")
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         sock = self.paths.control_socket
@@ -103,7 +108,7 @@ class Marsd:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        self.meta.set(f"version-{self.host}", __version__)
+        self.meta.set(schema.version(self.host), __version__)
         self._reset_open_counts()
         log.info("marsd %s started on %s (root %s), resources %s", __version__, self.host,
                  self.paths.root, "in worker processes" if self.workers else "in-process")
@@ -113,7 +118,7 @@ class Marsd:
                     self.metasync.sync_peers()
                 await self.reconcile()
                 await self.check_space()
-                self.meta.set(f"alive-{self.host}", str(int(time.time())))
+                self.meta.set(schema.alive(self.host), str(int(time.time())))
                 try:
                     await asyncio.wait_for(self._wait_poke_or_stop(), timeout=2.0)
                 except TimeoutError:
@@ -134,13 +139,13 @@ class Marsd:
             log.info("marsd stopped")
 
     async def _start_network(self) -> None:
-        uuid = self.meta.get("uuid") or ""
+        uuid = self.meta.get(schema.UUID) or ""
         # MarsError if missing, empty or short: marsd refuses to run, saying how to restore it
         secret = read_secret(self.paths.secret)
         base = self.port_base
         self.net = NetConfig(uuid, secret, base, base + 1, base + 2, self.connections,
                              self.connections)
-        listen = self.listen or self.meta.get(f"ips/ip-{self.host}") or "0.0.0.0"
+        listen = self.listen or self.meta.get(schema.ip(self.host)) or "0.0.0.0"
         self.metasync = MetaSync(self.meta, self.host, uuid, secret, base)
         fetch = FetchService(self.paths, self._logger_of, lambda name: name in self.starting)
         sync = SyncService(self._logger_of)
@@ -178,7 +183,7 @@ class Marsd:
             log.warning("%s free in %s: space level %s (was %s)", format_size(free),
                         self.paths.root, LEVEL_NAMES[level], LEVEL_NAMES[self.space_level])
             self.space_level = level
-            self.meta.set(f"actual-{self.host}/space-level", str(level))
+            self.meta.set(schema.space_level(self.host), str(level))
         async with self._lock:
             for name, res in list(self.primaries.items()):
                 lg = res.logger
@@ -241,7 +246,7 @@ class Marsd:
             log.warning("control request refused: %s", exc)
             return control.usage_reply(str(exc))
         except MarsError as exc:
-            return {"ok": False, "error": str(exc), "code": 1}
+            return {"ok": False, "error": str(exc), "code": exc.exit_code}
 
     async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -262,7 +267,57 @@ class Marsd:
             if res is None or res.logger is None:
                 raise MarsError(f"resource {name} is not running as primary on {self.host}")
             return {"ok": True, "logfile": await res.logger.rotate()}
+        if cmd == "log-delete":
+            return {"ok": True, **await self.log_delete(check_resource_name(
+                str(req.get("resource"))), bool(req.get("dry_run")))}
+        if cmd == "cron":
+            return {"ok": True, **await self.cron(
+                _size_arg(req.get("rotate_size", DEFAULT_ROTATE_SIZE)),
+                float(req.get("rotate_age", DEFAULT_ROTATE_AGE)), bool(req.get("dry_run")))}
         raise UsageError(f"unknown command {cmd!r}")
+
+    # ------------------------------------------------------------- logfiles
+    async def log_delete(self, name: str, dry_run: bool = False) -> dict[str, Any]:
+        """Delete the logfiles of ``name`` every member has applied (marslib.logretention):
+        ``deleted`` (names) and ``bytes_freed`` (what a dry run would free)."""
+        doomed = logretention.deletable_logfiles(self.meta, self.paths, name)
+        if dry_run:
+            freed = sum(_size_of(p) for p in doomed)
+        else:
+            freed = await asyncio.to_thread(logretention.delete_logfiles, doomed, name)
+        return {"deleted": [p.name for p in doomed], "bytes_freed": freed, "dry_run": dry_run}
+
+    async def cron(self, rotate_size: int, rotate_age: float,
+                   dry_run: bool = False) -> dict[str, Any]:
+        """Housekeeping of every resource here: rotate a primary's logfile that is big or
+        whose first record is older than ``rotate_age`` seconds, delete the logfiles every
+        member has applied. ``actions``: resource -> ``rotated_to`` (or ``would_rotate``)
+        with ``reason``, ``deleted``."""
+        actions: dict[str, dict[str, Any]] = {}
+        for name in self.paths.resources():
+            done: dict[str, Any] = {}
+            res = self.primaries.get(name)
+            lg = res.logger if res is not None else None
+            pos = lg.log_end if lg is not None else None
+            if lg is not None and pos is not None:
+                path = self.paths.logfile(name, pos.number, pos.host)
+                stamp = await asyncio.to_thread(first_record_stamp, path)
+                reason = logretention.rotation_due(
+                    pos, stamp / 1e9 if stamp is not None else None, time.time(),
+                    rotate_size, rotate_age)
+                if reason is not None:
+                    done["reason"] = reason
+                    if dry_run:
+                        done["would_rotate"] = pos.logfile
+                    else:
+                        done["rotated_to"] = await lg.rotate()
+                        log.info("cron rotated: %s", reason, extra={"resource": name})
+            deleted = await self.log_delete(name, dry_run)
+            if deleted["deleted"]:
+                done["deleted"] = deleted["deleted"]
+            if done:
+                actions[name] = done
+        return {"actions": actions, "dry_run": dry_run}
 
     async def status(self) -> DaemonStatus:
         """Everything ``status`` answers, each running resource's figures asked now."""
@@ -312,7 +367,7 @@ class Marsd:
         """No NBD client is connected to a resource this marsd does not run: clear the
         ``open-count`` a killed marsd left in the tree."""
         for name in self.paths.resources():
-            key = f"resource-{name}/actual-{self.host}/open-count"
+            key = ResourceKeys(name).actual(self.host, "open-count")
             if name not in self.primaries and self.meta.get(key) not in (None, "0"):
                 log.info("open count %s left by a stopped marsd reset to 0",
                          self.meta.get(key), extra={"resource": name})
@@ -322,10 +377,10 @@ class Marsd:
     def _wanted_role(self, name: str) -> str | None:
         """"primary", "secondary" or None (not attached here)."""
         m = self.meta
-        r = f"resource-{name}"
-        if m.get(f"{r}/todo-{self.host}/attach") != "1" or m.get(f"{r}/data-{self.host}") is None:
+        r = ResourceKeys(name)
+        if m.get(r.todo(self.host, "attach")) != ON or m.get(r.data(self.host)) is None:
             return None
-        primary = m.get(f"{r}/primary")
+        primary = m.get(r.primary)
         if primary == self.host:
             return "primary"
         return "secondary" if primary else None
@@ -338,14 +393,15 @@ class Marsd:
                 want = self._wanted_role(name)
                 running = "primary" if name in self.primaries else \
                     "secondary" if name in self.secondaries else None
-                size = int(self.meta.get(f"resource-{name}/size") or 0)
+                keys = ResourceKeys(name)
+                size = int(self.meta.get(keys.size) or 0)
                 if running is not None and running == want:
                     # publish the device size; serve a grown size; follow the switches
                     res = self.primaries.get(name) or self.secondaries[name]
                     try:
                         await res.refresh(size)
                     except RuntimeError as exc:
-                        self.meta.set(f"resource-{name}/actual-{self.host}/error", str(exc))
+                        self.meta.set(keys.actual(self.host, "error"), str(exc))
                     except (MarsError, TimeoutError) as exc:
                         log.warning("refresh: %s", exc or "no answer", extra={"resource": name})
                     if self._forget_exited(name):
@@ -354,12 +410,11 @@ class Marsd:
                     sec = self.secondaries[name]
                     if sec.size and size > sec.size and sec.phase != "syncing":
                         # grown: sync the new tail from the primary, then replay on
-                        synced = int(self.meta.get(
-                            f"resource-{name}/synced-size-{self.host}") or sec.size)
-                        self.meta.set(f"resource-{name}/syncstatus-{self.host}",
-                                      f"{min(synced, sec.size)}/{size}")
-                    syncing = self.meta.get(f"resource-{name}/syncstatus-{self.host}") != \
-                        SYNC_DONE
+                        synced = int(self.meta.get(keys.synced_size(self.host)) or sec.size)
+                        self.meta.set(keys.syncstatus(self.host),
+                                      SyncStatus(min(synced, sec.size), size).encode())
+                    state = SyncStatus.decode(self.meta.get(keys.syncstatus(self.host)))
+                    syncing = state is None or not state.finished
                     if syncing and sec.phase != "syncing":
                         running = None  # invalidated: restart with a full sync
                         await self._stop_resource(name)
@@ -401,10 +456,10 @@ class Marsd:
                f"{worker.exited}; marsd starts it again in {RETRY_FAILED_AFTER:.0f} s")
         log.error("%s", msg, extra={"resource": name})
         self.failures[name] = (time.monotonic(), msg)
-        self._overwrite(f"resource-{name}/actual-{self.host}/error", msg[:1000])
+        self._overwrite(ResourceKeys(name).actual(self.host, "error"), msg[:1000])
         if name in self.primaries:
             # its NBD export went with it
-            self._overwrite(f"resource-{name}/actual-{self.host}/open-count", "0")
+            self._overwrite(ResourceKeys(name).actual(self.host, "open-count"), "0")
         self.poke()
 
     def _overwrite(self, key: str, value: str) -> None:
@@ -445,7 +500,7 @@ class Marsd:
             msg = f"cannot start resource {name}: {exc}"
             log.error(msg, extra={"resource": name})
             self.failures[name] = (time.monotonic(), msg)
-            self._overwrite(f"resource-{name}/actual-{self.host}/error", msg[:1000])
+            self._overwrite(ResourceKeys(name).actual(self.host, "error"), msg[:1000])
             return False
         self.failures.pop(name, None)
         return True
@@ -461,6 +516,18 @@ class Marsd:
 
     def poke(self) -> None:
         self._poke.set()
+
+
+def _size_arg(value: object) -> int:
+    """A size from a control request: bytes, or a text like ``256M``."""
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from marslib.formats.versionlink import GENESIS, VersionLink
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.schema import ResourceKeys
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,13 @@ class Fork:
 def links(meta: MetaStore, resource: str) -> dict[int, dict[str, VersionLink]]:
     """Every version link: number -> writer -> link."""
     out: dict[int, dict[str, VersionLink]] = {}
-    for mv in meta.items(f"resource-{resource}"):
-        name = mv.key.rsplit("/", 1)[-1]
-        if not name.startswith("version-") or mv.value is None:
+    for mv in meta.items(ResourceKeys(resource).dir):
+        parsed = ResourceKeys.parse_version_link(mv.key)
+        if parsed is None or mv.value is None:
             continue
-        number_text, _, writer = name[len("version-"):].partition("-")
+        number, writer = parsed
         try:
-            link = VersionLink.decode(int(number_text), writer, mv.value)
+            link = VersionLink.decode(number, writer, mv.value)
         except ValueError:
             continue
         out.setdefault(link.number, {})[writer] = link

@@ -611,3 +611,17 @@ def read_all(path: Path, start: int = 0, expect_seq: int | None = None) -> list[
     if not scanner.stop.clean:
         raise LogCorrupt(str(path), scanner.stop.offset, scanner.stop.kind.value)
     return records
+
+
+def first_record_stamp(path: Path) -> int | None:
+    """The stamp (ns since the epoch) of the first record of a logfile: when its oldest
+    data was written. None while it holds no valid record (new, empty or zero-filled)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            head = os.pread(f.fileno(), logrecord.MAX_HEADER_LEN, 0)
+    except FileNotFoundError:
+        return None
+    try:
+        return logrecord.decode_header(head).stamp_ns
+    except RecordError:
+        return None

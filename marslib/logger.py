@@ -36,6 +36,7 @@ from marslib.layout import MarsPaths, logfile_name
 from marslib.logfile import LogAppender, LogScanner, PreparedCommit, StopKind, judge_stop
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.schema import ON, ResourceKeys, flag
 from marslib.status import LoggerStatus
 from marslib.writeback import WritebackCounters, write_in_order, write_sorted
 
@@ -154,6 +155,7 @@ class Logger:
         size: int | None = None,
     ) -> None:
         self.resource = resource
+        self.keys = ResourceKeys(resource)
         self.host = host
         self.paths = paths
         self.meta = meta
@@ -190,7 +192,6 @@ class Logger:
         self._append_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._failed: str | None = None
-        self._stopping = False
         self._grew = asyncio.Event()  # set (and replaced) whenever the durable log grows
         self._wb_lock = asyncio.Lock()  # one writeback round at a time
         self._device_dirty = False  # written back but not yet flushed
@@ -199,11 +200,6 @@ class Logger:
         self._drained = asyncio.Event()  # in emergency: set once the log is written back
         self._direct_lock = asyncio.Lock()
         self._rotating = False  # a rotation of the full logfile is under way
-
-    # ------------------------------------------------------------------ keys
-    @property
-    def _replay_key(self) -> str:
-        return f"resource-{self.resource}/replay-{self.host}"
 
     # -------------------------------------------------------------- recovery
     async def start(self) -> RecoveryReport:
@@ -218,14 +214,14 @@ class Logger:
         self._tasks = [
             asyncio.create_task(self._writeback(), name=f"writeback-{self.resource}"),
         ]
-        if self.meta.get(f"resource-{self.resource}/actual-{self.host}/emergency") == "1":
+        if self.meta.get(self.keys.actual(self.host, "emergency")) == ON:
             # direct writes happened before a restart: they are in no log
             await self.leave_emergency()
         return report
 
     def _recover(self) -> RecoveryReport:
         t0 = time.monotonic()
-        saved = self.meta.get(self._replay_key)
+        saved = self.meta.get(self.keys.replay(self.host))
         start = LogPosition.decode(saved) if saved else None
         files = self.paths.logfiles(self.resource)
         if start is not None:
@@ -389,17 +385,13 @@ class Logger:
         ``done(OSError)`` if they failed. No task or future per write: this is the hot path.
 
         An empty ``writes`` is a barrier: ``done`` is called once everything submitted
-        before it is durable (NBD flush)."""
+        before it is durable (NBD flush). Every write lies within ``size``: the callers
+        check that (the NBD protocol against the export size, :meth:`write` itself), and
+        the size only grows."""
         if self._failed:
             done(OSError(errno.EIO, self._failed))
             return
-        nbytes = 0
-        size = self.size
-        for offset, data in writes:
-            if offset < 0 or offset + len(data) > size:
-                done(OSError(errno.ENOSPC, "write beyond the end of the device"))
-                return
-            nbytes += len(data)
+        nbytes = sum(len(data) for _, data in writes)
         if self.emergency:
             self._spawn(self._direct_batch(writes, done), "direct")
             return
@@ -666,16 +658,14 @@ class Logger:
             await self._writeback_round()
         self._applied = self._log_end
         await asyncio.to_thread(self._save_position, True)
-        self.meta.set(f"resource-{self.resource}/actual-{self.host}/emergency", "1",
-                      durable=True)
+        self.meta.set(self.keys.actual(self.host, "emergency"), flag(True), durable=True)
         self._drained.set()
 
     async def leave_emergency(self) -> None:
         """Log again, in a new logfile after a history gap: every replica must be
         resynced (marsadm invalidate) since the direct writes are in no log."""
         async with self._exclusive():
-            if not self.emergency and self.meta.get(
-                    f"resource-{self.resource}/actual-{self.host}/emergency") != "1":
+            if not self.emergency and self.meta.get(self.keys.actual(self.host, "emergency")) != ON:
                 return
             await self._drained.wait()
             async with self._direct_lock:
@@ -693,9 +683,8 @@ class Logger:
             self._notify_growth()
             self._applied = self._active_end = self._log_end
             await asyncio.to_thread(self._save_position, True)
-            gap_key = f"resource-{self.resource}/history-gap"
-            self.meta.set(gap_key, str(self._number), durable=True)
-            self.meta.set(f"resource-{self.resource}/actual-{self.host}/emergency", "0")
+            self.meta.set(self.keys.history_gap, str(self._number), durable=True)
+            self.meta.set(self.keys.actual(self.host, "emergency"), flag(False))
             self._clear_error()
             self.log.warning("left emergency mode: logging again in %s; every secondary must "
                              "be resynced with 'marsadm invalidate %s' (run it on each secondary)",
@@ -867,25 +856,23 @@ class Logger:
         if self._device_dirty:
             self._device_dirty = False
             self.device.flush()
-        self.meta.set(self._replay_key, self._applied.encode(), durable=durable)
+        self.meta.set(self.keys.replay(self.host), self._applied.encode(), durable=durable)
         self._saved = self._applied
         self._saved_at = time.monotonic()
 
     def _set_error(self, reason: str) -> None:
-        key = f"resource-{self.resource}/actual-{self.host}/error"
-        if self.meta.get(key) != reason:
-            self.meta.set(key, reason[:1000])
+        if self.meta.get(self.keys.actual(self.host, "error")) != reason:
+            self.meta.set(self.keys.actual(self.host, "error"), reason[:1000])
         self.stats.errors = (self.stats.errors + [reason])[-5:]
 
     def _clear_error(self) -> None:
         if self.stats.errors:
             self.stats.errors = []
-            self.meta.delete(f"resource-{self.resource}/actual-{self.host}/error")
+            self.meta.delete(self.keys.actual(self.host, "error"))
 
     # ------------------------------------------------------------------- stop
     async def stop(self, end_marker: bool = False) -> LogPosition | None:
         """Drain: commit queued writes, optionally end the log, write everything back."""
-        self._stopping = True
         while self._waiting or (self._committer is not None and not self._committer.idle) \
                 or self._rotating:
             self._pressure.set()
@@ -945,7 +932,3 @@ class Logger:
             emergency=self.emergency,
             errors=tuple(self.stats.errors),
         )
-
-
-def logfile_path(paths: MarsPaths, resource: str, pos: LogPosition) -> Path:
-    return paths.logfile(resource, pos.number, pos.host)

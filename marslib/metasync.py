@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 
+from marslib import schema
 from marslib.formats.frame import Frame, FrameType
 from marslib.meta import MetaStore, MetaValue
 from marslib.net.conn import PeerBundle, RemoteError
@@ -29,10 +30,10 @@ SETTLE = 10.0  # seconds: a key written locally is visible to a walk of the tree
 def cluster_hosts(meta: MetaStore) -> dict[str, str]:
     """Every host of the cluster with its address, from ``ips/ip-HOST``."""
     hosts = {}
-    for mv in meta.items("ips"):
-        name = mv.key.rsplit("/", 1)[-1]
-        if name.startswith("ip-") and mv.value:
-            hosts[name[3:]] = mv.value
+    for mv in meta.items(schema.ip_dir()):
+        host = schema.ip_host(mv.key)
+        if host and mv.value:
+            hosts[host] = mv.value
     return hosts
 
 
@@ -86,7 +87,7 @@ class MetaSync:
                     bundle.close()
 
     def _address(self, name: str) -> tuple[str, int] | None:
-        ip = self.meta.get(f"ips/ip-{name}")
+        ip = self.meta.get(schema.ip(name))
         return (ip, self.port) if ip else None
 
     async def _push_loop(self, name: str) -> None:

@@ -34,6 +34,7 @@ from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.logfile import LogScanner, StopKind
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.schema import ResourceKeys
 from marslib.status import ReplayStatus
 from marslib.writeback import WritebackCounters, write_sorted
 
@@ -104,6 +105,7 @@ class Replayer:
     def __init__(self, resource: str, host: str, paths: MarsPaths, meta: MetaStore,
                  device: Device, fetcher: Fetcher) -> None:
         self.resource = resource
+        self.keys = ResourceKeys(resource)
         self.host = host
         self.paths = paths
         self.meta = meta
@@ -137,14 +139,11 @@ class Replayer:
                              "up to offset %d before anything else; not consistent until "
                              "then", self.position.encode(), self.redo_to.offset)
 
-    @property
-    def _key(self) -> str:
-        return f"resource-{self.resource}/replay-{self.host}"
-
     def _load_value(self) -> str:
-        value = self.meta.get(self._key)
+        value = self.meta.get(self.keys.replay(self.host))
         if not value:
-            raise LogCorrupt(self._key, 0, "no replay position: join or invalidate first")
+            raise LogCorrupt(self.keys.replay(self.host), 0,
+                             "no replay position: join or invalidate first")
         return value
 
     @property
@@ -208,7 +207,7 @@ class Replayer:
                     self.log.info("redone the batch interrupted by a crash: consistent at %s",
                                   self.position.encode())
                 self._batch_end = None
-                self.meta.set(self._key, self.saved_value())
+                self.meta.set(self.keys.replay(self.host), self.saved_value())
                 continue
             if self.redo_to is not None:  # its records are not readable yet: wait for them
                 with contextlib.suppress(TimeoutError):
@@ -282,7 +281,7 @@ class Replayer:
             self._batch_end = batch_end
             # durable before the first device write: a crash from here on leaves the
             # device torn, and the next start must know up to where to redo
-            self.meta.set(self._key, replay_value(pos, batch_end), durable=True)
+            self.meta.set(self.keys.replay(self.host), replay_value(pos, batch_end), durable=True)
             write_sorted(self._write_dev, batch, 1 << 20, self.counters)
             self.position = new_pos
             self.stats.records += count
@@ -318,7 +317,7 @@ class Replayer:
                           f"{self.resource}'")
             self.blocked = True
             return False
-        gap = int(self.meta.get(f"resource-{self.resource}/history-gap") or 0)
+        gap = int(self.meta.get(self.keys.history_gap) or 0)
         for number, host, _ in self.paths.logfiles(self.resource):
             if number > pos.number:
                 if number >= gap > pos.number:
@@ -328,7 +327,7 @@ class Replayer:
                         f"{pos.encode()}: run 'marsadm invalidate {self.resource}'")
                     return False
                 self.position = LogPosition(number, 0, pos.seq, host)
-                self.meta.set(self._key, self.position.encode())
+                self.meta.set(self.keys.replay(self.host), self.position.encode())
                 return True
         return False
 

@@ -10,6 +10,7 @@ from marslib.layout import MarsPaths
 from marslib.logger import Logger, LoggerConfig, RecoveryReport
 from marslib.meta import MetaStore
 from marslib.nbd.server import NbdServer, start_nbd_server
+from marslib.schema import ON, SYNC_DONE, ResourceKeys, flag
 from marslib.status import PrimaryStatus, RecoveryStatus, ResourceStatus
 
 log = logging.getLogger(__name__)
@@ -47,24 +48,22 @@ class PrimaryResource:
         self.paths = paths
         self.meta = meta
         self.config = config
+        self.keys = ResourceKeys(name)
         self.log = logging.LoggerAdapter(log, {"resource": name, "host": host})
         self.device: Device | None = None
         self.logger: Logger | None = None
         self.nbd: NbdServer | None = None
         self.recovery: RecoveryReport | None = None
 
-    def _key(self, name: str) -> str:
-        return f"resource-{self.name}/{name}"
-
     async def start(self) -> None:
-        dev_path = self.meta.get(self._key(f"data-{self.host}"))
+        dev_path = self.meta.get(self.keys.data(self.host))
         if not dev_path:
             raise RuntimeError(f"resource {self.name} has no data device on {self.host}")
-        buffered = self.meta.get(self._key(f"buffered-{self.host}")) == "1"
+        buffered = self.meta.get(self.keys.buffered(self.host)) == ON
         self.device = Device(dev_path, buffered=buffered)
         try:
-            size = int(self.meta.get(self._key("size")) or 0) or None
-            self.meta.set(self._key(f"device-size-{self.host}"), str(self.device.size))
+            size = int(self.meta.get(self.keys.size) or 0) or None
+            self.meta.set(self.keys.device_size(self.host), str(self.device.size))
             self.logger = Logger(self.name, self.host, self.paths, self.meta, self.device,
                                  self.config, size=size)
             self.recovery = await self.logger.start()
@@ -81,12 +80,12 @@ class PrimaryResource:
             raise
         self.nbd.on_open_count_change = self._open_count_changed
         # the primary's data is the reference: it needs no sync if it becomes a secondary
-        if self.meta.get(self._key(f"syncstatus-{self.host}")) != "done":
-            self.meta.set(self._key(f"syncstatus-{self.host}"), "done")
-        self.meta.set(self._key(f"synced-size-{self.host}"), str(self.logger.size))
-        self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
-        self.meta.set(self._key(f"actual-{self.host}/is-primary"), "1")
-        self.meta.delete(self._key(f"actual-{self.host}/error"))
+        if self.meta.get(self.keys.syncstatus(self.host)) != SYNC_DONE:
+            self.meta.set(self.keys.syncstatus(self.host), SYNC_DONE)
+        self.meta.set(self.keys.synced_size(self.host), str(self.logger.size))
+        self.meta.set(self.keys.actual(self.host, "open-count"), "0")
+        self.meta.set(self.keys.actual(self.host, "is-primary"), flag(True))
+        self.meta.delete(self.keys.actual(self.host, "error"))
 
     def grow(self, size: int) -> bool:
         """Serve a grown resource (new NBD clients see the new size); True if it grew."""
@@ -96,13 +95,13 @@ class PrimaryResource:
             raise RuntimeError(f"{self.device.path} has {self.device.size} bytes, "
                                f"resource {self.name} needs {size}")
         old, self.logger.size = self.logger.size, size
-        self.meta.set(self._key(f"synced-size-{self.host}"), str(size))
+        self.meta.set(self.keys.synced_size(self.host), str(size))
         self.log.info("resized from %d to %d bytes; NBD clients see it when they reconnect",
                       old, size)
         return True
 
     def _open_count_changed(self, count: int) -> None:
-        self.meta.set(self._key(f"actual-{self.host}/open-count"), str(count))
+        self.meta.set(self.keys.actual(self.host, "open-count"), str(count))
 
     async def stop(self, end_marker: bool = False) -> None:
         """Close the export, drain the logger, close the device."""
@@ -112,12 +111,12 @@ class PrimaryResource:
             finally:
                 self.nbd = None
                 # the export is gone, so is every client of it
-                self.meta.set(self._key(f"actual-{self.host}/open-count"), "0")
+                self.meta.set(self.keys.actual(self.host, "open-count"), "0")
         if self.logger is not None:
             await self.logger.stop(end_marker=end_marker)
         if self.device is not None:
             self.device.close()
-        self.meta.set(self._key(f"actual-{self.host}/is-primary"), "0")
+        self.meta.set(self.keys.actual(self.host, "is-primary"), flag(False))
         self.log.info("stopped")
 
     def status(self) -> ResourceStatus:

@@ -163,6 +163,12 @@ def ip(host: str) -> str:
     return f"ips/ip-{host}"
 
 
+def ip_host(key: str) -> str | None:
+    """HOST of an ``ips/ip-HOST`` key, else None."""
+    head, sep, host = key.partition("ips/ip-")
+    return host if sep and not head and host and "/" not in host else None
+
+
 def version(host: str) -> str:
     return f"version-{host}"
 
@@ -245,6 +251,26 @@ class ResourceKeys:
 
     def version_prefix(self) -> str:
         return self._k("version-")
+
+    def version_link(self, number: int, writer: str) -> str:
+        """``version-NNNNNNNNN-WRITER``: WRITER's view of where logfile ``number`` ended."""
+        return self._k(f"version-{number:09d}-{writer}")
+
+    @staticmethod
+    def parse_version_link(key: str) -> tuple[int, str] | None:
+        """(number, WRITER) of a ``resource-R/version-NNNNNNNNN-WRITER`` key, else None."""
+        head, sep, tail = key.rpartition("/version-")
+        number, dash, writer = tail.partition("-")
+        if not (sep and dash and writer and head.startswith("resource-") and "/" not in tail
+                and len(number) == 9 and number.isdigit()):
+            return None
+        return int(number), writer
+
+    @staticmethod
+    def replay_host(key: str) -> str | None:
+        """HOST of a ``resource-R/replay-HOST`` key, else None."""
+        head, sep, host = key.rpartition("/replay-")
+        return host if sep and "/" not in host and head.startswith("resource-") else None
 
     def member_keys(self, host: str) -> tuple[str, ...]:
         """The keys a member owns outside todo-HOST/ and actual-HOST/ (``leave-resource``

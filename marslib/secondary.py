@@ -13,13 +13,24 @@ from marslib.durable import mkdir_durably
 from marslib.errors import LogCorrupt
 from marslib.fetch import Fetcher
 from marslib.layout import MarsPaths, parse_logfile_name
+from marslib.logretention import applied_logfiles, delete_logfiles
 from marslib.meta import MetaStore
 from marslib.net.conn import PeerBundle
 from marslib.position import LogPosition
 from marslib.replay import Replayer
 from marslib.resource import logfile_usage
+from marslib.schema import (
+    NO_PRIMARY,
+    ON,
+    ResourceKeys,
+    SyncStatus,
+    flag,
+    is_primary_host,
+    switch_on,
+)
+from marslib.schema import ip as ip_key
 from marslib.status import ResourceStatus, SecondaryStatus
-from marslib.sync import SYNC_DONE, SyncClient, parse_syncstatus
+from marslib.sync import SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,7 @@ class SecondaryResource:
         self.paths = paths
         self.meta = meta
         self.net = net
+        self.keys = ResourceKeys(name)
         self.log = logging.LoggerAdapter(log, {"resource": name, "host": host})
         self.device: Device | None = None
         self.fetch_bundle: PeerBundle | None = None
@@ -72,37 +84,44 @@ class SecondaryResource:
         if self.on_change is not None:
             self.on_change()
 
-    def _key(self, name: str) -> str:
-        return f"resource-{self.name}/{name}"
-
     def _primary_address(self, port: int) -> tuple[str, int] | None:
-        primary = self.meta.get(self._key("primary"))
-        if primary == "(none)" and self.fetcher is not None:
+        primary = self.meta.get(self.keys.primary)
+        if primary == NO_PRIMARY and self.fetcher is not None:
             # a handover: the old primary still serves the end of the logfile it wrote
             parsed = parse_logfile_name(self.fetcher.logfile)
             primary = parsed[1] if parsed else None
-        if not primary or primary == "(none)" or primary == self.host:
+        if primary is None or not is_primary_host(primary) or primary == self.host:
             return None
-        ip = self.meta.get(f"ips/ip-{primary}")
+        ip = self.meta.get(ip_key(primary))
         return (ip, port) if ip else None
 
+    def _synced(self) -> bool:
+        """``syncstatus-HOST`` says the full sync is done."""
+        st = SyncStatus.decode(self.meta.get(self.keys.syncstatus(self.host)))
+        return st is not None and st.finished
+
+    def _sync_in_progress(self) -> SyncStatus | None:
+        """``syncstatus-HOST`` while a full sync is due or running (None: done or never)."""
+        st = SyncStatus.decode(self.meta.get(self.keys.syncstatus(self.host)))
+        return None if st is None or st.finished else st
+
     def switch(self, name: str) -> bool:
-        return self.meta.get(self._key(f"todo-{self.host}/{name}"), "1") == "1"
+        return switch_on(self.meta.get(self.keys.todo(self.host, name)))
 
     async def start(self) -> None:
-        dev_path = self.meta.get(self._key(f"data-{self.host}"))
+        dev_path = self.meta.get(self.keys.data(self.host))
         if not dev_path:
             raise RuntimeError(f"resource {self.name} has no data device on {self.host}")
-        buffered = self.meta.get(self._key(f"buffered-{self.host}")) == "1"
+        buffered = self.meta.get(self.keys.buffered(self.host)) == ON
         self.device = Device(dev_path, buffered=buffered)
-        size = int(self.meta.get(self._key("size")) or 0)
+        size = int(self.meta.get(self.keys.size) or 0)
         self.size = size
-        self.meta.set(self._key(f"device-size-{self.host}"), str(self.device.size))
-        synced_key = self._key(f"synced-size-{self.host}")
+        self.meta.set(self.keys.device_size(self.host), str(self.device.size))
+        synced_key = self.keys.synced_size(self.host)
         synced = int(self.meta.get(synced_key) or 0)
-        if self.meta.get(self._key(f"syncstatus-{self.host}")) == SYNC_DONE:
+        if self._synced():
             if synced and synced < size:  # grown while this host was down: sync the tail
-                self.meta.set(self._key(f"syncstatus-{self.host}"), f"{synced}/{size}")
+                self.meta.set(self.keys.syncstatus(self.host), SyncStatus(synced, size).encode())
             elif not synced:
                 self.meta.set(synced_key, str(size))
         if size > self.device.size:
@@ -120,17 +139,17 @@ class SecondaryResource:
         self.syncer = SyncClient(self.name, self.host, self.meta, self.device, size,
                                  self.sync_bundle)
         self._task = asyncio.create_task(self._run(), name=f"secondary-{self.name}")
-        self.meta.set(self._key(f"actual-{self.host}/is-primary"), "0")
-        self.meta.delete(self._key(f"actual-{self.host}/error"))
+        self.meta.set(self.keys.actual(self.host, "is-primary"), flag(False))
+        self.meta.delete(self.keys.actual(self.host, "error"))
 
     async def _run(self) -> None:
         try:
             assert self.syncer is not None and self.device is not None
-            if self.meta.get(self._key(f"syncstatus-{self.host}")) != SYNC_DONE:
+            if not self._synced():
                 self.phase = "syncing"
                 await self.syncer.run()
             self.phase = "replaying"
-            pos = LogPosition.decode(self.meta.get(self._key(f"replay-{self.host}")) or "")
+            pos = LogPosition.decode(self.meta.get(self.keys.replay(self.host)) or "")
             assert self.fetch_bundle is not None
             self.fetcher = Fetcher(self.name, self.host, self.paths, self.fetch_bundle,
                                    pos.logfile, parallel=self.net.fetch_connections)
@@ -147,7 +166,7 @@ class SecondaryResource:
                 f"{type(exc).__name__}: {exc}"
             self.phase = "error"
             self.log.error("secondary stopped: %s", self.error)
-            self.meta.set(self._key(f"actual-{self.host}/error"), self.error[:1000])
+            self.meta.set(self.keys.actual(self.host, "error"), self.error[:1000])
 
     def apply_switches(self) -> None:
         """Follow todo-HOST/{fetch,replay,sync}: pause or resume each brick."""
@@ -169,25 +188,22 @@ class SecondaryResource:
         for the other members."""
         if self.replayer is None:
             return []
-        pos = self.replayer.position
-        dropped = []
-        for number, _, path in self.paths.logfiles(self.name):
-            if number < pos.number:
-                path.unlink(missing_ok=True)
-                dropped.append(path.name)
-        if dropped:
-            self.log.warning("space short: dropped applied logfiles %s", " ".join(dropped))
-        return dropped
+        doomed = applied_logfiles(self.paths, self.name, self.replayer.position)
+        if doomed:
+            self.log.warning("space short: dropping applied logfiles %s",
+                             " ".join(p.name for p in doomed))
+            delete_logfiles(doomed, self.name)
+        return [p.name for p in doomed]
 
     def consistent(self) -> bool:
         """Whether the device holds a consistent prefix of the primary's history (between
         batches): synced, replayed past ``syncpos``, no batch interrupted by a crash left to
         redo."""
-        if self.meta.get(self._key(f"syncstatus-{self.host}")) != SYNC_DONE:
+        if not self._synced():
             return False
         if self.replayer is not None and self.replayer.redoing:
             return False
-        target = self.meta.get(self._key(f"syncpos-{self.host}"))
+        target = self.meta.get(self.keys.syncpos(self.host))
         if not target or self.replayer is None:
             return self.replayer is not None
         t = LogPosition.decode(target)
@@ -207,13 +223,13 @@ class SecondaryResource:
                 b.close()
         if self.replayer is not None:
             # with the end of a batch still to redo (or in progress, after the timeout)
-            self.meta.set(self._key(f"replay-{self.host}"), self.replayer.saved_value())
+            self.meta.set(self.keys.replay(self.host), self.replayer.saved_value())
         if self.device is not None:
             self.device.close()
         self.log.info("stopped")
 
     def status(self) -> ResourceStatus:
-        sync = parse_syncstatus(self.meta.get(self._key(f"syncstatus-{self.host}")))
+        sync = self._sync_in_progress()
         count, size = logfile_usage(self.paths, self.name)
         return ResourceStatus(
             role="secondary",

@@ -27,6 +27,7 @@ from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
 from marslib.pausing import PauseSwitch
 from marslib.position import LogPosition
+from marslib.schema import SYNC_DONE, ResourceKeys, SyncResult, SyncStatus
 from marslib.status import FullSyncStatus
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ BLOCK_SIZE = 64 << 10
 BLOCKS_PER_REQUEST = 256  # 16 MiB of device per checksum request
 WINDOWS_IN_FLIGHT = 4
 MAX_READ = 16 << 20
-SYNC_DONE = "done"
 
 
 def block_sums(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:
@@ -129,16 +129,6 @@ class SyncProgress:
         return self.done / secs
 
 
-def parse_syncstatus(value: str | None) -> tuple[int, int] | None:
-    """``DONE/SIZE`` -> (done, size); ``done`` or missing -> None."""
-    if not value or value == SYNC_DONE:
-        return None
-    try:
-        done, size = value.split("/", 1)
-        return int(done), int(size)
-    except ValueError:
-        return 0, 0
-
 
 class SyncClient:
     """The replica's side of a fast full sync from the primary."""
@@ -154,10 +144,11 @@ class SyncClient:
         self.progress = SyncProgress(size=size, started=time.monotonic())
         self.diff_supported = True
         self._switch = PauseSwitch()
+        self.keys = ResourceKeys(resource)
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
 
-    def _key(self, name: str) -> str:
-        return f"resource-{self.resource}/{name}-{self.host}"
+    def _save(self, done: int, size: int) -> None:
+        self.meta.set(self.keys.syncstatus(self.host), SyncStatus(done, size).encode())
 
     async def _status(self) -> LogPosition:
         reply = await self.bundle.request(Frame(FrameType.STATUS_REQ,
@@ -190,17 +181,19 @@ class SyncClient:
                 await asyncio.sleep(1.0)
 
     async def _run_once(self) -> None:
-        state = parse_syncstatus(self.meta.get(self._key("syncstatus")))
+        state = SyncStatus.decode(self.meta.get(self.keys.syncstatus(self.host)))
+        if state is not None and state.finished:
+            state = None  # as before: "done" here means start over
         size = self.progress.size
-        if state is None or state[1] != size or state[0] == 0:
+        if state is None or state.size != size or state.done == 0:
             p0 = await self._status()
-            self.meta.set(self._key("replay"), p0.encode(), durable=True)
-            self.meta.set(self._key("syncstatus"), f"0/{size}")
+            self.meta.set(self.keys.replay(self.host), p0.encode(), durable=True)
+            self._save(0, size)
             done = 0
             self.log.info("full sync of %d bytes starts; log replay will start at %s",
                           size, p0.encode())
         else:
-            done = state[0]
+            done = state.done
             self.log.info("full sync resumes at %d of %d bytes", done, size)
         self.progress.done = done
         window = self.block_size * BLOCKS_PER_REQUEST
@@ -224,22 +217,23 @@ class SyncClient:
                     self.progress.done = min(self.progress.done + window, size)
                 if time.monotonic() - saved_at > 0.5:
                     await asyncio.to_thread(self.device.flush)
-                    self.meta.set(self._key("syncstatus"), f"{self.progress.done}/{size}")
+                    self._save(self.progress.done, size)
                     saved_at = time.monotonic()
         finally:
             for task in tasks:
                 task.cancel()
             if self.progress.done < size:
                 await asyncio.to_thread(self.device.flush)
-                self.meta.set(self._key("syncstatus"), f"{self.progress.done}/{size}")
+                self._save(self.progress.done, size)
         await asyncio.to_thread(self.device.flush)
         p1 = await self._status()
-        self.meta.set(self._key("syncpos"), p1.encode())
-        self.meta.set(self._key("synced-size"), str(size))
-        self.meta.set(self._key("syncstatus"), SYNC_DONE, durable=True)
+        self.meta.set(self.keys.syncpos(self.host), p1.encode())
+        self.meta.set(self.keys.synced_size(self.host), str(size))
+        self.meta.set(self.keys.syncstatus(self.host), SYNC_DONE, durable=True)
         # what this sync moved, for operators and playbooks (view: members' last_sync)
         seconds = time.monotonic() - self.progress.started if self.progress.started else 0.0
-        self.meta.set(self._key("syncresult"), f"{size},{self.progress.copied},{seconds:.1f}")
+        self.meta.set(self.keys.syncresult(self.host),
+                      SyncResult(size, self.progress.copied, seconds).encode())
         self.log.info("full sync done: %d bytes compared, %d copied; consistent once "
                       "replayed past %s", size, self.progress.copied, p1.encode())
 

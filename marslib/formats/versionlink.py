@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from marslib.schema import ResourceKeys
+
 GENESIS = "0" * 16
 
 
@@ -28,7 +30,7 @@ class VersionLink:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def key(self, resource: str, writer: str | None = None) -> str:
-        return f"resource-{resource}/version-{self.number:09d}-{writer or self.host}"
+        return ResourceKeys(resource).version_link(self.number, writer or self.host)
 
     def encode(self) -> str:
         return f"{self.digest},{self.end_offset},{self.last_seq},{self.prev_digest},{self.host}"
