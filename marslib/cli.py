@@ -80,6 +80,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _age(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
 def _device_size(text: str) -> int:
     value = parse_size(text)
     if value <= 0 or value % 4096:
@@ -119,6 +126,7 @@ def _uuid(text: str) -> str:
 
 
 SECONDS = _typed(_seconds, "a number of seconds above 0")
+AGE = _typed(_age, "a number of seconds, 0 or more")
 DEVICE_SIZE = _typed(_device_size, "a size that is a positive multiple of 4 KiB (e.g. 4096, "
                                    "64K, 10G)")
 SIZE = _typed(_positive_size, "a size above 0 (e.g. 256M)")
@@ -383,7 +391,7 @@ def _log_delete(admin: Admin, a: argparse.Namespace) -> Result:
 def _cron_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate-size", type=SIZE, default=parse_size("256M"),
                    help="rotate a logfile at this size (default 256M)")
-    p.add_argument("--rotate-age", type=SECONDS, default=3600.0,
+    p.add_argument("--rotate-age", type=AGE, default=3600.0,
                    help="rotate a logfile whose first record is older than this many seconds")
 
 

@@ -15,7 +15,7 @@ from marslib.durable import mkdir_durably, write_file_durably
 from marslib.errors import Refused
 from marslib.meta import MetaValue
 from marslib.net.handshake import restore_hint, secret_problem
-from marslib.schema import UUID, ResourceKeys, ip, ip_dir, version
+from marslib.schema import UUID, ResourceKeys, ip, ip_dir, ip_host, version
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ClusterFacts:
     secret: bytes
     uuid: str
     uuid_stamp: int
-    ips: tuple[tuple[str, str, int], ...]  # (ip-HOST, address, stamp)
+    ips: tuple[tuple[str, str, int], ...]  # (HOST, address, stamp) of each ips/ip-HOST
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,14 @@ def _read_cluster(read_file: Callable[[str], bytes], readlink: Callable[[str], s
                   root: str) -> ClusterFacts:
     """secret, uuid, uuid stamp and ips/ of a member's state root, through any transport."""
     secret = read_file(f"{root}/secret").strip()
-    uuid_value = readlink(f"{root}/{UUID}")
-    ips = tuple((n, readlink(f"{root}/{ip_dir()}/{n}"), lstat_ns(f"{root}/{ip_dir()}/{n}"))
-                for n in listdir(f"{root}/{ip_dir()}"))
-    return ClusterFacts(secret, uuid_value, lstat_ns(f"{root}/{UUID}"), ips)
+    uuid_value = readlink(os.path.join(root, UUID))
+    ips = []
+    for entry in listdir(os.path.join(root, ip_dir())):
+        host = ip_host(os.path.join(ip_dir(), entry))
+        if host is not None:
+            path = os.path.join(root, ip(host))
+            ips.append((host, readlink(path), lstat_ns(path)))
+    return ClusterFacts(secret, uuid_value, lstat_ns(os.path.join(root, UUID)), tuple(ips))
 
 
 def cluster_over_ssh(peer: SshPeer, timeout: float) -> ClusterFacts:
@@ -123,7 +127,7 @@ def given_cluster(secret: bytes, cluster: str, peer_name: str, peer_address: str
                   ) -> ClusterFacts:
     """Facts handed in (Ansible distributes them): the peer's own entry, with its real
     stamp, replaces this one on first contact."""
-    return ClusterFacts(secret, cluster, 0, ((f"ip-{peer_name}", peer_address, 0),))
+    return ClusterFacts(secret, cluster, 0, ((peer_name, peer_address, 0),))
 
 
 def join_cluster(admin: Admin, address: str, peer: str,
@@ -143,9 +147,9 @@ def join_cluster(admin: Admin, address: str, peer: str,
         raise Refused(f"{where}/secret: {secret_problem(facts.secret)}: that member's cluster "
                       f"secret is damaged; restore it there first ({restore_hint()})")
     _write_secret(admin, facts.secret)
-    for name, value, stamp in facts.ips:
-        if name.startswith("ip-") and value:
-            admin.meta.merge(MetaValue(f"{ip_dir()}/{name}", value, stamp), durable=True)
+    for host, value, stamp in facts.ips:
+        if value:
+            admin.meta.merge(MetaValue(ip(host), value, stamp), durable=True)
     admin.meta.set(ip(admin.host), address, durable=True)
     admin.meta.set(version(admin.host), __version__)
     admin.meta.merge(MetaValue(UUID, facts.uuid, facts.uuid_stamp), durable=True)

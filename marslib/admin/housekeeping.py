@@ -32,7 +32,7 @@ def log_delete(admin: Admin, name: str) -> Result:
         from marslib.logretention import deletable_logfiles, delete_logfiles
         doomed = deletable_logfiles(admin.meta, admin.paths, name)
         deleted = [p.name for p in doomed]
-        freed = 0 if admin.dry_run else delete_logfiles(doomed)
+        freed = 0 if admin.dry_run else delete_logfiles(doomed, name)
     if admin.dry_run:
         admin.say(f"would delete {len(deleted)} logfile(s) of {name}: "
                   f"{' '.join(deleted) or '-'}")
@@ -56,7 +56,7 @@ def cron(admin: Admin, rotate_size: int, rotate_age: float) -> Result:
             doomed = deletable_logfiles(admin.meta, admin.paths, name)
             if doomed:
                 if not admin.dry_run:
-                    delete_logfiles(doomed)
+                    delete_logfiles(doomed, name)
                 actions[name] = {"deleted": [p.name for p in doomed]}
         admin.say("note: marsd is not running here: no logfile was rotated")
     for name, done in sorted(actions.items()):
@@ -64,7 +64,7 @@ def cron(admin: Admin, rotate_size: int, rotate_age: float) -> Result:
         if done.get("rotated_to") or done.get("would_rotate"):
             verb = "rotated to" if done.get("rotated_to") else "would rotate"
             parts.append(f"{verb} {done.get('rotated_to') or done.get('would_rotate')}"
-                         + (f" ({done['why']})" if done.get("why") else ""))
+                         + (f" ({done['reason']})" if done.get("reason") else ""))
         if done.get("deleted"):
             parts.append(f"{'would delete' if admin.dry_run else 'deleted'} "
                          f"{' '.join(done['deleted'])}")

@@ -11,6 +11,7 @@ from marslib.device import probe_size
 from marslib.errors import Refused
 from marslib.history import forget_links
 from marslib.layout import check_resource_name
+from marslib.logretention import delete_logfiles
 from marslib.position import LogPosition
 from marslib.schema import ON, ResourceKeys, sync_from_start
 from marslib.sizes import format_size
@@ -120,9 +121,8 @@ def leave_resource(admin: Admin, name: str) -> Result:
     for mv in admin.meta.items(k.todo_dir(admin.host)) + \
             admin.meta.items(k.actual_dir(admin.host)):
         admin.meta.delete(mv.key)
-    for _, host, path in admin.paths.logfiles(name):
-        if host != admin.host:
-            path.unlink()
+    delete_logfiles([path for _, host, path in admin.paths.logfiles(name)
+                     if host != admin.host], name)  # fetched copies: marsd stopped here
     admin.say(f"{admin.host} left {name}")
     return {"changed": True}
 
@@ -142,7 +142,6 @@ def delete_resource(admin: Admin, name: str, force: bool = False) -> Result:
     for mv in admin.meta.items(k.dir):
         if mv.value is not None:
             admin.meta.delete(mv.key)
-    for _, _, path in admin.paths.logfiles(name):
-        path.unlink()
+    delete_logfiles([path for _, _, path in admin.paths.logfiles(name)], name)
     admin.say(f"{name} deleted; its data device was left as it is")
     return {"changed": True}

@@ -13,6 +13,7 @@ from typing import Protocol
 from marslib.device import Device
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
+from marslib.schema import ResourceKeys
 from marslib.status import ResourceStatus
 
 
@@ -93,7 +94,7 @@ def publish_device_size(meta: MetaStore, name: str, host: str, device: Device | 
     """Keep ``device-size-HOST`` current: resize checks every member's device."""
     if device is None or device.fd < 0:
         return
-    key = f"resource-{name}/device-size-{host}"
+    key = ResourceKeys(name).device_size(host)
     try:
         size = str(device.size)
     except OSError:

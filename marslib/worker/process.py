@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from marslib import __version__, eventloop
+from marslib import __version__, eventloop, schema
 from marslib.errors import MarsError, UsageError
 from marslib.layout import MarsPaths
 from marslib.logger import LoggerConfig
@@ -222,7 +222,7 @@ class Worker:
                 res = LocalPrimary(msg.resource, msg.host, paths, meta,
                                    _known(LoggerConfig, msg.logger))
             elif msg.role == "secondary":
-                net = _known(NetConfig, {**msg.net, "uuid": meta.get("uuid") or "",
+                net = _known(NetConfig, {**msg.net, "uuid": meta.get(schema.UUID) or "",
                                          "secret": read_secret(paths.secret)})
                 res = LocalSecondary(msg.resource, msg.host, paths, meta, net)
                 res.resource.on_change = self._changed.set
