@@ -24,13 +24,9 @@ MEMBER_STATES = ("SplitBrain", "Detached", "Emergency", "Outdated", "Error", "Pr
 
 DISCONNECTED_AFTER = 15.0  # seconds without an answer from the primary (long polls: 5 s)
 
-LIVE_KEYS = ("logfile", "log_end", "applied", "pending_bytes", "open_count", "writes",
-             "commits", "writes_per_commit", "emergency", "direct_writes", "phase",
-             "consistent", "fetch_logfile", "fetch_remote_end", "fetch_local_end",
-             "fetch_rate", "replay_rate", "replay_paused", "fetch_paused", "replay_error",
-             "sync_done", "sync_size", "sync_rate", "sync_eta", "corrupt_refetched",
-             "caught_up_at", "logfile_count", "logfile_bytes", "fetch_contact_age",
-             "fetch_bytes", "sync_copied", "replay_redo")
+# marsd's live figures of this host's member go into its view entry as they are, except
+# these, where the view has its own meaning (from the tree, or a path instead of details)
+NOT_LIVE = ("role", "device", "error", "device_node")
 
 
 def member_state(info: dict[str, Any]) -> str:
@@ -88,8 +84,7 @@ def add_live(info: dict[str, Any], live: ResourceStatus | None, failure: str | N
     """Overlay this host's live figures from marsd (None: it does not run the resource)."""
     if live is not None:
         info["running"] = True
-        flat = live.to_json()
-        info.update({k: flat[k] for k in LIVE_KEYS if k in flat})
+        info.update({k: v for k, v in live.to_json().items() if k not in NOT_LIVE})
         if live.role == "secondary":
             info["lag_bytes"] = lag(live)
             info["lag_seconds"] = round(lag_seconds(live, now), 1)
