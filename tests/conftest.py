@@ -182,6 +182,24 @@ class MarsHost:
         return f"nbd+unix:///{resource}?socket={self.run_dir / (resource + '.nbd')}"
 
 
+
+class HostPair:
+    """Two hosts on their own loopback addresses, alpha and beta, with a data device each
+    (nothing started yet)."""
+
+    def __init__(self, base: Path, size: int = 64 << 20) -> None:
+        ip_a, ip_b = loopback_ips(2)
+        self.a = MarsHost(base / "a", "alpha", ip_a)
+        self.b = MarsHost(base / "b", "beta", ip_b)
+        self.dev_a = BlockDev(base / "a.img", size)
+        self.dev_b = BlockDev(base / "b.img", size)
+
+    def close(self) -> None:
+        for h in (self.a, self.b):
+            h.stop()
+        self.dev_a.close()
+        self.dev_b.close()
+
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[MarsHost]:
     h = MarsHost(tmp_path, ip=loopback_ips(1)[0])

@@ -18,6 +18,7 @@ from conftest import (
     NBD_CLIENT,
     SYSTEM_PYTHON,
     BlockDev,
+    HostPair,
     MarsHost,
     WriterLines,
     loopback_ips,
@@ -35,20 +36,7 @@ pytestmark = needs_libnbd
 SIZE = 64 << 20
 
 
-class Pair:
-    def __init__(self, base: Path) -> None:
-        ip_a, ip_b = loopback_ips(2)
-        self.a = MarsHost(base / "a", "alpha", ip_a)
-        self.b = MarsHost(base / "b", "beta", ip_b)
-        self.dev_a = BlockDev(base / "a.img", SIZE)
-        self.dev_b = BlockDev(base / "b.img", SIZE)
-
-    def close(self) -> None:
-        for h in (self.a, self.b):
-            h.stop()
-        self.dev_a.close()
-        self.dev_b.close()
-
+class Pair(HostPair):
     def status(self, host: MarsHost) -> dict:  # type: ignore[type-arg]
         return host.status()
 

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     REPO,
-    BlockDev,
-    MarsHost,
-    loopback_ips,
+    HostPair,
     nbd_client,
     needs_libnbd,
     wait_in_sync,
@@ -243,30 +241,15 @@ def tree_keys(root: Path) -> list[str]:
     return sorted(out)
 
 
-class Pair:
-    def __init__(self, base: Path) -> None:
-        ip_a, ip_b = loopback_ips(2)
-        self.a = MarsHost(base / "a", "alpha", ip_a)
-        self.b = MarsHost(base / "b", "beta", ip_b)
-        self.dev_a = BlockDev(base / "a.img", 16 << 20)
-        self.dev_b = BlockDev(base / "b.img", 16 << 20)
-
-    def close(self) -> None:
-        for h in (self.a, self.b):
-            h.stop()
-        self.dev_a.close()
-        self.dev_b.close()
-
-
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
+def pair(tmp_path: Path) -> Iterator[HostPair]:
+    p = HostPair(tmp_path, 16 << 20)
     yield p
     p.close()
 
 
 @needs_libnbd
-def test_a_real_cluster_writes_only_keys_of_the_schema(pair: Pair) -> None:
+def test_a_real_cluster_writes_only_keys_of_the_schema(pair: HostPair) -> None:
     a, b = pair.a, pair.b
     a.serve(pair.dev_a.path)  # create-cluster, create-resource, marsd, up
     nbd_client(a.nbd_uri("r0"), "pwrite", "0", "ab" * 4096)

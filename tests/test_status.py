@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 from conftest import (
-    BlockDev,
+    HostPair,
     MarsHost,
-    loopback_ips,
     nbd_client,
     needs_libnbd,
     wait_in_sync,
@@ -71,31 +70,16 @@ def assert_round_trip(raw: dict[str, Any]) -> DaemonStatus:
     return st
 
 
-class Pair:
-    def __init__(self, base: Path) -> None:
-        ip_a, ip_b = loopback_ips(2)
-        self.a = MarsHost(base / "a", "alpha", ip_a)
-        self.b = MarsHost(base / "b", "beta", ip_b)
-        self.dev_a = BlockDev(base / "a.img", SIZE)
-        self.dev_b = BlockDev(base / "b.img", SIZE)
-
-    def close(self) -> None:
-        for h in (self.a, self.b):
-            h.stop()
-        self.dev_a.close()
-        self.dev_b.close()
-
-
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
+def pair(tmp_path: Path) -> Iterator[HostPair]:
+    p = HostPair(tmp_path)
     yield p
     p.close()
 
 
 @needs_libnbd
 def test_live_status_of_a_primary_and_a_secondary_round_trips_in_every_phase(
-        pair: Pair) -> None:
+        pair: HostPair) -> None:
     a, b = pair.a, pair.b
     a.serve(pair.dev_a.path)
     nbd_client(a.nbd_uri("r0"), "pwrite", "0", "ab" * 4096, "fua")
@@ -164,7 +148,7 @@ def test_live_status_of_a_primary_and_a_secondary_round_trips_in_every_phase(
 
 
 @needs_libnbd
-def test_in_process_resources_have_the_same_keys_without_a_worker(pair: Pair) -> None:
+def test_in_process_resources_have_the_same_keys_without_a_worker(pair: HostPair) -> None:
     a = pair.a
     a.serve(pair.dev_a.path, "--workers", "off")
     raw = reply(a)

@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 from conftest import (
     BIN,
-    BlockDev,
+    HostPair,
     MarsHost,
-    loopback_ips,
     nbd_client,
     needs_libnbd,
     wait_in_sync,
@@ -111,24 +110,9 @@ def test_every_member_field_the_playbooks_read_is_pinned() -> None:
     assert not missing, f"playbooks read member fields the contract does not pin: {missing}"
 
 
-class Pair:
-    def __init__(self, base: Path) -> None:
-        ip_a, ip_b = loopback_ips(2)
-        self.a = MarsHost(base / "a", "alpha", ip_a)
-        self.b = MarsHost(base / "b", "beta", ip_b)
-        self.dev_a = BlockDev(base / "a.img", SIZE)
-        self.dev_b = BlockDev(base / "b.img", SIZE)
-
-    def close(self) -> None:
-        for h in (self.a, self.b):
-            h.stop()
-        self.dev_a.close()
-        self.dev_b.close()
-
-
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
+def pair(tmp_path: Path) -> Iterator[HostPair]:
+    p = HostPair(tmp_path)
     p.a.serve(p.dev_a.path)
     p.b.join_cluster_of(p.a)
     yield p
@@ -151,7 +135,7 @@ def positions(text: str) -> dict[str, tuple[int, int]]:
 
 
 @needs_libnbd
-def test_view_json_on_a_primary_and_a_secondary(pair: Pair) -> None:
+def test_view_json_on_a_primary_and_a_secondary(pair: HostPair) -> None:
     pair.b.marsadm("join-resource", "r0", pair.dev_b.path, "--wait")
     wait_in_sync(pair.a, pair.b)
     wait_until(lambda: pair.b.marsadm("view")["resources"]["r0"]["members"]["beta"]["state"]
