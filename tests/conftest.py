@@ -264,8 +264,20 @@ class WriterLines:
             time.sleep(0.005)
 
     def finish(self, timeout: float = 60) -> tuple[str, str]:
-        """Wait for the writer to end; its whole output and its stderr."""
-        self.writer.wait(timeout=timeout)
+        """Wait for the writer to end; its whole output and its stderr. A writer that does
+        not end is killed, and the assertion says what it had done last."""
+        try:
+            self.writer.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.writer.kill()
+            self.writer.wait()
+            self.reader.join()
+            unacked = sum(1 for x in self.lines if x.startswith("I ")) - self.acks
+            raise AssertionError(
+                f"the writer did not end within {timeout} s of its stop: {self.acks} writes "
+                f"acknowledged, {unacked} issued and not acknowledged; last lines: "
+                f"{''.join(self.lines[-6:])!r}; stderr: "
+                f"{self.writer.stderr.read() if self.writer.stderr else ''!r}") from None
         self.reader.join()
         err = self.writer.stderr.read() if self.writer.stderr else ""
         return "".join(self.lines), err

@@ -470,7 +470,11 @@ def test_a_killed_secondary_worker_restarts_and_catches_up(tmp_path: Path) -> No
         os.kill(pid, signal.SIGKILL)
         lines.wait_acks(lines.acks + 100, "the writer after the kill")  # alpha goes on
         writer.send_signal(signal.SIGINT)
-        lines.finish(timeout=60)
+        try:
+            lines.finish(timeout=60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nalpha:\n{a.logtail(60)}\nbeta:\n{b.logtail(60)}") \
+                from None
         wait_until(lambda: f"worker (pid {pid}) was killed by SIGKILL" in member_error(b),
                    "the crash of beta's worker on record")
         wait_until(lambda: worker_pid(b) not in (None, pid), "beta's resource restarted",
