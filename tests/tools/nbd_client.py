@@ -8,10 +8,12 @@ usage: nbd_client.py URI info
 The writer issues random writes, never two at once into the same slot, and prints
 "I counter slot offset length" before issuing and "A counter" when acknowledged;
 the data of a write is random.Random(counter).randbytes(length). It runs until SECONDS
-pass or the server goes away.
+pass, the server goes away, or SIGINT (also when started from a shell that ignores SIGINT
+for background jobs: the handler is set here).
 """
 
 import random
+import signal
 import sys
 import time
 
@@ -64,10 +66,13 @@ def writer(h, seed, qd, slots, slot_size, seconds):
         out.write(f"E {exc}\n")
         out.flush()
         return 0
+    except KeyboardInterrupt:  # stopped: what was acknowledged is printed
+        return 0
     return 0
 
 
 def main(argv):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job ignores it
     uri, cmd = argv[1], argv[2]
     h = connect(uri)
     if cmd == "info":
