@@ -157,3 +157,50 @@ def test_view_json_on_a_primary_and_a_secondary(pair: HostPair) -> None:
             check_view(host.marsadm("view"))
             pos = positions(marsadm_text(host, "view").stdout)
             assert pos[new.name] >= pos[old.name], (host.name, pos)
+
+
+# ------------------------------------------------------------- for people
+def view_result(me: dict[str, Any], marsd: bool = True) -> dict[str, Any]:
+    member = {"device": "/dev/loop9", "role": "secondary", "state": "UpToDate",
+              "open_count": 0, "replay": "log-000000002-alpha,4096,3", "split_brain": False,
+              "sync_progress": None, "lag_bytes": 0, **me}
+    return {"cluster": "c", "host": "beta", "marsd": marsd, "root": "/srv/mars-test",
+            "space_free": 5 << 30, "space_level": "ok",
+            "resources": {"r0": {"resource": "r0", "size": 1 << 26, "primary": "alpha",
+                                 "split_brain": [], "members": {"beta": member}}}}
+
+
+def test_view_for_people_names_the_root_and_says_none_for_no_lag() -> None:
+    from marslib.cli import render_view
+    lines = render_view(view_result({}))
+    assert lines[0].endswith("/srv/mars-test: 5.0GB free (ok)"), lines[0]
+    assert "/mars free" not in lines[0]
+    row = lines[2].split()
+    assert row[5:7] == ["2:4096", "none"], lines
+    assert render_view(view_result({"lag_bytes": None}))[2].split()[6] == "?"
+    assert render_view(view_result({"lag_bytes": 3 << 20, "lag_seconds": 4.2}))[2] \
+        .split()[6] == "3.0MB/4s"
+    assert "free" not in render_view(view_result({}, marsd=False))[0]
+
+
+def test_the_ansible_progress_line_says_none_for_no_lag() -> None:
+    """The wait task's line, rendered as Ansible renders it (its human_readable filter
+    printed a lag of 0 as '0.00 Bytes')."""
+    import jinja2
+    import yaml
+    from ansible.plugins.filter.mathstuff import human_readable
+
+    tasks = yaml.safe_load((REPO / "ansible" / "tasks" / "wait_uptodate.yml").read_text())
+    template = next(t["ansible.builtin.set_fact"]["mars_wait_line"] for t in tasks
+                    if "ansible.builtin.set_fact" in t)
+    env = jinja2.Environment()
+    env.filters["human_readable"] = human_readable
+
+    def line(me: dict[str, Any]) -> str:
+        return env.from_string(template).render(
+            me={"state": "UpToDate", "sync_progress": None, **me},
+            mars_wait_resource="r0", inventory_hostname="beta")
+
+    assert line({"lag_bytes": 0}).endswith("lag none"), line({"lag_bytes": 0})
+    assert "0.00 Bytes" not in line({"lag_bytes": 0})
+    assert "lag 1.00 MB" in line({"lag_bytes": 1 << 20})
