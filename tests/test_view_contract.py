@@ -181,26 +181,3 @@ def test_view_for_people_names_the_root_and_says_none_for_no_lag() -> None:
     assert render_view(view_result({"lag_bytes": 3 << 20, "lag_seconds": 4.2}))[2] \
         .split()[6] == "3.0MB/4s"
     assert "free" not in render_view(view_result({}, marsd=False))[0]
-
-
-def test_the_ansible_progress_line_says_none_for_no_lag() -> None:
-    """The wait task's line, rendered as Ansible renders it (its human_readable filter
-    printed a lag of 0 as '0.00 Bytes')."""
-    import jinja2
-    import yaml
-    from ansible.plugins.filter.mathstuff import human_readable
-
-    tasks = yaml.safe_load((REPO / "ansible" / "tasks" / "wait_uptodate.yml").read_text())
-    template = next(t["ansible.builtin.set_fact"]["mars_wait_line"] for t in tasks
-                    if "ansible.builtin.set_fact" in t)
-    env = jinja2.Environment()
-    env.filters["human_readable"] = human_readable
-
-    def line(me: dict[str, Any]) -> str:
-        return env.from_string(template).render(
-            me={"state": "UpToDate", "sync_progress": None, **me},
-            mars_wait_resource="r0", inventory_hostname="beta")
-
-    assert line({"lag_bytes": 0}).endswith("lag none"), line({"lag_bytes": 0})
-    assert "0.00 Bytes" not in line({"lag_bytes": 0})
-    assert "lag 1.00 MB" in line({"lag_bytes": 1 << 20})
