@@ -197,7 +197,7 @@ def test_site_football_expand(lab: Any) -> None:
 
     # the first run dies after the join, while it waits for the sync (the operator's
     # laptop goes away): running it again finishes the move
-    killed = interrupted_playbook(lab, "football.yml", "TASK [Poll r0 on lab3]",
+    killed = interrupted_playbook(lab, "football.yml", "TASK [Wait until r0 is up to date on lab3]",
                                   "-e", f"resource={RESOURCE}", "-e", "from=lab1",
                                   "-e", "to=lab3")
     assert "lab3" in view(lab, "lab1")["members"], killed

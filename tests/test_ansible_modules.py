@@ -26,7 +26,7 @@ import marslib
 LIB = REPO / "ansible" / "library"
 MODULE_UTILS = REPO / "ansible" / "module_utils"
 MODULES = ("mars_cluster", "mars_resource", "mars_role", "mars_resize", "mars_upgrade",
-           "mars_info")
+           "mars_info", "mars_wait")
 SIZE = 64 << 20
 
 if str(MODULE_UTILS) not in mu.__path__:
@@ -308,6 +308,8 @@ def test_role_plan() -> None:
     assert plan(view(primary="(none)"), p())["args"] == ["primary", "r0"]  # after secondary
     assert "not a member" in plan(view(host="gamma"), p())["fail"]
     assert "does not exist" in plan(view(), params("mars_role", name="r9"))["fail"]
+    forced = plan(view(host="alpha"), p(role="secondary", force=True))
+    assert "role=primary only" in forced["fail"] and not forced["args"]
 
 
 def test_resize_plan() -> None:

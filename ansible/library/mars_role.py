@@ -37,6 +37,7 @@ options:
     description:
       - With V(primary), fail over at once instead of a planned handover. May cause a split
         brain if the old primary still writes.
+      - Refused with V(secondary), where giving up the role has no forced form.
     type: bool
     default: false
   marsadm:
@@ -140,6 +141,10 @@ def plan(view, params):
     """``changed``, ``args``, ``fail`` from marsadm's view and the parameters."""
     out = dict(changed=False, args=[], fail=None)
     name = params["name"]
+    if params.get("force") and params["role"] == "secondary":
+        out["fail"] = ("force applies to role=primary only (a failover); giving up the "
+                       "primary role has no forced form: drop force")
+        return out
     if view is None:
         out["fail"] = "no cluster here: create or join one first (mars_cluster)"
         return out

@@ -12,7 +12,7 @@ description:
     reaches O(condition), for at most O(slice) seconds per run, and returns the progress
     (state, percent synced, lag, ETA) and whether the condition holds.
   - Its action plugin (same name) runs the module again and again on the controller,
-    printing one progress line per run, until the condition holds or O(deadline) passes:
+    printing one progress line per run, until the condition holds or O(deadline) passes;
     a wait of hours takes no recursion and no growing memory, and shows where it is.
   - Fails at once on a split brain (waiting does not heal it), and when O(deadline)
     passes, with the last progress in the message.
