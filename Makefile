@@ -14,7 +14,7 @@ demo-local: setup
 	$(PY) bin/mars-demo-local
 
 test: setup
-	$(VENV)/bin/ruff check marslib tests bench ansible/library ansible/module_utils \
+	$(VENV)/bin/ruff check marslib tests bench ansible/library ansible/module_utils ansible/action_plugins \
 		bin/mars-demo bin/mars-demo-local bin/mars-lab bin/mars-app bin/_checkout.py bin/marsadm bin/marsd
 	$(PY) -m pytest -q -rs
 
