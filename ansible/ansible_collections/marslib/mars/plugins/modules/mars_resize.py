@@ -91,7 +91,7 @@ new_size:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.mars_common import Marsadm, common_spec, parse_size, this_member
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec, parse_size, this_member
 
 
 def argument_spec():

@@ -178,7 +178,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.mars_common import Marsadm, common_spec
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec
 
 TOMBSTONE = "(deleted)"
 

@@ -121,7 +121,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.mars_common import Marsadm, common_spec, this_member
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec, this_member
 
 CONDITIONS = ("up-to-date", "sync-off", "consistent", "primary", "secondary")
 CONSISTENT_STATES = ("UpToDate", "Replaying", "ReplayPaused", "FetchPaused", "Disconnected")

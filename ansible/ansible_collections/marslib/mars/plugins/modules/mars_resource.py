@@ -197,7 +197,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.mars_common import (
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import (
     Marsadm,
     common_spec,
     parse_size,

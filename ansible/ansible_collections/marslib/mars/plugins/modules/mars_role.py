@@ -123,7 +123,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.mars_common import NO_PRIMARY, Marsadm, common_spec, this_member
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import NO_PRIMARY, Marsadm, common_spec, this_member
 
 
 def argument_spec():

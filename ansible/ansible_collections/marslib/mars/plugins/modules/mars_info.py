@@ -136,7 +136,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.mars_common import Marsadm, common_spec
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec
 
 MEMBER_KEYS = ("role", "state", "lag_bytes", "lag_seconds", "sync_progress", "emergency",
                "split_brain", "version", "device", "open_count", "error", "last_sync")
