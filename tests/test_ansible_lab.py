@@ -338,3 +338,42 @@ def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
     assert final["ok"], final
     print(f"\nrolling upgrade {old_version} -> {__version__}: {up.seconds:.1f} s "
           f"(second run {up2.seconds:.1f} s); records {final['records']}")
+
+
+@pytest.mark.soak
+def test_football_with_a_sync_of_more_than_ten_minutes(tmp_path_factory: pytest.TempPathFactory
+                                                       ) -> None:
+    """A football whose full sync takes longer than ten minutes finishes, printing progress
+    all along: r0 holds 256 MiB of random data (every block differs from the new host's
+    empty device) and the new host's link is shaped to 3 Mbit/s, so the sync alone takes
+    about twelve minutes. The wait must neither recurse nor give up, and the application's
+    data must check out at the end."""
+    from marslib.lab import Lab
+    lab = Lab.up(hosts=3, device_size="256M", lab_dir=tmp_path_factory.mktemp("slab") / "lab")
+    try:
+        device = lab.host("lab1").devices[0]
+        subprocess.run(["dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=256",
+                        "oflag=direct", "status=none"], check=True, timeout=600)
+        playbook(lab, "site", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"))
+        assert app(lab, "lab1", "start", "--mkfs", "--rate", "10")["ok"]
+        app_writes(lab, "lab1")
+        lab.shape("lab3", rate="3mbit")
+        fb = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
+                      "-e", "to=lab3", "-e", "football_progress_every=30")
+        lines = re.findall(r"\[lab3\] r0@lab3: Syncing, synced ([0-9.]+)%", fb.output)
+        print(f"\nfootball with a slow sync: {fb.seconds:.0f} s, {len(lines)} progress lines, "
+              f"synced % seen: {lines[:3]} ... {lines[-3:]}")
+        assert fb.seconds > 600, "the sync was not slow enough to test a long wait"
+        assert len(lines) >= 18, "no progress line every 30 s"
+        percents = [float(p) for p in lines]
+        assert percents == sorted(percents) and percents[-1] > percents[0]
+        v = view(lab, "lab3")
+        assert v["primary"] == "lab3" and sorted(v["members"]) == ["lab2", "lab3"], v
+        assert v["members"]["lab3"]["last_sync"]["copied"] > 200 << 20
+        lab.shape("lab3")
+        check_identical(lab, "lab3")
+        final = app(lab, "lab3", "verify", "--min-seq",
+                    str(app(lab, "lab3", "status")["acked_seq"]))
+        assert final["ok"], final
+    finally:
+        lab.down()
