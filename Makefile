@@ -16,6 +16,8 @@ demo-local: setup
 test: setup
 	$(VENV)/bin/ruff check marslib tests bench ansible/ansible_collections/marslib/mars/plugins \
 		bin/mars-demo bin/mars-demo-local bin/mars-lab bin/mars-app bin/_checkout.py bin/marsadm bin/marsd
+	scripts/collection-sanity.sh
+	scripts/collection-lint.sh
 	$(PY) -m pytest -q -rs
 
 # every Molecule scenario (the test suite runs `default` and `handover`), against the
