@@ -14,13 +14,17 @@ demo-local: setup
 	$(PY) bin/mars-demo-local
 
 test: setup
-	$(VENV)/bin/ruff check marslib tests bench ansible/library ansible/module_utils ansible/action_plugins \
+	$(VENV)/bin/ruff check marslib tests bench ansible/ansible_collections/marslib/mars/plugins \
 		bin/mars-demo bin/mars-demo-local bin/mars-lab bin/mars-app bin/_checkout.py bin/marsadm bin/marsd
 	$(PY) -m pytest -q -rs
 
-# every Molecule scenario (the test suite runs `default` and `handover`)
+# every Molecule scenario (the test suite runs `default` and `handover`), against the
+# collection built and installed from this checkout (scripts/install-collection.sh)
+MOLECULE_COLLECTIONS := $(CURDIR)/.build/collections
 molecule: setup
-	cd $(CURDIR) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/molecule test --all
+	rm -rf $(MOLECULE_COLLECTIONS) && scripts/install-collection.sh $(MOLECULE_COLLECTIONS)
+	cd $(CURDIR) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH MARS_COLLECTIONS_PATH=$(MOLECULE_COLLECTIONS) \
+		$(VENV)/bin/molecule test --all
 
 soak: setup
 	$(PY) -m pytest -q -rs -m soak

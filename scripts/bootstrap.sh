@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(libnbd-bin python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs xfsprogs
-              util-linux iproute2 python3 python3-venv iptables openssh-server rsync cron)
+              util-linux iproute2 python3 python3-venv iptables openssh-server rsync cron sudo)
 TOOLS=(nbdcopy nbdfuse nbdkit fio qemu-img fusermount3 mkfs.ext4 mkfs.xfs losetup
-       ip tc iptables sshd ssh ssh-keygen rsync crontab flock)
+       ip tc iptables sshd ssh ssh-keygen rsync crontab flock sudo)
 
 missing=()
 for t in "${TOOLS[@]}"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done

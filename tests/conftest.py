@@ -327,3 +327,18 @@ def wait_in_sync(primary: MarsHost, secondary: MarsHost, timeout: float = 60,
         assert time.monotonic() < deadline, \
             f"{secondary.name} never caught up with {primary.name}: {s} vs {p}"
         time.sleep(0.1)
+
+
+COLLECTION = REPO / "ansible" / "ansible_collections" / "marslib" / "mars"
+
+
+@pytest.fixture(scope="session")
+def installed_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """marslib.mars built (ansible-galaxy collection build) and installed into a temporary
+    collections path, as a user installs it: ANSIBLE_COLLECTIONS_PATH=<this> uses it."""
+    dest = tmp_path_factory.mktemp("collections")
+    out = subprocess.run([str(REPO / "scripts" / "install-collection.sh"), str(dest)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (dest / "ansible_collections" / "marslib" / "mars" / "MANIFEST.json").exists()
+    return dest

@@ -50,15 +50,33 @@ class Run:
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
-def playbook(lab: Any, name: str, *extra: str, check: bool = False,
-             expect_ok: bool = True) -> Run:
-    """Run ansible/NAME against the lab's inventory; print its output (timings included)."""
+COLLECTIONS: list[Path] = []  # where marslib.mars is installed (use_installed_collection)
+
+
+@pytest.fixture(autouse=True)
+def use_installed_collection(installed_collection: Path) -> Iterator[None]:
+    """Every playbook here runs from the built and installed collection."""
+    COLLECTIONS[:] = [installed_collection]
+    yield
+    COLLECTIONS.clear()
+
+
+def ansible_env() -> dict[str, str]:
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
-           "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS[0]),
+           "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{VENV}:{os.environ.get('PATH', '')}"}
     env.pop("PYTHONPATH", None)
-    cmd = [str(VENV / "ansible-playbook"), "-i", str(lab.inventory),
-           str(REPO / "ansible" / name), "-e", f"mars_wheel_dir={lab.dir / 'dist'}", *extra]
+    return env
+
+
+def playbook(lab: Any, name: str, *extra: str, check: bool = False,
+             expect_ok: bool = True) -> Run:
+    """Run marslib.mars.NAME against the lab's inventory; print its output (timings
+    included)."""
+    env = ansible_env()
+    cmd = [str(VENV / "ansible-playbook"), "-i", str(lab.inventory), f"marslib.mars.{name}",
+           "-e", f"mars_wheel_dir={lab.dir / 'dist'}", "-e", f"marslib_source={REPO}", *extra]
     if check:
         cmd.append("--check")
     started = time.monotonic()
@@ -78,13 +96,10 @@ def playbook(lab: Any, name: str, *extra: str, check: bool = False,
 
 
 def interrupted_playbook(lab: Any, name: str, kill_at: str, *extra: str) -> str:
-    """Start ansible/NAME and SIGKILL it (and its ssh children) once ``kill_at`` shows."""
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
-           "ANSIBLE_NOCOLOR": "1", "PYTHONUNBUFFERED": "1",
-           "PATH": f"{VENV}:{os.environ.get('PATH', '')}"}
-    env.pop("PYTHONPATH", None)
+    """Start marslib.mars.NAME and SIGKILL it (and its ssh children) once ``kill_at``
+    shows."""
     proc = subprocess.Popen([str(VENV / "ansible-playbook"), "-i", str(lab.inventory),
-                             str(REPO / "ansible" / name), *extra], env=env,
+                             f"marslib.mars.{name}", *extra], env=ansible_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     assert proc.stdout is not None
@@ -175,11 +190,22 @@ def test_site_football_expand(lab: Any) -> None:
     (site.yml twice and handover.yml twice run as Molecule's default and handover
     scenarios, tests/test_molecule.py.)"""
     times: dict[str, float] = {}
-    site = playbook(lab, "site.yml", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"))
+    site = playbook(lab, "site", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"))
     assert site.changed() > 0
     times["site"] = site.seconds
     v = view(lab, "lab1")
     assert v["primary"] == "lab1" and sorted(v["members"]) == ["lab1", "lab2"]
+
+    # -- marsd's arguments change: the handler restarts marsd on each host, one at a time
+    pids = {h: (lab.host(h).dir / "marsd.pid").read_text().strip() for h in ("lab1", "lab2")}
+    site2 = playbook(lab, "site", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"),
+                     "-e", '{"mars_marsd_args": ["--connections", "3"]}')
+    assert site2.output.count("RUNNING HANDLER [marslib.mars.mars_node : Restart marsd]") == 1
+    for h, pid in pids.items():
+        new = (lab.host(h).dir / "marsd.pid").read_text().strip()
+        assert new != pid, f"marsd on {h} was not restarted"
+        assert "--connections 3" in Path(f"/proc/{new}/cmdline").read_text().replace("\0", " ")
+    wait_up_to_date(lab, "lab1")
 
     # -- the application writes into a filesystem on r0, on lab1
     started = app(lab, "lab1", "start", "--mkfs", "--rate", "50")
@@ -188,7 +214,7 @@ def test_site_football_expand(lab: Any) -> None:
 
     # -- football lab1 -> lab3: a dry run first changes nothing
     before = view(lab, "lab1")
-    dry = playbook(lab, "football.yml", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
+    dry = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
                    "-e", "to=lab3", check=True)
     assert "join lab3: to do" in dry.output
     after = view(lab, "lab1")
@@ -197,13 +223,28 @@ def test_site_football_expand(lab: Any) -> None:
 
     # the first run dies after the join, while it waits for the sync (the operator's
     # laptop goes away): running it again finishes the move
-    killed = interrupted_playbook(lab, "football.yml", "TASK [Wait until r0 is up to date on lab3]",
+    killed = interrupted_playbook(lab, "football", "TASK [Wait until the resource is up to date on lab3]",
                                   "-e", f"resource={RESOURCE}", "-e", "from=lab1",
                                   "-e", "to=lab3")
     assert "lab3" in view(lab, "lab1")["members"], killed
     assert view(lab, "lab1")["primary"] == "lab1"
-    fb = playbook(lab, "football.yml", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
-                  "-e", "to=lab3")
+    # the run after it moves r0 and lab1 leaves, but removing lab1's old device fails:
+    # the run fails, and the next run finishes that removal (recorded before the leave)
+    old_device = view(lab, "lab1")["members"]["lab1"]["device"]
+    removed = lab.dir / "removed-devices"
+    fb = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
+                  "-e", "to=lab3",
+                  "-e", json.dumps({"football_remove_device_command": "false {device}"}),
+                  "-e", f"football_remove_confirm={RESOURCE}", expect_ok=False)
+    assert fb.rc != 0 and fb.recap["lab1"]["failed"] == 1, fb.recap
+    assert "TASK [Remove the old device]" in fb.output
+    assert sorted(view(lab, "lab3")["members"]) == ["lab2", "lab3"]
+    fixed = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
+                     "-e", "to=lab3", "-e", json.dumps(
+                         {"football_remove_device_command": f"sh -c 'echo {{device}} >> {removed}'"}),
+                     "-e", f"football_remove_confirm={RESOURCE}")
+    assert removed.read_text().split() == [old_device], "the old device was not removed"
+    assert fixed.changed("lab1") > 0 and fixed.changed("lab3") == 0, fixed.recap
     assert "join lab3: done" in fb.output
     assert re.search(r"r0 lab1 -> lab3: stop application [0-9.]+ s, handover [0-9.]+ s",
                      fb.output), "no handover timings printed"
@@ -216,7 +257,7 @@ def test_site_football_expand(lab: Any) -> None:
     moved = v["members"]["lab3"]["last_sync"]
     assert moved and moved["compared"] == v["size"], moved
     times["football"] = fb.seconds
-    fb2 = playbook(lab, "football.yml", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
+    fb2 = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
                    "-e", "to=lab3")
     assert fb2.changed() == 0, fb2.recap
     assert "nothing to move" in fb2.output
@@ -225,11 +266,11 @@ def test_site_football_expand(lab: Any) -> None:
     assert check["ok"], check
 
     # -- expand to 384 MiB with the filesystem, twice
-    ex = playbook(lab, "expand.yml", "-e", f"resource={RESOURCE}", "-e", "size=384M")
+    ex = playbook(lab, "expand", "-e", f"resource={RESOURCE}", "-e", "size=384M")
     assert view(lab, "lab3")["size"] == 384 << 20
     grown = app(lab, "lab3", "status")
     assert grown["running"] and grown["fs_size"] > 300 << 20, grown
-    ex2 = playbook(lab, "expand.yml", "-e", f"resource={RESOURCE}", "-e", "size=384M")
+    ex2 = playbook(lab, "expand", "-e", f"resource={RESOURCE}", "-e", "size=384M")
     assert ex2.changed() == 0, ex2.recap
     times["expand"] = ex.seconds
 
@@ -272,7 +313,7 @@ def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
     assert old_version != __version__, f"scripts/previous-release names {__version__} itself"
     lab_vars = str(REPO / "ansible" / "lab-vars.yml")
     # three members: a secondary stays while lab1 and lab2 swap roles
-    playbook(lab, "site.yml", "-e", f"@{lab_vars}", "-e", f"marslib_wheel={wheel}",
+    playbook(lab, "site", "-e", f"@{lab_vars}", "-e", f"marslib_wheel={wheel}",
              "-e", f"marslib_version={old_version}",
              "-e", '{"lab_members": ["lab1", "lab2", "lab3"]}')
     for host in ("lab1", "lab2", "lab3"):
@@ -282,7 +323,7 @@ def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
     assert app(lab, "lab1", "start", "--mkfs", "--rate", "50")["ok"]
     app_writes(lab, "lab1")
 
-    up = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")
+    up = playbook(lab, "rolling_upgrade", "-e", "hand_back=true")
     for host in ("lab1", "lab2", "lab3"):
         v = lab.marsadm(host, "view")
         assert v["marsd_version"] == __version__, (host, v)
@@ -290,10 +331,49 @@ def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
     assert v["primary"] == "lab1", "hand_back=true returns r0 to lab1"
     assert {m["version"] for m in v["members"].values()} == {__version__}
     assert app(lab, "lab1", "status")["running"]
-    up2 = playbook(lab, "rolling_upgrade.yml", "-e", "hand_back=true")
+    up2 = playbook(lab, "rolling_upgrade", "-e", "hand_back=true")
     assert up2.changed() == 0, up2.recap
     check_identical(lab, "lab1")
     final = app(lab, "lab1", "verify", "--min-seq", str(app(lab, "lab1", "status")["acked_seq"]))
     assert final["ok"], final
     print(f"\nrolling upgrade {old_version} -> {__version__}: {up.seconds:.1f} s "
           f"(second run {up2.seconds:.1f} s); records {final['records']}")
+
+
+@pytest.mark.soak
+def test_football_with_a_sync_of_more_than_ten_minutes(tmp_path_factory: pytest.TempPathFactory
+                                                       ) -> None:
+    """A football whose full sync takes longer than ten minutes finishes, printing progress
+    all along: r0 holds 256 MiB of random data (every block differs from the new host's
+    empty device) and the new host's link is shaped to 3 Mbit/s, so the sync alone takes
+    about twelve minutes. The wait must neither recurse nor give up, and the application's
+    data must check out at the end."""
+    from marslib.lab import Lab
+    lab = Lab.up(hosts=3, device_size="256M", lab_dir=tmp_path_factory.mktemp("slab") / "lab")
+    try:
+        device = lab.host("lab1").devices[0]
+        subprocess.run(["dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=256",
+                        "oflag=direct", "status=none"], check=True, timeout=600)
+        playbook(lab, "site", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"))
+        assert app(lab, "lab1", "start", "--mkfs", "--rate", "10")["ok"]
+        app_writes(lab, "lab1")
+        lab.shape("lab3", rate="3mbit")
+        fb = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
+                      "-e", "to=lab3", "-e", "football_progress_every=30")
+        lines = re.findall(r"\[lab3\] r0@lab3: Syncing, synced ([0-9.]+)%", fb.output)
+        print(f"\nfootball with a slow sync: {fb.seconds:.0f} s, {len(lines)} progress lines, "
+              f"synced % seen: {lines[:3]} ... {lines[-3:]}")
+        assert fb.seconds > 600, "the sync was not slow enough to test a long wait"
+        assert len(lines) >= 18, "no progress line every 30 s"
+        percents = [float(p) for p in lines]
+        assert percents == sorted(percents) and percents[-1] > percents[0]
+        v = view(lab, "lab3")
+        assert v["primary"] == "lab3" and sorted(v["members"]) == ["lab2", "lab3"], v
+        assert v["members"]["lab3"]["last_sync"]["copied"] > 200 << 20
+        lab.shape("lab3")
+        check_identical(lab, "lab3")
+        final = app(lab, "lab3", "verify", "--min-seq",
+                    str(app(lab, "lab3", "status")["acked_seq"]))
+        assert final["ok"], final
+    finally:
+        lab.down()

@@ -24,9 +24,11 @@ pytestmark = pytest.mark.skipif(
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def molecule_test(scenario: str, lab_prefix: Path) -> str:
+def molecule_test(scenario: str, lab_prefix: Path, collections: Path) -> str:
+    """`molecule test -s SCENARIO` with marslib.mars from ``collections`` (installed)."""
     env = {**os.environ, "PATH": f"{VENV}:{os.environ.get('PATH', '')}",
-           "MARS_MOLECULE_LAB_PREFIX": str(lab_prefix), "NO_COLOR": "1"}
+           "MARS_MOLECULE_LAB_PREFIX": str(lab_prefix), "NO_COLOR": "1",
+           "MARS_COLLECTIONS_PATH": str(collections)}
     env.pop("PYTHONPATH", None)
     env.pop("MARS_LAB_DIR", None)
     started = time.monotonic()
@@ -44,9 +46,11 @@ def lab_left_behind(lab_dir: Path) -> bool:
 
 
 @pytest.mark.parametrize("scenario", ["default", "handover"])
-def test_scenario(scenario: str, tmp_path: Path) -> None:
+def test_scenario(scenario: str, tmp_path: Path, installed_collection: Path) -> None:
     prefix = tmp_path / "mol"
-    text = molecule_test(scenario, prefix)
+    text = molecule_test(scenario, prefix, installed_collection)
+    # create checked that the scenario runs the installed collection, not the tree
+    assert f"from {installed_collection}/ansible_collections" in text
     # every step ran, idempotence held, and the data checks ran and passed
     steps = ["create", "converge", "idempotence", "verify", "destroy"]
     if scenario != "default":
