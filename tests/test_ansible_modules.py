@@ -1,5 +1,6 @@
-"""The Ansible modules in ansible/library: their decisions on realistic marsadm views, their
-documentation against their argument specs, and real ansible-playbook runs against marsd
+"""The modules of the collection marslib.mars (ansible/ansible_collections/marslib/mars):
+their decisions on realistic marsadm views, their documentation (with the collection's doc
+fragments) against their argument specs, and real ansible-playbook runs against marsd
 processes on loopback addresses (create, join without ssh, sync, handover, resize, leave,
 delete, upgrade), each followed by a second run that must change nothing."""
 
@@ -17,21 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from conftest import BIN, IS_ROOT, REPO, BlockDev, MarsHost, loopback_ips
 
-import ansible.module_utils as mu
 import marslib
 
-LIB = REPO / "ansible" / "library"
-MODULE_UTILS = REPO / "ansible" / "module_utils"
+COLLECTIONS = REPO / "ansible"  # holds ansible_collections/marslib/mars
+PLUGINS = COLLECTIONS / "ansible_collections" / "marslib" / "mars" / "plugins"
+LIB = PLUGINS / "modules"
+MODULE_UTILS = PLUGINS / "module_utils"
 MODULES = ("mars_cluster", "mars_resource", "mars_role", "mars_resize", "mars_upgrade",
            "mars_info", "mars_wait")
+FQCN = "marslib.mars."
 SIZE = 64 << 20
 
-if str(MODULE_UTILS) not in mu.__path__:
-    mu.__path__.append(str(MODULE_UTILS))
-import ansible.module_utils.mars_common as mc  # noqa: E402
+if str(COLLECTIONS) not in sys.path:  # the modules import the collection's module_utils
+    sys.path.insert(0, str(COLLECTIONS))
+import ansible_collections.marslib.mars.plugins.module_utils.mars_common as mc  # noqa: E402
 
 
 def load(name: str) -> Any:
@@ -125,19 +129,26 @@ def test_argument_specs_reject_what_the_modules_cannot_do() -> None:
 
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(ANSIBLE_NOCOLOR="1", ANSIBLE_DEPRECATION_WARNINGS="0")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ANSIBLE_CONFIG")}
+    env.update(ANSIBLE_NOCOLOR="1", ANSIBLE_DEPRECATION_WARNINGS="0",
+               ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS))
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, **kw)
 
 
-def test_ansible_doc_renders_every_module_and_matches_the_argument_specs() -> None:
-    out = run([str(BIN / "ansible-doc"), "--json", "-M", str(LIB), *MODULES])
+def ansible_doc_json() -> dict[str, Any]:
+    out = run([str(BIN / "ansible-doc"), "--json", *(FQCN + m for m in MODULES)])
     assert out.returncode == 0, out.stderr
-    docs = json.loads(out.stdout)
+    docs: dict[str, Any] = json.loads(out.stdout)
+    assert set(docs) == {FQCN + m for m in MODULES}, out.stderr
+    return {name.removeprefix(FQCN): d for name, d in docs.items()}
+
+
+def test_ansible_doc_renders_every_module_and_matches_the_argument_specs() -> None:
+    docs = ansible_doc_json()
     for name in MODULES:
         doc = docs[name]["doc"]
         spec = M[name].argument_spec()
-        assert set(doc["options"]) == set(spec), name
+        assert set(doc["options"]) == set(spec), name  # the doc fragment's options included
         for opt, s in spec.items():
             d = doc["options"][opt]
             assert d.get("type", "str") == s.get("type", "str"), (name, opt)
@@ -147,20 +158,53 @@ def test_ansible_doc_renders_every_module_and_matches_the_argument_specs() -> No
             assert d.get("aliases") == s.get("aliases"), (name, opt)
             assert d.get("elements") == s.get("elements"), (name, opt)
         assert docs[name]["examples"].strip() and docs[name]["return"], name
-    text = run([str(BIN / "ansible-doc"), "-M", str(LIB), *MODULES])
+        assert doc["author"] == ["marslib maintainers (@marslib)"], name
+    text = run([str(BIN / "ansible-doc"), *(FQCN + m for m in MODULES)])
     assert text.returncode == 0 and "ERROR" not in text.stderr, text.stderr
     sections = text.stdout.split("> MODULE ")[1:]
     assert len(sections) == len(MODULES)
     for name, section in zip(MODULES, sections, strict=True):
-        assert section.startswith(name)
+        assert section.startswith(FQCN + name)
         for opt in M[name].argument_spec():
             assert opt in section, (name, opt)
 
 
+def test_docs_use_the_fragments_and_state_what_each_module_supports() -> None:
+    """Shared options come from the doc fragment marslib.mars.common (a module may only
+    reword one); check mode and diff mode are stated as the code does them; examples and
+    references name modules by their FQCN."""
+    docs = ansible_doc_json()
+    for name in MODULES:
+        doc, source = docs[name]["doc"], (LIB / f"{name}.py").read_text()
+        own = yaml.safe_load(M[name].DOCUMENTATION)  # before ansible-doc merges fragments
+        assert own["extends_documentation_fragment"] == ["marslib.mars.common",
+                                                         "marslib.mars.attributes"], name
+        for opt in set(mc.COMMON_ARGS) & set(own["options"]):  # reworded, never copied
+            assert set(own["options"][opt]) == {"description"}, (name, opt)
+        attrs = doc["attributes"]
+        assert M[name].MODULE_KWARGS["supports_check_mode"] is True
+        assert attrs["check_mode"]["support"] in ("full", "partial"), name
+        returns_diff = 'result["diff"]' in source
+        assert (attrs["diff_mode"]["support"] != "N/A") == returns_diff, name
+        assert attrs["platform"]["platforms"] == "linux"
+        assert attrs["action_group"]["membership"] == ["marslib.mars.mars"]
+        for ref in doc["seealso"]:
+            if ref.get("module", "").startswith(FQCN):
+                assert ref["module"].removeprefix(FQCN) in MODULES, (name, ref)
+        tasks = [ln.strip() for ln in docs[name]["examples"].splitlines()]
+        assert f"{FQCN}{name}:" in tasks, name
+        assert not any(ln.startswith("mars_") for ln in tasks), name  # no short names
+    assert "timeout" not in yaml.safe_load(M["mars_resize"].DOCUMENTATION)["options"]
+    assert "Not used" in docs["mars_info"]["doc"]["options"]["timeout"]["description"][0]
+    assert set(docs["mars_info"]["return"]) == {"mars"}  # not ansible_facts
+
+
 def test_modules_parse_as_python_3_9() -> None:
-    """They run on managed hosts with any python3 >= 3.9 and only the standard library."""
+    """They run on managed hosts with any python3 >= 3.9 and only the standard library (and
+    the collection's own module_utils)."""
     import ast
     allowed = {"__future__", "os", "re", "json", "time", "ansible"}
+    own = "ansible_collections.marslib.mars.plugins.module_utils"
     for path in [*(LIB / f"{m}.py" for m in MODULES), MODULE_UTILS / "mars_common.py"]:
         tree = ast.parse(path.read_text(), str(path), feature_version=(3, 9))
         for node in ast.walk(tree):
@@ -170,6 +214,7 @@ def test_modules_parse_as_python_3_9() -> None:
                 names = [node.module or ""]
             else:
                 continue
+            names = [n for n in names if not n.startswith(own + ".")]
             assert {n.split(".")[0] for n in names} <= allowed, (path.name, names)
 
 
@@ -329,8 +374,8 @@ def test_resize_plan() -> None:
     assert plan(alpha, p(size="12X"))["fail"].startswith("invalid size '12X'")
 
 
-def test_info_facts_from_new_and_old_views() -> None:
-    facts = M["mars_info"].facts
+def test_info_from_new_and_old_views() -> None:
+    facts = M["mars_info"].info
     f = facts(view())
     assert f["cluster"] == view()["cluster"] and f["host"] == "beta" and f["marsd"] is True
     r0 = f["resources"]["r0"]
@@ -403,7 +448,7 @@ def on(h: MarsHost) -> dict[str, str]:
 
 def task(module: str, args: dict[str, Any], check: bool = False,
          diff: bool = False) -> dict[str, Any]:
-    return {"name": module, module: args, "check_mode": check, "diff": diff,
+    return {"name": module, FQCN + module: args, "check_mode": check, "diff": diff,
             "ignore_errors": True}
 
 
@@ -411,7 +456,7 @@ def marsadm_task(h: MarsHost, *args: str) -> dict[str, Any]:
     o = on(h)
     argv = [o["marsadm"], *args, "--root", o["root"], "--run-dir", o["run_dir"], "--host",
             h.name]
-    return {"name": "marsadm " + " ".join(args), "command": {"argv": argv}}
+    return {"name": "marsadm " + " ".join(args), "ansible.builtin.command": {"argv": argv}}
 
 
 def play(tmp: Path, *tasks: dict[str, Any]) -> list[dict[str, Any]]:
@@ -420,13 +465,13 @@ def play(tmp: Path, *tasks: dict[str, Any]) -> list[dict[str, Any]]:
     regs = [t.get("register", f"r{i}") for i, t in enumerate(tasks)]
     dest = tmp / f"results-{n}.json"
     body = [dict(t, register=r) for t, r in zip(tasks, regs, strict=True)]
-    body.append({"name": "save the results", "copy": {
+    body.append({"name": "save the results", "ansible.builtin.copy": {
         "content": "{{ [" + ", ".join(regs) + "] | to_json }}", "dest": str(dest)}})
     pb = tmp / f"play-{n}.json"  # JSON is YAML
     pb.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": body}]))
     env = {k: v for k, v in os.environ.items()  # the tasks name their host themselves
            if k not in ("PYTHONPATH", "ANSIBLE_CONFIG") and not k.startswith("MARS_")}
-    env.update(ANSIBLE_LIBRARY=str(LIB), ANSIBLE_MODULE_UTILS=str(MODULE_UTILS),
+    env.update(ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS),
                ANSIBLE_NOCOLOR="1", ANSIBLE_DEPRECATION_WARNINGS="0",
                ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_RETRY_FILES_ENABLED="0")
     out = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
@@ -442,6 +487,39 @@ def play(tmp: Path, *tasks: dict[str, Any]) -> list[dict[str, Any]]:
 def ok(r: dict[str, Any]) -> dict[str, Any]:
     assert not r.get("failed"), r.get("msg")
     return r
+
+
+STUB_MARSADM = """#!/bin/sh
+# marsadm stand-in: `view --json` prints the view in $0.json, `--version` a version
+case "$1" in
+  view) cat "$0.json" ;;
+  --version) echo "marsadm 0.2.0" ;;
+  *) echo '{"ok": false, "code": 1, "error": "stub marsadm: only view"}'; exit 1 ;;
+esac
+"""
+
+
+def test_info_returns_mars_and_sets_no_fact(tmp_path: Path) -> None:
+    """mars_info is an _info module: the view is the result's ``mars``, never a host fact
+    (``ansible_facts`` is for *_facts modules), in check mode too."""
+    stub = tmp_path / "marsadm"
+    stub.write_text(STUB_MARSADM)
+    stub.chmod(0o755)
+    (tmp_path / "marsadm.json").write_text(json.dumps({"ok": True, **view()}))
+    args = {"marsadm": str(stub)}
+    facts_seen = "{{ [ansible_facts.mars is defined, mars is defined] }}"
+    info, checked, r0, seen = play(
+        tmp_path,
+        task("mars_info", args),
+        task("mars_info", args, check=True),
+        task("mars_info", {**args, "name": "r0"}),
+        {"name": "no fact", "ansible.builtin.debug": {"msg": facts_seen}})
+    for r in (info, checked, r0):
+        assert not ok(r)["changed"] and "ansible_facts" not in r, r
+        assert r["mars"]["cluster"] == view()["cluster"] and r["mars"]["host"] == "beta"
+        assert r["mars"]["resources"]["r0"]["members"]["beta"]["state"] == "UpToDate"
+    assert info["mars"] == checked["mars"] == r0["mars"]
+    assert seen["msg"] == [False, False]
 
 
 def grow(dev: BlockDev, size: int) -> None:
@@ -506,7 +584,7 @@ def test_modules_drive_a_two_host_cluster(tmp_path: Path) -> None:
         grow(devs["beta"], new)
         a.start()
         b.start()
-        departed = "'alpha' not in departed.ansible_facts.mars.resources.r0.members"
+        departed = "'alpha' not in departed.mars.resources.r0.members"
         results = play(
             tmp_path,
             task("mars_resource", {**B, **r0, "state": "joined", "device": devs["beta"].path,
@@ -527,7 +605,7 @@ def test_modules_drive_a_two_host_cluster(tmp_path: Path) -> None:
             task("mars_resource", {**A, **r0, "state": "absent"}),
             task("mars_resource", {**B, **r0, "state": "absent"}),
             # alpha's departure travels to beta with the metadata
-            {"name": "wait", "mars_info": B, "register": "departed", "until": departed,
+            {"name": "wait", FQCN + "mars_info": B, "register": "departed", "until": departed,
              "retries": 30, "delay": 1},
             task("mars_resource", {**B, **r0, "state": "absent", "force": True}),
             task("mars_cluster", {**A, "state": "absent"}),
@@ -537,7 +615,8 @@ def test_modules_drive_a_two_host_cluster(tmp_path: Path) -> None:
         assert ok(joined)["changed"] and joined["bytes"] == SIZE and joined["sync_seconds"] > 0
         assert joined["state"] in ("UpToDate", "Replaying"), joined
         assert not ok(again)["changed"]
-        facts = ok(info)["ansible_facts"]["mars"]
+        assert "ansible_facts" not in info
+        facts = ok(info)["mars"]
         assert facts["cluster"] == uuid and facts["host"] == "beta" and facts["marsd"]
         assert facts["version"] == facts["marsd_version"] == marslib.__version__
         res = facts["resources"]["r0"]
@@ -551,7 +630,7 @@ def test_modules_drive_a_two_host_cluster(tmp_path: Path) -> None:
         assert refused["cmd"][1:3] == ["primary", "r0"] and "--dry-run" in refused["cmd"]
         assert ok(check)["changed"] and check["diff"] == {"before": {"primary": "alpha"},
                                                           "after": {"primary": "beta"}}
-        after = ok(info2)["ansible_facts"]["mars"]["resources"]["r0"]  # the view is unchanged
+        after = ok(info2)["mars"]["resources"]["r0"]  # the view is unchanged
         assert {k: after[k] for k in ("primary", "size", "split_brain")} == \
             {k: res[k] for k in ("primary", "size", "split_brain")}
         assert {h: (m["role"], m["device"]) for h, m in after["members"].items()} == \
@@ -682,7 +761,7 @@ def test_upgrade_installs_switches_and_restarts_marsd(tmp_path: Path) -> None:
         check, probe, upgrade, again = play(
             tmp_path,
             task("mars_upgrade", args, check=True, diff=True),
-            {"name": "stat", "stat": {"path": str(prefix)}},
+            {"name": "stat", "ansible.builtin.stat": {"path": str(prefix)}},
             task("mars_upgrade", args),
             task("mars_upgrade", args))
         assert ok(check)["changed"] and check["health"] == {"checked": True, "ok": True,

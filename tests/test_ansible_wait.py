@@ -1,4 +1,4 @@
-"""mars_wait: a wait of hours is a loop with constant memory, and it says where it is.
+"""marslib.mars.mars_wait: a wait of hours is a loop with constant memory, and it says where it is.
 
 The module's loop is driven with a stub look and a fake clock for thousands of polls;
 the action plugin and the module are driven through ansible-playbook with a stub marsadm
@@ -11,22 +11,21 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 from conftest import REPO
 
-import ansible.module_utils as mu
-
-MODULE_UTILS = REPO / "ansible" / "module_utils"
-if str(MODULE_UTILS) not in mu.__path__:
-    mu.__path__.append(str(MODULE_UTILS))
+COLLECTIONS = REPO / "ansible"  # holds ansible_collections/marslib/mars
+MODULE = COLLECTIONS / "ansible_collections/marslib/mars/plugins/modules/mars_wait.py"
+if str(COLLECTIONS) not in sys.path:  # the module imports the collection's module_utils
+    sys.path.insert(0, str(COLLECTIONS))
 
 
 def load() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "_test_mars_wait", REPO / "ansible" / "library" / "mars_wait.py")
+    spec = importlib.util.spec_from_file_location("_test_mars_wait", MODULE)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -137,12 +136,15 @@ def test_a_playbook_waits_over_2000_polls_and_shows_progress(tmp_path: Path) -> 
     play = tmp_path / "wait.yml"
     play.write_text(json.dumps([{
         "hosts": "localhost", "gather_facts": False,
-        "tasks": [{"name": "wait", "mars_wait": {
+        "tasks": [{"name": "wait", "marslib.mars.mars_wait": {
             "name": "r0", "marsadm": str(stub), "poll": 0, "slice": 2,
             "deadline": "{{ now().timestamp() + 600 }}"}, "register": "w"},
             {"ansible.builtin.debug": {"msg": "POLLS={{ w.polls }} RUNS={{ w.runs }} "
                                               "DONE={{ w.done }}"}}]}]))
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
+    # the checkout's ansible.cfg (pipelining, as a run from the checkout has it) and the
+    # collection named explicitly
+    env = {**os.environ, "ANSIBLE_CONFIG": str(COLLECTIONS / "ansible.cfg"),
+           "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
            "COUNTER": str(counter), "DONE_AFTER": "2100", "ANSIBLE_NOCOLOR": "1"}
     out = subprocess.run(
         [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", "localhost,", "-c", "local",

@@ -1,3 +1,7 @@
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # marslib Ansible action plugin: runs the mars_wait module until it is done, on the
 # controller, and prints each run's progress line. A long wait is a loop here, not a
 # recursion of included task files: its memory stays the same for hours.

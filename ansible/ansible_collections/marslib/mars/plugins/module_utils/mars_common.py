@@ -1,7 +1,11 @@
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # Shared code of the marslib Ansible modules (mars_cluster, mars_resource, mars_role,
-# mars_resize, mars_upgrade, mars_info). Ansible ships it with each module; it needs only
-# the Python standard library (3.9 or newer) and runs on the managed host. The modules
-# never import marslib: they run `marsadm ... --json` and read its one JSON object.
+# mars_resize, mars_upgrade, mars_info, mars_wait). Ansible ships it with each module; it
+# needs only the Python standard library (3.9 or newer) and runs on the managed host. The
+# modules never import marslib: they run `marsadm ... --json` and read its one JSON object.
 
 from __future__ import annotations
 
@@ -216,7 +220,7 @@ class Marsadm:
         """``marsadm --version``'s version string, or None if it does not run."""
         if not os.path.exists(self.path):
             return None
-        rc, out, _ = self.module.run_command([self.path, "--version"])
+        rc, out = self.module.run_command([self.path, "--version"])[:2]
         if rc != 0 or not out.strip():
             return None
         return out.strip().split()[-1]

@@ -1,4 +1,8 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # marslib Ansible module: create, join or leave a marslib cluster.
 
 # ruff: noqa: E402  (Ansible modules import after their documentation)
@@ -21,7 +25,7 @@ description:
   - The module does not start or stop C(marsd); start it after creating or joining.
 version_added: "0.2.0"
 author:
-  - marslib developers
+  - marslib maintainers (@marslib)
 options:
   state:
     description:
@@ -82,41 +86,35 @@ options:
       - Trust an unknown ssh host key of O(peer) (first contact, labs).
     type: bool
     default: false
-  marsadm:
-    description:
-      - Path of marsadm. Default C(/opt/marslib/current/bin/marsadm) if it exists, else
-        C(marsadm) on the PATH.
-    type: path
-  root:
-    description:
-      - The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
-    type: path
-  run_dir:
-    description:
-      - Where C(marsd.sock) and the NBD sockets live (C(--run-dir)). Default
-        C($MARS_RUN_DIR), else C(/run/mars).
-    type: path
-  host:
-    description:
-      - This host's name in the cluster (C(--host)). Default C($MARS_HOST), else the
-        hostname.
-    type: str
   timeout:
     description:
       - Seconds marsadm may wait (C(--timeout)); here the ssh connection timeout.
-    type: float
-    default: 600.0
+extends_documentation_fragment:
+  - marslib.mars.common
+  - marslib.mars.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Runs marsadm with C(--dry-run), which checks the preconditions and changes nothing.
+  diff_mode:
+    support: full
+    details:
+      - The cluster id and whether this host is a member, before and after. In check mode
+        a cluster to be created without O(uuid) shows as C((a new cluster)).
 notes:
-  - Check mode runs marsadm with C(--dry-run), which checks the preconditions and changes
-    nothing.
   - Changing the address of a member is not supported.
 requirements:
   - marsadm on the managed host
+seealso:
+  - module: marslib.mars.mars_resource
+    description: Create or join a resource once the host is in the cluster.
+  - module: marslib.mars.mars_info
 """
 
 EXAMPLES = r"""
 - name: Create the cluster on the first host
-  mars_cluster:
+  marslib.mars.mars_cluster:
     ip: 192.0.2.10
   register: cluster
 
@@ -127,7 +125,7 @@ EXAMPLES = r"""
   no_log: true
 
 - name: Join the other hosts without ssh between them
-  mars_cluster:
+  marslib.mars.mars_cluster:
     ip: 192.0.2.11
     peer: 192.0.2.10
     peer_name: alpha
@@ -136,14 +134,14 @@ EXAMPLES = r"""
   no_log: true
 
 - name: Join over ssh instead
-  mars_cluster:
+  marslib.mars.mars_cluster:
     ip: 192.0.2.12
     peer: 192.0.2.10
     ssh_key: /root/.ssh/id_ed25519
     accept_new_host_key: true
 
 - name: Leave the cluster (after leaving every resource)
-  mars_cluster:
+  marslib.mars.mars_cluster:
     state: absent
 """
 
@@ -177,7 +175,6 @@ action:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec
 
 TOMBSTONE = "(deleted)"

@@ -1,5 +1,9 @@
 #!/usr/bin/python
-# marslib Ansible module: facts about the cluster and its resources, as this host sees them.
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
+# marslib Ansible module: the cluster and its resources, as this host sees them (read-only).
 
 # ruff: noqa: E402  (Ansible modules import after their documentation)
 
@@ -7,135 +11,132 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: mars_info
-short_description: Gather facts about marslib on this host
+short_description: Information about marslib on this host
 description:
-  - Reads C(marsadm view --json) and returns it as the fact C(ansible_facts.mars) - the
-    cluster, this host, whether C(marsd) runs, the versions, and each resource with its
-    members' roles, states, lag and sync progress.
+  - Reads C(marsadm view --json) and returns it as RV(mars) - the cluster, this host,
+    whether C(marsd) runs, the versions, and each resource with its members' roles, states,
+    lag and sync progress.
   - Read-only; never changes anything, also runs in check mode.
-  - Without a cluster on this host the facts have C(cluster=null) and no resources.
+  - Without a cluster on this host RV(mars.cluster) is null and RV(mars.resources) empty.
 version_added: "0.2.0"
 author:
-  - marslib developers
+  - marslib maintainers (@marslib)
 options:
   name:
     description:
-      - Only this resource. A resource not known here gives no entry in C(resources).
+      - Only this resource. A resource not known here gives no entry in
+        RV(mars.resources).
     type: str
     aliases: [resource]
-  marsadm:
-    description:
-      - Path of marsadm. Default C(/opt/marslib/current/bin/marsadm) if it exists, else
-        C(marsadm) on the PATH.
-    type: path
-  root:
-    description:
-      - The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
-    type: path
-  run_dir:
-    description:
-      - Where C(marsd.sock) and the NBD sockets live (C(--run-dir)). Default
-        C($MARS_RUN_DIR), else C(/run/mars).
-    type: path
-  host:
-    description:
-      - This host's name in the cluster (C(--host)). Default C($MARS_HOST), else the
-        hostname.
-    type: str
   timeout:
     description:
-      - Not used by this module (C(view) does not wait); accepted like in the other
+      - Not used by this module (C(marsadm view) does not wait); accepted like in the other
         modules.
-    type: float
-    default: 600.0
+extends_documentation_fragment:
+  - marslib.mars.common
+  - marslib.mars.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Read-only; check mode runs it the same way.
+  diff_mode:
+    support: N/A
+    details:
+      - Read-only; there is no diff.
 notes:
   - States and lag of other hosts are as this host last heard of them; a replica's own
     view (run the module there) is exact.
+  - Before marslib 0.5.0 the module returned the view as the fact C(ansible_facts.mars);
+    it now returns it as RV(mars) of the registered result, which sets no host fact.
 requirements:
   - marsadm on the managed host
+seealso:
+  - module: marslib.mars.mars_wait
+    description: Wait until a resource reaches a state here, with progress.
+  - module: marslib.mars.mars_resource
+  - module: marslib.mars.mars_role
 """
 
 EXAMPLES = r"""
-- name: Gather marslib facts
-  mars_info:
+- name: Read the cluster as this host sees it
+  marslib.mars.mars_info:
+  register: info
 
 - name: Fail unless r0 is up to date here
   ansible.builtin.assert:
     that:
-      - ansible_facts.mars.resources.r0.members[ansible_facts.mars.host].state
-        in ['Primary', 'UpToDate']
+      - info.mars.resources.r0.members[info.mars.host].state in ['Primary', 'UpToDate']
 
 - name: Only r0
-  mars_info:
+  marslib.mars.mars_info:
     name: r0
-  register: info
+  register: r0_info
+
+- name: Show r0's primary
+  ansible.builtin.debug:
+    msg: "r0 runs on {{ r0_info.mars.resources.r0.primary }}"
 """
 
 RETURN = r"""
-ansible_facts:
-  description: Facts about marslib on this host.
+mars:
+  description: The cluster as this host sees it.
   returned: always
   type: dict
   contains:
-    mars:
-      description: The cluster as this host sees it.
+    cluster:
+      description: The cluster id, null without a cluster.
+      type: str
       returned: always
+    host:
+      description: This host's name (null without a cluster unless known from O(host)).
+      type: str
+      returned: always
+    marsd:
+      description: Whether C(marsd) answers on this host.
+      type: bool
+      returned: always
+    version:
+      description: marsadm's version.
+      type: str
+      returned: always
+    marsd_version:
+      description: The running C(marsd)'s version (null if not running or too old to
+        tell).
+      type: str
+      returned: always
+    space_free:
+      description: Free bytes in the state root (null without C(marsd)).
+      type: int
+      returned: always
+    space_level:
+      description: The free-space level (C(ok), C(warn), ...; null without C(marsd)).
+      type: str
+      returned: always
+    resources:
+      description: Per resource C(primary), C(size), C(split_brain) (bool),
+        C(history_gap) and C(members), per host C(role), C(state), C(lag_bytes),
+        C(lag_seconds), C(sync_progress), C(emergency), C(split_brain), C(version),
+        C(device), C(open_count), C(error), C(last_sync) (what the member's last full
+        sync C(compared) and C(copied) in bytes, and its C(seconds); null if none).
       type: dict
-      contains:
-        cluster:
-          description: The cluster id, null without a cluster.
-          type: str
-          returned: always
-        host:
-          description: This host's name (null without a cluster unless known from O(host)).
-          type: str
-          returned: always
-        marsd:
-          description: Whether C(marsd) answers on this host.
-          type: bool
-          returned: always
-        version:
-          description: marsadm's version.
-          type: str
-          returned: always
-        marsd_version:
-          description: The running C(marsd)'s version (null if not running or too old to
-            tell).
-          type: str
-          returned: always
-        space_free:
-          description: Free bytes in the state root (null without C(marsd)).
-          type: int
-          returned: always
-        space_level:
-          description: The free-space level (C(ok), C(warn), ...; null without C(marsd)).
-          type: str
-          returned: always
-        resources:
-          description: Per resource C(primary), C(size), C(split_brain) (bool),
-            C(history_gap) and C(members), per host C(role), C(state), C(lag_bytes),
-            C(lag_seconds), C(sync_progress), C(emergency), C(split_brain), C(version),
-            C(device), C(open_count), C(error), C(last_sync) (what the member's last full
-            sync C(compared) and C(copied) in bytes, and its C(seconds); null if none).
-          type: dict
-          returned: always
-          sample:
-            r0:
-              primary: alpha
-              size: 67108864
-              split_brain: false
-              history_gap: null
-              members:
-                alpha: {role: primary, state: Primary, lag_bytes: 0, lag_seconds: null,
-                        sync_progress: null, emergency: false, split_brain: false,
-                        version: 0.2.0, device: /dev/vg0/r0, open_count: 1, error: null,
-                        last_sync: null}
+      returned: always
+      sample:
+        r0:
+          primary: alpha
+          size: 67108864
+          split_brain: false
+          history_gap: null
+          members:
+            alpha: {role: primary, state: Primary, lag_bytes: 0, lag_seconds: null,
+                    sync_progress: null, emergency: false, split_brain: false,
+                    version: 0.2.0, device: /dev/vg0/r0, open_count: 1, error: null,
+                    last_sync: null}
 """
 
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec
 
 MEMBER_KEYS = ("role", "state", "lag_bytes", "lag_seconds", "sync_progress", "emergency",
@@ -149,9 +150,9 @@ def argument_spec():
 MODULE_KWARGS = dict(supports_check_mode=True)
 
 
-def facts(view, name=None, host=None, version=None):
-    """The ``mars`` fact from marsadm's view (None: no cluster here). Keys missing in an
-    older marsadm's view come out as null."""
+def info(view, name=None, host=None, version=None):
+    """The module's ``mars`` result from marsadm's view (None: no cluster here). Keys missing
+    in an older marsadm's view come out as null."""
     if view is None:
         return dict(cluster=None, host=host, marsd=False, version=version, marsd_version=None,
                     space_free=None, space_level=None, resources={})
@@ -181,9 +182,9 @@ def main():
     version = None
     if view is None or "version" not in view:
         version = marsadm.version()
-    mars = facts(view, p.get("name"), host=p.get("host") or os.environ.get("MARS_HOST"),
-                 version=version)
-    module.exit_json(changed=False, ansible_facts=dict(mars=mars))
+    mars = info(view, p.get("name"), host=p.get("host") or os.environ.get("MARS_HOST"),
+                version=version)
+    module.exit_json(changed=False, mars=mars)
 
 
 if __name__ == "__main__":

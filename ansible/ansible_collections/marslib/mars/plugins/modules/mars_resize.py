@@ -1,4 +1,8 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # marslib Ansible module: grow a resource online.
 
 # ruff: noqa: E402  (Ansible modules import after their documentation)
@@ -16,7 +20,7 @@ description:
   - Unchanged if the resource already has the target size. Shrinking is refused.
 version_added: "0.2.0"
 author:
-  - marslib developers
+  - marslib maintainers (@marslib)
 options:
   name:
     description:
@@ -30,49 +34,42 @@ options:
         4 KiB.
       - Default the smallest member device (as C(marsd) last published it).
     type: str
-  marsadm:
-    description:
-      - Path of marsadm. Default C(/opt/marslib/current/bin/marsadm) if it exists, else
-        C(marsadm) on the PATH.
-    type: path
-  root:
-    description:
-      - The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
-    type: path
-  run_dir:
-    description:
-      - Where C(marsd.sock) and the NBD sockets live (C(--run-dir)). Default
-        C($MARS_RUN_DIR), else C(/run/mars).
-    type: path
-  host:
-    description:
-      - This host's name in the cluster (C(--host)). Default C($MARS_HOST), else the
-        hostname.
-    type: str
-  timeout:
-    description:
-      - Seconds marsadm may wait for C(marsd) (C(--timeout)).
-    type: float
-    default: 600.0
+extends_documentation_fragment:
+  - marslib.mars.common
+  - marslib.mars.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Runs marsadm with C(--dry-run). Without O(size) it tells whether the resource
+        would grow, but not to which size (RV(new_size) is null then).
+  diff_mode:
+    support: partial
+    details:
+      - The size before and after; in check mode without O(size) the size after is null
+        (marsadm picks it when it runs).
 notes:
   - Run it on the primary; elsewhere it fails.
   - marsadm refuses (and the module fails with its reason) while a member's device is
     smaller than the target or its size is not known yet (C(marsd) publishes it a moment
     after the device has grown).
-  - Check mode runs marsadm with C(--dry-run). Without O(size) it tells whether the
-    resource would grow, but not to which size (RV(new_size) is null then).
 requirements:
   - marsadm on the managed host
+seealso:
+  - module: marslib.mars.mars_resource
+  - module: marslib.mars.mars_info
+  - module: community.general.lvol
+    description: Grow the logical volume of each member first.
 """
 
 EXAMPLES = r"""
 - name: Grow r0 to 2 GiB (every member's device is at least that big)
-  mars_resize:
+  marslib.mars.mars_resize:
     name: r0
     size: 2G
 
 - name: Grow r0 to its smallest member device
-  mars_resize:
+  marslib.mars.mars_resize:
     name: r0
 """
 
@@ -90,8 +87,12 @@ new_size:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec, parse_size, this_member
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import (
+    Marsadm,
+    common_spec,
+    parse_size,
+    this_member,
+)
 
 
 def argument_spec():
@@ -111,7 +112,7 @@ def plan(view, params):
     if view is None:
         out["fail"] = "no cluster here: create or join one first (mars_cluster)"
         return out
-    res, _ = this_member(view, name)
+    res = this_member(view, name)[0]
     if res is None:
         out["fail"] = f"resource {name} does not exist here"
         return out

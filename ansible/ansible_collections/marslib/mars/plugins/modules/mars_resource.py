@@ -1,4 +1,8 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # marslib Ansible module: create, join, leave or delete a replicated resource.
 
 # ruff: noqa: E402  (Ansible modules import after their documentation)
@@ -24,7 +28,7 @@ description:
     device itself is never created, changed or wiped.
 version_added: "0.2.0"
 author:
-  - marslib developers
+  - marslib maintainers (@marslib)
 options:
   name:
     description:
@@ -51,7 +55,7 @@ options:
     description:
       - With V(present), use only this much of the device (default all of it), in bytes or
         with a binary unit (V(512M), V(1G)); a multiple of 4 KiB. Ignored with a warning if
-        the resource exists with another size (grow it with M(mars_resize)).
+        the resource exists with another size (grow it with M(marslib.mars.mars_resize)).
     type: str
   wait:
     description:
@@ -76,47 +80,43 @@ options:
         the task fails, while the node is mounted or open. Nothing happens without one.
     type: bool
     default: false
-  marsadm:
-    description:
-      - Path of marsadm. Default C(/opt/marslib/current/bin/marsadm) if it exists, else
-        C(marsadm) on the PATH.
-    type: path
-  root:
-    description:
-      - The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
-    type: path
-  run_dir:
-    description:
-      - Where C(marsd.sock) and the NBD sockets live (C(--run-dir)). Default
-        C($MARS_RUN_DIR), else C(/run/mars).
-    type: path
-  host:
-    description:
-      - This host's name in the cluster (C(--host)). Default C($MARS_HOST), else the
-        hostname.
-    type: str
   timeout:
     description:
       - Seconds marsadm may wait (C(--timeout)) for the resource to arrive, the sync, or
         C(marsd) to stop it.
-    type: float
-    default: 600.0
-notes:
-  - Check mode runs marsadm with C(--dry-run), which checks the preconditions (device,
-    size, other members) and changes nothing.
+extends_documentation_fragment:
+  - marslib.mars.common
+  - marslib.mars.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Runs marsadm with C(--dry-run), which checks the preconditions (device, size, other
+        members) and changes nothing.
+  diff_mode:
+    support: full
+    details:
+      - Whether the resource exists, whether this host is a member, its role and device,
+        before and after.
 requirements:
   - marsadm on the managed host; C(marsd) running for O(wait)
+seealso:
+  - module: marslib.mars.mars_cluster
+  - module: marslib.mars.mars_role
+  - module: marslib.mars.mars_resize
+  - module: marslib.mars.mars_wait
+  - module: marslib.mars.mars_info
 """
 
 EXAMPLES = r"""
 - name: Create r0 on the primary
-  mars_resource:
+  marslib.mars.mars_resource:
     name: r0
     device: /dev/vg0/r0
     wait: true
 
 - name: Join r0 on the secondaries and wait for the full sync
-  mars_resource:
+  marslib.mars.mars_resource:
     name: r0
     state: joined
     device: /dev/vg0/r0
@@ -124,18 +124,18 @@ EXAMPLES = r"""
   register: joined
 
 - name: Create r0 with a block device node /dev/mars/r0 for a filesystem
-  mars_resource:
+  marslib.mars.mars_resource:
     name: r0
     device: /dev/vg0/r0
     device_node: true
 
 - name: Leave r0 on a secondary
-  mars_resource:
+  marslib.mars.mars_resource:
     name: r0
     state: absent
 
 - name: Delete r0 on its primary once it is the last member
-  mars_resource:
+  marslib.mars.mars_resource:
     name: r0
     state: absent
     force: true
@@ -196,7 +196,6 @@ device_node_action:
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.marslib.mars.plugins.module_utils.mars_common import (
     Marsadm,
     common_spec,
@@ -357,7 +356,7 @@ def main():
                 result["bytes"] = summary(after_view, p["name"])["size"]
     node_args = plan_node(after_view, p, module.check_mode)
     if p["state"] != "absent":
-        _, me = this_member(after_view, p["name"])
+        me = this_member(after_view, p["name"])[1]
         result["device_node"] = (me or {}).get("device_node")
         result["device_node_action"] = node_args[0] if node_args else None
     if node_args:

@@ -1,4 +1,8 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # marslib Ansible module: planned handover, forced failover, or giving up the primary role.
 
 # ruff: noqa: E402  (Ansible modules import after their documentation)
@@ -19,7 +23,7 @@ description:
   - A host that already has the role is left as it is.
 version_added: "0.2.0"
 author:
-  - marslib developers
+  - marslib maintainers (@marslib)
 options:
   name:
     description:
@@ -40,54 +44,49 @@ options:
       - Refused with V(secondary), where giving up the role has no forced form.
     type: bool
     default: false
-  marsadm:
-    description:
-      - Path of marsadm. Default C(/opt/marslib/current/bin/marsadm) if it exists, else
-        C(marsadm) on the PATH.
-    type: path
-  root:
-    description:
-      - The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
-    type: path
-  run_dir:
-    description:
-      - Where C(marsd.sock) and the NBD sockets live (C(--run-dir)). Default
-        C($MARS_RUN_DIR), else C(/run/mars).
-    type: path
-  host:
-    description:
-      - This host's name in the cluster (C(--host)). Default C($MARS_HOST), else the
-        hostname.
-    type: str
   timeout:
     description:
       - Seconds each wait of the handover may take (C(--timeout)). A timeout while this host
         catches up changes nothing; a timeout while the old primary ends its log puts it back.
-    type: float
-    default: 600.0
+extends_documentation_fragment:
+  - marslib.mars.common
+  - marslib.mars.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Runs marsadm with C(--dry-run), which checks every precondition of the handover
+        (and fails with marsadm's reason) but changes nothing.
+  diff_mode:
+    support: full
+    details:
+      - The designated primary before and after.
 notes:
-  - Check mode runs marsadm with C(--dry-run), which checks every precondition of the
-    handover (and fails with marsadm's reason) but changes nothing.
   - Needs C(marsd) running on this host.
 requirements:
   - marsadm on the managed host
+seealso:
+  - module: marslib.mars.mars_wait
+    description: Wait until the new secondary is up to date again after a handover.
+  - module: marslib.mars.mars_info
+  - module: marslib.mars.mars_resource
 """
 
 EXAMPLES = r"""
 - name: Planned handover of r0 to this host
-  mars_role:
+  marslib.mars.mars_role:
     name: r0
     role: primary
   register: handover
 
 - name: Failover after the primary's data centre is lost
-  mars_role:
+  marslib.mars.mars_role:
     name: r0
     role: primary
     force: true
 
 - name: Give up the primary role (no primary until another host takes it)
-  mars_role:
+  marslib.mars.mars_role:
     name: r0
     role: secondary
 """
@@ -122,8 +121,12 @@ state:
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.marslib.mars.plugins.module_utils.mars_common import NO_PRIMARY, Marsadm, common_spec, this_member
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import (
+    NO_PRIMARY,
+    Marsadm,
+    common_spec,
+    this_member,
+)
 
 
 def argument_spec():

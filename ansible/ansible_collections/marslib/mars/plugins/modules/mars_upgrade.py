@@ -1,4 +1,8 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # marslib Ansible module: the per-host step of a rolling software upgrade.
 
 # ruff: noqa: E402  (Ansible modules import after their documentation)
@@ -26,7 +30,7 @@ description:
     upgrade the old primary.
 version_added: "0.2.0"
 author:
-  - marslib developers
+  - marslib maintainers (@marslib)
 options:
   version:
     description:
@@ -82,48 +86,46 @@ options:
   marsadm:
     description:
       - The marsadm that reads the current state while C(PREFIX/current/bin/marsadm) does not
-        exist yet (moving from another install). Default C(marsadm) on the PATH.
-    type: path
-  root:
-    description:
-      - The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
-    type: path
-  run_dir:
-    description:
-      - Where C(marsd.sock) and the NBD sockets live (C(--run-dir)). Default
-        C($MARS_RUN_DIR), else C(/run/mars).
-    type: path
-  host:
-    description:
-      - This host's name in the cluster (C(--host)). Default C($MARS_HOST), else the
-        hostname.
-    type: str
+        exist yet (moving from another install). Default C(marsadm) on the E(PATH).
   timeout:
     description:
       - Seconds to wait after the restart for C(marsd) with the new version and the
         resources to be back.
-    type: float
-    default: 600.0
+extends_documentation_fragment:
+  - marslib.mars.common
+  - marslib.mars.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Checks the health and the source and reports the planned steps in RV(actions); it
+        changes nothing.
+  diff_mode:
+    support: full
+    details:
+      - The marslib version before and after.
 notes:
-  - Check mode checks the health and the source and reports the planned steps in
-    RV(actions); it changes nothing.
   - Without a cluster on this host only the software is installed and switched (there is
     no C(marsd) to restart).
   - C(PYTHONPATH) is removed from the environment of every command it runs.
 requirements:
   - Python with the venv module (C(python3-venv)) on the managed host
+seealso:
+  - module: marslib.mars.mars_info
+  - module: marslib.mars.mars_role
+    description: Hand over before upgrading the primary.
 """
 
 EXAMPLES = r"""
 - name: Upgrade marslib, one host at a time
-  mars_upgrade:
+  marslib.mars.mars_upgrade:
     version: "0.2.0"
     source: /srv/wheels/marslib-0.2.0-py3-none-any.whl
     pip_args: [--no-index, --find-links, /srv/wheels]
   register: upgrade
 
 - name: Lab without an index - reuse the dependencies of an existing venv
-  mars_upgrade:
+  marslib.mars.mars_upgrade:
     version: "0.2.0"
     source: /srv/src/marslib
     pip_args: [--no-deps]
@@ -181,7 +183,6 @@ import os
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.marslib.mars.plugins.module_utils.mars_common import (
     FOLLOWING_STATES,
     Marsadm,
@@ -227,7 +228,7 @@ def wanted_states(view):
     (None: whatever it had was not a running state to return to; no wait for it)."""
     wants = {}
     for name in sorted((view or {}).get("resources") or {}):
-        _, me = this_member(view, name)
+        me = this_member(view, name)[1]
         if me is None:
             continue
         state = me.get("state")
@@ -254,7 +255,7 @@ def pending(view, version, wants):
     for name, states in sorted(wants.items()):
         if states is None:
             continue
-        _, me = this_member(view, name)
+        me = this_member(view, name)[1]
         state = (me or {}).get("state")
         if state not in states:
             out.append(f"{name} is {state}, waiting for {' or '.join(states)}")
@@ -307,7 +308,7 @@ class Upgrade:
         exe = os.path.join(self.venv, "bin", "marsadm")
         if not os.path.exists(exe):
             return None
-        rc, out, _ = self.module.run_command([exe, "--version"])
+        rc, out = self.module.run_command([exe, "--version"])[:2]
         return out.strip().split()[-1] if rc == 0 and out.strip() else None
 
     def current_target(self):

@@ -1,5 +1,10 @@
 #!/usr/bin/python
+# Copyright: (c) 2026, marslib maintainers
+# GNU General Public License v2.0 only (see https://www.gnu.org/licenses/gpl-2.0.txt)
+# SPDX-License-Identifier: GPL-2.0-only
+
 # marslib Ansible module: wait until a resource reaches a condition on this host.
+
 # ruff: noqa: E402  (Ansible modules import after their documentation)
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ description:
   - Read-only; runs in check mode too.
 version_added: "0.5.0"
 author:
-  - marslib developers
+  - marslib maintainers (@marslib)
 options:
   name:
     description: The resource.
@@ -53,33 +58,34 @@ options:
         plugin then shows it and runs the module again).
     type: float
     default: 60.0
-  marsadm:
-    description:
-      - Path of marsadm. Default C(/opt/marslib/current/bin/marsadm) if it exists, else
-        C(marsadm) on the PATH.
-    type: path
-  root:
-    description: The host's state root (C(--root)). Default C($MARS_ROOT), else C(/mars).
-    type: path
-  run_dir:
-    description:
-      - Where C(marsd.sock) lives (C(--run-dir)). Default C($MARS_RUN_DIR), else
-        C(/run/mars).
-    type: path
-  host:
-    description: This host's name in the cluster. Default C($MARS_HOST), else the hostname.
-    type: str
   timeout:
-    description: C(--timeout) of each marsadm call.
-    type: float
-    default: 600.0
+    description:
+      - Not used by this module (C(marsadm view) does not wait; the wait is O(wait_timeout)
+        or O(deadline)); accepted like in the other modules.
+extends_documentation_fragment:
+  - marslib.mars.common
+  - marslib.mars.attributes
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Read-only; check mode waits the same way.
+  diff_mode:
+    support: N/A
+    details:
+      - Read-only; there is no diff.
 requirements:
   - marsadm on the managed host
+seealso:
+  - module: marslib.mars.mars_info
+  - module: marslib.mars.mars_resource
+    description: Joining with O(marslib.mars.mars_resource#module:wait=true) waits for the
+      full sync in one marsadm call, without progress lines.
 """
 
 EXAMPLES = r"""
 - name: Wait up to 10 hours until r0 is up to date here, one progress line a minute
-  mars_wait:
+  marslib.mars.mars_wait:
     name: r0
     wait_timeout: 36000
     poll: 10
@@ -120,8 +126,11 @@ msg:
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.marslib.mars.plugins.module_utils.mars_common import Marsadm, common_spec, this_member
+from ansible_collections.marslib.mars.plugins.module_utils.mars_common import (
+    Marsadm,
+    common_spec,
+    this_member,
+)
 
 CONDITIONS = ("up-to-date", "sync-off", "consistent", "primary", "secondary")
 CONSISTENT_STATES = ("UpToDate", "Replaying", "ReplayPaused", "FetchPaused", "Disconnected")
@@ -234,7 +243,7 @@ def main():
 
     def look():
         view = marsadm.view(p["name"])
-        res, me = this_member(view, p["name"])
+        me = this_member(view, p["name"])[1]
         return (view or {}).get("host") or p.get("host") or "?", me
 
     result = wait(look, p["condition"], p["name"], deadline, max(0.0, p["poll"]),
