@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import (
     BIN,
+    COLLECTION,
     HostPair,
     MarsHost,
     nbd_client,
@@ -81,7 +82,7 @@ def check_view(view: dict[str, Any]) -> None:
 
 
 def load_module_utils() -> Any:
-    path = REPO / "ansible" / "module_utils" / "mars_common.py"
+    path = COLLECTION / "plugins" / "module_utils" / "mars_common.py"
     spec = importlib.util.spec_from_file_location("mars_common_contract", path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
@@ -98,13 +99,16 @@ def test_the_ansible_side_speaks_the_same_words() -> None:
 
 
 def test_every_member_field_the_playbooks_read_is_pinned() -> None:
-    """Fields read from a member entry in playbooks and task files (``me.lag_bytes``,
-    ``members[...].last_sync``) are part of the contract."""
+    """Fields read from a member entry in the collection's playbooks and role tasks and in
+    the Molecule scenarios (``failover_me.state``, ``members[...].last_sync``) are part of
+    the contract."""
     used: set[str] = set()
-    for path in [*(REPO / "ansible").glob("*.yml"), *(REPO / "ansible" / "tasks").glob("*.yml")]:
+    for path in [*(COLLECTION / "playbooks").glob("*.yml"),
+                 *(COLLECTION / "roles").glob("*/tasks/*.yml"),
+                 *(REPO / "molecule").glob("*/*.yml")]:
         text = path.read_text()
         used |= set(re.findall(r"members\[[^\]]+\]\.([a-z_]+)", text))
-        used |= set(re.findall(r"\b(?:me|sb_me|ex_me)\.([a-z_]+)", text))
+        used |= set(re.findall(r"\b(?:\w+_)?me\.([a-z_]+)", text))
     assert used, "the pattern found no member field at all: it is broken"
     missing = used - set(MEMBER) - set(LIVE_MEMBER) - set(LIVE_SECONDARY)
     assert not missing, f"playbooks read member fields the contract does not pin: {missing}"
