@@ -223,7 +223,8 @@ def test_site_football_expand(lab: Any) -> None:
 
     # the first run dies after the join, while it waits for the sync (the operator's
     # laptop goes away): running it again finishes the move
-    killed = interrupted_playbook(lab, "football", "TASK [Wait until the resource is up to date on lab3]",
+    killed = interrupted_playbook(lab, "football",
+                                  "TASK [Wait until the resource is up to date on lab3]",
                                   "-e", f"resource={RESOURCE}", "-e", "from=lab1",
                                   "-e", "to=lab3")
     assert "lab3" in view(lab, "lab1")["members"], killed
@@ -239,9 +240,10 @@ def test_site_football_expand(lab: Any) -> None:
     assert fb.rc != 0 and fb.recap["lab1"]["failed"] == 1, fb.recap
     assert "TASK [Remove the old device]" in fb.output
     assert sorted(view(lab, "lab3")["members"]) == ["lab2", "lab3"]
+    record = f"sh -c 'echo {{device}} >> {removed}'"
     fixed = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
-                     "-e", "to=lab3", "-e", json.dumps(
-                         {"football_remove_device_command": f"sh -c 'echo {{device}} >> {removed}'"}),
+                     "-e", "to=lab3",
+                     "-e", json.dumps({"football_remove_device_command": record}),
                      "-e", f"football_remove_confirm={RESOURCE}")
     assert removed.read_text().split() == [old_device], "the old device was not removed"
     assert fixed.changed("lab1") > 0 and fixed.changed("lab3") == 0, fixed.recap

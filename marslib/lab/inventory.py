@@ -21,7 +21,8 @@ def write_ssh_config(state: LabState, key: Path) -> Path:
 
 def host_vars(host_dir: Path, root: Path, run_dir: Path, devices: list[str],
               images: list[Path]) -> dict[str, str]:
-    """The variables the roles and playbooks of the collection marslib.mars read for one lab host."""
+    """The variables the roles and playbooks of the collection marslib.mars read for one
+    lab host."""
     return {
         "mars_root": str(root), "mars_run_dir": str(run_dir),
         "mars_devices": ",".join(devices), "mars_images": ",".join(str(p) for p in images),
