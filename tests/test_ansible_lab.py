@@ -71,7 +71,7 @@ def ansible_env() -> dict[str, str]:
 
 
 def playbook(lab: Any, name: str, *extra: str, check: bool = False,
-             expect_ok: bool = True) -> Run:
+             expect_ok: bool = True, timeout: float = 1200) -> Run:
     """Run marslib.mars.NAME against the lab's inventory; print its output (timings
     included)."""
     env = ansible_env()
@@ -80,7 +80,7 @@ def playbook(lab: Any, name: str, *extra: str, check: bool = False,
     if check:
         cmd.append("--check")
     started = time.monotonic()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     seconds = time.monotonic() - started
     text = out.stdout + out.stderr
     print(f"\n===== ansible-playbook {name} {' '.join(extra)}"
@@ -364,12 +364,13 @@ def test_football_with_a_sync_of_more_than_ten_minutes(tmp_path_factory: pytest.
         app_writes(lab, "lab1")
         lab.shape("lab3", rate="3mbit")
         fb = playbook(lab, "football", "-e", f"resource={RESOURCE}", "-e", "from=lab1",
-                      "-e", "to=lab3", "-e", "football_progress_every=30")
+                      "-e", "to=lab3", "-e", "football_progress_every=30", timeout=4 * 3600)
         lines = re.findall(r"\[lab3\] r0@lab3: Syncing, synced ([0-9.]+)%", fb.output)
         print(f"\nfootball with a slow sync: {fb.seconds:.0f} s, {len(lines)} progress lines, "
               f"synced % seen: {lines[:3]} ... {lines[-3:]}")
         assert fb.seconds > 600, "the sync was not slow enough to test a long wait"
-        assert len(lines) >= 18, "no progress line every 30 s"
+        # one line per 30 s slice of the wait (the sync is most of the run)
+        assert len(lines) >= 0.6 * fb.seconds / 30, "no progress line every 30 s"
         percents = [float(p) for p in lines]
         assert percents == sorted(percents) and percents[-1] > percents[0]
         v = view(lab, "lab3")
