@@ -297,6 +297,10 @@ class PeerBundle:
                     fut.set_exception(ConnectionError(self.last_error or "connection lost"))
 
     async def request(self, frame: Frame, timeout: float = 60.0) -> Frame:
+        """Send ``frame`` and return its reply. ``timeout`` bounds silence, not size: the
+        request fails once ``timeout`` seconds pass in which the connection delivers no
+        byte at all (a dead or stuck peer), so a large reply over a link that has slowed to
+        a crawl is waited for as long as it keeps coming."""
         conn = await self._pick()
         rid = next(self._rids)
         frame.header["rid"] = rid
@@ -306,7 +310,7 @@ class PeerBundle:
         self._busy[conn] = self._busy.get(conn, 0) + 1
         try:
             await conn.send(frame)
-            reply = await asyncio.wait_for(fut, timeout)
+            reply = await _reply_while_bytes_arrive(conn, fut, timeout)
         except (OSError, TimeoutError) as exc:
             self._drop(conn)
             raise ConnectionError(f"{self.channel} request to {self.peer}: {exc}") from None
@@ -322,6 +326,20 @@ class PeerBundle:
     def close(self) -> None:
         for conn in list(self._conns):
             self._drop(conn)
+
+
+async def _reply_while_bytes_arrive(conn: Connection, fut: asyncio.Future[Frame],
+                                    timeout: float) -> Frame:
+    """``fut``'s result; TimeoutError only after ``timeout`` seconds without a byte on
+    ``conn`` (bytes of other replies on it count: they show the peer and the link live)."""
+    seen = conn.bytes_in
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            if conn.bytes_in == seen:
+                raise
+            seen = conn.bytes_in
 
 
 def read_secret(path: Any) -> bytes:
