@@ -788,6 +788,14 @@ class Logger:
         self._overlay(buf, offset, maps)
         return buf
 
+    async def read_at(self, offset: int, length: int) -> tuple[bytearray, LogPosition | None]:
+        """Like :meth:`read`, and the log position the data reflects: every acknowledged
+        record up to it and none after. The end is taken right after the extent maps were
+        laid over the device's data, with no wait in between, and a group commit adds its
+        writes to the maps and moves the end in one step of the event loop."""
+        buf = await self.read(offset, length)
+        return buf, self._log_end
+
     def submit_reads(self, reads: list[tuple[int, int]], done: ReadsDone) -> None:
         """Read each (offset, length) like :meth:`read`, in up to ``READ_WAYS`` threads at
         once (the device gets several requests in flight); ``done`` gets the data or an
