@@ -52,7 +52,7 @@ SUMS_WINDOW = 16 << 20  # a SYNC_SUMS reply carries a position for at most this 
 FRAME_VERSION = 1  # "v" of the frames this release added (SYNC_DIFF_SET_REQ, SYNC_WRITTEN_REQ)
 WRITTEN_TIMEOUT = 600.0  # the primary's scan of its logs may take a while
 # fault injection for tests: the replica kills itself (SIGKILL, its whole process group)
-# right after this many windows were compared and the progress saved
+# once this many windows were compared and DONE moved, right after saving the progress
 FAULT_KILL_AFTER = "MARS_FAULT_SYNC_KILL_AFTER"
 UNSUPPORTED = "unexpected frame"  # how an older peer answers a frame it does not know
 
@@ -255,30 +255,16 @@ class SyncService:
             if pos is not None:
                 header["position"] = pos.encode()
             return Frame(FrameType.SYNC_SUMS, header, sums)
-        if frame.type in (FrameType.SYNC_DIFF_REQ, FrameType.SYNC_DIFF_SET_REQ):
+        if frame.type == FrameType.SYNC_DIFF_REQ:
             # one read: compare with the asker's checksums, send only what differs
-            offset = int(frame.get("offset", 0))
-            bs = int(frame.get("block_size", BLOCK_SIZE))
-            listed: list[int] | None = None
-            if frame.type == FrameType.SYNC_DIFF_SET_REQ:
-                count = frame.get("count", BLOCKS_PER_REQUEST)
-                if not isinstance(count, int):
-                    raise ValueError(f"bad block count {count!r}")
-                _check_window(offset, bs, count, logger.size)
-                count = min(count, -(-(logger.size - offset) // bs))
-                listed = check_block_indexes(frame.get("blocks"), count)
-                if len(frame.payload) != 4 * len(listed):
-                    raise ValueError(f"{len(frame.payload)} bytes of checksums for "
-                                     f"{len(listed)} blocks")
-            else:
-                count = int(frame.get("count", 1))
-                _check_window(offset, bs, count, logger.size)
-            length = min(bs * count, logger.size - offset)
-            blocks, payload = await block_ops(logger).diff_blocks(
-                offset, length, bs, bytes(frame.payload), listed)
-            self.bytes_served += len(payload)
-            return Frame(FrameType.SYNC_DIFF, {"offset": offset, "block_size": bs,
-                                               "blocks": blocks}, payload)
+            count = int(frame.get("count", 1))
+            return await self._diff(frame, logger, count, None)
+        if frame.type == FrameType.SYNC_DIFF_SET_REQ:
+            # the same for the listed blocks of the window only
+            count = frame.get("count", BLOCKS_PER_REQUEST)
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ValueError(f"bad block count {count!r}")
+            return await self._diff(frame, logger, count, frame.get("blocks"))
         if frame.type == FrameType.SYNC_READ_REQ:
             offset = int(frame.get("offset", 0))
             length = int(frame.get("length", 0))
@@ -288,6 +274,28 @@ class SyncService:
             self.bytes_served += len(data)
             return Frame(FrameType.SYNC_DATA, {"offset": offset}, bytes(data))
         return Frame(FrameType.ERROR, {"error": f"{UNSUPPORTED} {frame.type} on sync"})
+
+    async def _diff(self, frame: Frame, logger: SyncSource, count: int,
+                    listed: object) -> Frame:
+        """Answer SYNC_DIFF_REQ (``listed`` None: every block of the window) or
+        SYNC_DIFF_SET_REQ (the listed window-relative blocks) with the blocks that differ
+        from the asker's checksums."""
+        offset = int(frame.get("offset", 0))
+        bs = int(frame.get("block_size", BLOCK_SIZE))
+        _check_window(offset, bs, count, logger.size)
+        count = min(count, -(-(logger.size - offset) // bs))
+        blocks: list[int] | None = None
+        if listed is not None:
+            blocks = check_block_indexes(listed, count)
+            if len(frame.payload) != 4 * len(blocks):
+                raise ValueError(f"{len(frame.payload)} bytes of checksums for {len(blocks)} "
+                                 "blocks")
+        length = min(bs * count, logger.size - offset)
+        differ, payload = await block_ops(logger).diff_blocks(offset, length, bs,
+                                                              bytes(frame.payload), blocks)
+        self.bytes_served += len(payload)
+        return Frame(FrameType.SYNC_DIFF, {"offset": offset, "block_size": bs,
+                                           "blocks": differ}, payload)
 
     async def _written(self, frame: Frame) -> Frame:
         """Which blocks this host's logs of the resource wrote in (since, until]."""
@@ -525,7 +533,8 @@ class SyncClient:
                 while self.progress.done in finished:
                     finished.discard(self.progress.done)
                     self.progress.done = min(self.progress.done + window, size)
-                if self._kill_after is not None and self.windows_done >= self._kill_after:
+                if self._kill_after is not None and self.windows_done >= self._kill_after \
+                        and self.progress.done > done:
                     await asyncio.to_thread(self.device.flush)
                     self._save(self.progress.done, size, durable=True)
                     self.log.warning("fault injection: killing this process group after "

@@ -363,6 +363,53 @@ def test_read_at_and_the_sums_position_match_the_log_under_concurrent_writes(
     rig_run(tmp_path, scenario)
 
 
+def test_read_at_is_not_fooled_by_a_writeback_round_during_the_read(tmp_path: Path) -> None:
+    """A generation that begins after the read started and is written back and dropped
+    before it ended: its data reached the device after the read passed, and it is no
+    longer in the maps. read_at must not return the newer position with the older data."""
+    import threading
+
+    async def scenario(rig: Rig) -> None:
+        lg = rig.logger
+        x, y = 5 * BS, 9 * BS
+
+        async def drained() -> None:
+            while not (lg._applied == lg.log_end and len(lg._maps) == 1
+                       and not len(lg._active)):
+                await asyncio.sleep(0.01)
+
+        await lg.write(x, b"A" * BS)
+        await drained()
+        real = lg.device.pread
+        passed, proceed = threading.Event(), threading.Event()
+        calls = [0]
+
+        def slow_pread(offset: int, length: int) -> bytearray:
+            calls[0] += 1
+            data = real(offset, length)
+            if calls[0] == 1:  # the first read has passed the blocks: hold it there
+                passed.set()
+                proceed.wait(30)
+            return data
+
+        lg.device.pread = slow_pread  # type: ignore[method-assign]
+        reading = asyncio.create_task(lg.read_at(0, 16 * BS))
+        await asyncio.to_thread(passed.wait, 30)
+        await lg.write(y, b"C" * BS)  # the generation in the read's snapshot
+        await drained()
+        await lg.write(x, b"B" * BS)  # a later generation, written back and dropped
+        await drained()
+        proceed.set()
+        buf, pos = await reading
+        lg.device.pread = real  # type: ignore[method-assign]
+        assert pos == lg.log_end
+        assert bytes(buf[x : x + 4]) == b"BBBB", "data older than the position"
+        assert bytes(buf[y : y + 4]) == b"CCCC"
+        assert calls[0] >= 2
+
+    rig_run(tmp_path, scenario)
+
+
 def test_damaged_frames_get_errors_or_close_one_connection_only(tmp_path: Path) -> None:
     async def ask(conn: Connection, ftype: int, header: dict[str, Any],
                   payload: bytes = b"") -> Frame:
