@@ -228,10 +228,12 @@ class SyncService:
             return await self._written(frame)
         logger = self._logger(frame)
         if frame.type == FrameType.STATUS_REQ:
-            if frame.get("rotate") is True and not logger.emergency:
-                end = logger.log_end
-                if end is None or end.offset > 0:  # already at the start of a logfile
-                    await logger.rotate()
+            end = logger.log_end
+            # not if already at the start of a logfile (a retried request), nor in
+            # emergency mode (writes bypass the log), nor before the log is known
+            if frame.get("rotate") is True and not logger.emergency and end is not None \
+                    and end.offset > 0:
+                await logger.rotate()
             end = logger.log_end
             return Frame(FrameType.STATUS, {"log_end": end.encode() if end else None,
                                             "size": logger.size})
@@ -426,6 +428,9 @@ class SyncClient:
         if state is not None and state.finished:
             state = None  # as before: "done" here means start over
         size = self.progress.size
+        kept = _position(self.meta.get(self.keys.replay(self.host)))
+        if state is not None and plan is not None and kept is None:
+            state = None  # the plan needs P0, and it is gone: start over
         if state is None or state.size != size or state.done == 0:
             p0 = await self._status(rotate=True)
             self.meta.set(self.keys.replay(self.host), p0.encode(), durable=True)
@@ -437,9 +442,11 @@ class SyncClient:
         else:
             done = state.done
             fresh = False
-            p0 = LogPosition.decode(self.meta.get(self.keys.replay(self.host)) or "")
             self.log.info("full sync resumes at %d of %d bytes", done, size)
         if plan is not None:
+            if not fresh:
+                assert kept is not None
+                p0 = kept
             blocks = await plan(p0, fresh)
         if blocks is not None and (blocks.size, blocks.block_size) != (size,
                                                                        self.block_size):
@@ -767,6 +774,13 @@ class SyncClient:
             sync_rate=round(p.rate), sync_paused=self.paused,
             sync_eta=round((p.size - p.done) / p.rate, 1) if p.rate > 0 else None,
         )
+
+
+def _position(value: str | None) -> LogPosition | None:
+    try:
+        return LogPosition.decode(value) if value else None
+    except ValueError:
+        return None
 
 
 async def _all_or_cancel(coros: list[Awaitable[None]]) -> None:
