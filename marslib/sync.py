@@ -413,7 +413,13 @@ class SyncClient:
         be equal on both sides at P0 (a resync after a known divergence). ``plan``, if
         given, is asked for that set instead, each time the sync (re)starts: with P0,
         durable in ``replay-HOST`` by then, and whether P0 was just taken (a set saved
-        for an older P0 is stale then); None from it means a full sync."""
+        for an older P0 is stale then); None from it means a full sync.
+
+        Each call starts new counters (``progress``) and forgets what an earlier one found
+        out about the primary (``dropped``)."""
+        self.progress = SyncProgress(size=self.progress.size, started=time.monotonic())
+        self.dropped = None
+        self.diff_supported = self.set_supported = True
         while True:
             try:
                 await self._run_once(blocks, plan)
