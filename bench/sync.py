@@ -8,7 +8,8 @@ resource is filled with random data through NBD, lab2 joins (a full sync), then,
         ``marsadm invalidate r0 --wait`` on lab2: time and bytes on lab2's wire (rx+tx of its
         eth0). Against ``rsync --inplace --no-whole-file -I`` pulling an image file with the
         same 1% difference from lab1 over ssh, in lab2, in the same run, and against the
-        disk floor (``dd`` reading both devices at once, measured in the same run).
+        disk floor (``dd`` reading both devices at once, measured right before and right
+        after the invalidate: other work on the machine moves it).
         Targets: marslib time <= 0.5 x rsync time and <= 1.1 x the disk floor; wire bytes
         <= 1.2 x (changed blocks + one crc32c per block).
 * 100%  lab2's device zeroed, invalidate: throughput against the link rate (>= 0.9) and
@@ -320,13 +321,18 @@ def main() -> int:
         res["changed_blocks"] = n
         res["changed_bytes"] = n * BLOCK
         res["sums_bytes"] = size // BLOCK * CRC
+        # the disk floor again, right before and after: other work on the machine moves it
+        floor_before = read_both(rl)
         m = invalidate(rl)
+        floor_after = read_both(rl)
+        res["m1_floor_s"] = [floor_before, floor_after]
         res["m1"] = m
         rl.wait_up_to_date()
         res["m1_identical"] = same(src, l2.images[0], size)
         b.say(f"[1%] marslib invalidate --wait: {m['s']:.2f} s, {m['wire'] / MB:.2f} MB on "
               f"lab2's wire, {(m['copied'] or 0) / MB:.2f} MB copied; identical to lab1: "
-              f"{res['m1_identical']}")
+              f"{res['m1_identical']}; disk floor {floor_before:.2f} s before it, "
+              f"{floor_after:.2f} s after")
         r = rsync_pull(rl, src, dst)
         res["r1"] = r
         res["r1_identical"] = same(src, dst, size)
@@ -424,6 +430,9 @@ def report(res: dict[str, Any]) -> None:
     rows.append([f"{frac} changed", "marslib invalidate", f"{m1['s']:.2f}", phase(m1), "-",
                  f"{m1['wire'] / MB:.2f}", f"{(m1['copied'] or 0) / MB:.2f}", *cpu(m1),
                  str(res["m1_identical"])])
+    rows.append(["(disk floor)", "the same around the 1% case",
+                 " / ".join(f"{x:.2f}" for x in res["m1_floor_s"]), "-", "-", "-", "-", "-",
+                 "-", "-"])
     rows.append([f"{frac} changed", "rsync --inplace", f"{r1['s']:.2f}", "-", "-",
                  f"{r1['wire'] / MB:.2f}", f"{r1['literal'] / MB:.2f}", "-", "-",
                  str(res["r1_identical"])])
@@ -453,13 +462,16 @@ def report(res: dict[str, Any]) -> None:
     rows = [["ratio", "value", "target", "verdict"]]
     rows.append(ratio_row("1%: marslib time / rsync time", m1["s"] / r1["s"], 0.5,
                           higher_is_better=False))
-    rows.append(ratio_row("1%: marslib time / disk floor", m1["s"] / res["disk_floor_s"],
-                          1.1, higher_is_better=False))
+    floor = sum(res["m1_floor_s"]) / 2  # measured right before and after the 1% case
+    rows.append(ratio_row("1%: marslib time / disk floor around it", m1["s"] / floor, 1.1,
+                          higher_is_better=False))
     mk = m1["marks"]
     if "syncing" in mk and "replaying" in mk:
-        rows.append(ratio_row("1%: sync phase / disk floor",
-                              (mk["replaying"] - mk["syncing"]) / res["disk_floor_s"], None))
-    rows.append(ratio_row("1%: rsync time / disk floor", r1["s"] / res["disk_floor_s"], None))
+        rows.append(ratio_row("1%: sync phase / disk floor around it",
+                              (mk["replaying"] - mk["syncing"]) / floor, None))
+        rows.append(ratio_row("1%: before the sync phase, s", mk["syncing"], None))
+    rows.append(ratio_row("1%: rsync time / disk floor around marslib's", r1["s"] / floor,
+                          None))
     rows.append(ratio_row("1%: marslib wire / (changed + checksums)", m1["wire"] / budget, 1.2,
                           higher_is_better=False))
     rows.append(ratio_row("1%: rsync wire / (changed + checksums)", r1["wire"] / budget, None))
