@@ -152,6 +152,12 @@ class Rig:
         self.bundle.close()
         self.server.close()
         await self.server.wait_closed()
+        # Logger.stop cancels its writeback task; on Python 3.11 asyncio.wait_for swallows
+        # a cancel that comes in the same step as the wake-up it waits for, and the task
+        # then never ends: let the writeback take its last wake-up first
+        lg = self.logger
+        while lg._writeback_wake.is_set() or lg._applied != lg.log_end:
+            await asyncio.sleep(0.01)
         await self.logger.stop()
         self.logger.device.close()
         self.dev_b.close()
