@@ -178,6 +178,21 @@ class Device:
             pos += n
         return out
 
+    def pread_view(self, offset: int, length: int) -> memoryview:
+        """Read ``length`` bytes at ``offset`` (any alignment) into this thread's aligned
+        buffer, without copying them out: the view is valid only until this thread's next
+        I/O on any device, so use it (hash it, copy it) before that. At most
+        ``MAX_IO - 2 * alignment`` bytes."""
+        self._check_range(offset, length)
+        if length > MAX_IO - 2 * self.alignment:
+            raise ValueError(f"pread_view of {length} bytes: at most "
+                             f"{MAX_IO - 2 * self.alignment} at once")
+        start, end = self._envelope(offset, length)
+        buf = _pool.view(end - start)
+        self._pread_aligned(buf, start)
+        skip = offset - start
+        return buf[skip : skip + length]
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (any alignment; unaligned edges are read first)."""
         length = len(data)

@@ -82,6 +82,7 @@ _Committed = tuple[int, list[Write]]  # the commit's end, its writes
 ALIGN_WRITES = 4
 ALIGN_BYTES = 64 << 10
 READ_WAYS = 4  # threads reading one batch of NBD reads at once
+READ_AT_TRIES = 3  # reads of read_at raced by a whole writeback round, before it locks
 
 
 @dataclass(slots=True)
@@ -787,6 +788,26 @@ class Logger:
         buf = await asyncio.to_thread(self.device.pread, offset, length)
         self._overlay(buf, offset, maps)
         return buf
+
+    async def read_at(self, offset: int, length: int) -> tuple[bytearray, LogPosition | None]:
+        """Like :meth:`read`, and the log position the data reflects: every acknowledged
+        record up to it and none after. The end is taken right after the extent maps were
+        laid over the device's data, with no wait in between, and a group commit adds its
+        writes to the maps and moves the end in one step of the event loop.
+
+        One case needs more: a generation that began after the read started and was
+        written back and dropped before it ended may have reached the device after the
+        read passed its blocks, and it is no longer there to be laid over. Such a read is
+        done again; after a few, under the writeback lock (no generation is dropped)."""
+        for _ in range(READ_AT_TRIES):
+            newest = self._active.generation
+            buf = await self.read(offset, length)
+            live = {m.generation for m in self._maps}
+            if all(g in live for g in range(newest + 1, self._active.generation + 1)):
+                return buf, self._log_end
+        async with self._wb_lock:
+            buf = await self.read(offset, length)
+            return buf, self._log_end
 
     def submit_reads(self, reads: list[tuple[int, int]], done: ReadsDone) -> None:
         """Read each (offset, length) like :meth:`read`, in up to ``READ_WAYS`` threads at

@@ -2,26 +2,38 @@
 block checksums and copying only the blocks that differ, while the primary keeps writing.
 
 Before the first block, the replica's replay position is set to the primary's log end
-(P0); after the last block, ``syncpos-HOST`` records the primary's log end then (P1).
-Blocks copied in between may be newer than P0; replaying the log from P0 overwrites
-them in order, and once the replay has passed P1 the replica is consistent. Progress is
-saved in ``syncstatus-HOST`` as ``DONE_BYTES/SIZE`` so that a broken sync resumes.
+(P0); the primary starts a new logfile first (``STATUS_REQ{rotate}``), so P0 is byte 0 of
+it and the fetch after the sync starts exactly where the replay starts. After the last
+block, ``syncpos-HOST`` records the primary's log end then (P1). Blocks copied in between
+may be newer than P0; replaying the log from P0 overwrites them in order, and once the
+replay has passed P1 the replica is consistent. Progress is saved in ``syncstatus-HOST``
+as ``DONE_BYTES/SIZE`` so that a broken sync resumes.
+
+A sync may be restricted to a :class:`marslib.blockset.BlockSet` (a resync after a known
+divergence: only the blocks either side wrote since the fork can differ). Windows without
+a block of the set are skipped, and the others compare only the set's blocks
+(``SYNC_DIFF_SET_REQ``); a primary that predates this makes it a full sync, reported in
+:attr:`SyncClient.dropped`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from marslib.blockset import BlockSet
 from marslib.checksum import crc32c
-from marslib.device import Device
+from marslib.device import MAX_IO, Device
 from marslib.formats.frame import Frame, FrameType
-from marslib.layout import check_resource_name
+from marslib.layout import MarsPaths, check_resource_name
+from marslib.logscan import WrittenBlocks, written_blocks
 from marslib.meta import MetaStore
 from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
@@ -34,13 +46,62 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 64 << 10
 BLOCKS_PER_REQUEST = 256  # 16 MiB of device per checksum request
-WINDOWS_IN_FLIGHT = 4
+WINDOWS_IN_FLIGHT = 8
 MAX_READ = 16 << 20
+SUMS_WINDOW = 16 << 20  # a SYNC_SUMS reply carries a position for at most this much
+FRAME_VERSION = 1  # "v" of the frames this release added (SYNC_DIFF_SET_REQ, SYNC_WRITTEN_REQ)
+WRITTEN_TIMEOUT = 600.0  # the primary's scan of its logs may take a while
+# fault injection for tests: the replica kills itself (SIGKILL, its whole process group)
+# once this many windows were compared and DONE moved, right after saving the progress
+FAULT_KILL_AFTER = "MARS_FAULT_SYNC_KILL_AFTER"
+UNSUPPORTED = "unexpected frame"  # how an older peer answers a frame it does not know
 
 
 def block_sums(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:
     view = memoryview(data)
     return [crc32c(view[i : i + block_size], 0) for i in range(0, len(view), block_size)]
+
+
+def pack_sums(sums: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(sums)}I", *sums)
+
+
+def unpack_sums(payload: bytes | bytearray | memoryview) -> tuple[int, ...]:
+    if len(payload) % 4:
+        raise ValueError(f"checksums of {len(payload)} bytes: not a multiple of 4")
+    return struct.unpack(f"<{len(payload) // 4}I", payload)
+
+
+def block_runs(indexes: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending block indexes as runs ``(first, count)`` of adjacent ones."""
+    runs: list[tuple[int, int]] = []
+    for i in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _check_window(offset: int, block_size: int, count: int, size: int) -> None:
+    if block_size <= 0 or block_size > (8 << 20) or count <= 0 or \
+            block_size * count > MAX_READ or offset < 0 or offset % block_size \
+            or offset >= max(size, 1):
+        raise ValueError(f"bad window: {count} blocks of {block_size} at {offset}")
+
+
+def check_block_indexes(blocks: object, count: int) -> list[int]:
+    """``blocks`` as window-relative block indexes: a non-empty list of ints, ascending,
+    unique, below ``count``; ValueError otherwise."""
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError("no block list")
+    out: list[int] = []
+    for i in blocks:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count or \
+                (out and i <= out[-1]):
+            raise ValueError(f"bad block list: {str(blocks)[:80]}")
+        out.append(i)
+    return out
 
 
 class SyncSource(Protocol):
@@ -54,14 +115,96 @@ class SyncSource(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def emergency(self) -> bool: ...
+
     async def read(self, offset: int, length: int) -> bytes | bytearray: ...
+
+    async def read_at(self, offset: int, length: int
+                      ) -> tuple[bytes | bytearray, LogPosition | None]: ...
+
+    async def rotate(self) -> str: ...
+
+
+@runtime_checkable
+class BlockOps(Protocol):
+    """Checksums and comparisons of a primary's newest data. marsd's proxy of a worker
+    does them in the worker, so that only checksums and differing blocks cross the
+    control channel; :class:`ReadBlockOps` does them over any :class:`SyncSource`."""
+
+    async def block_sums(self, offset: int, length: int, block_size: int
+                         ) -> tuple[bytes, LogPosition | None]:
+        """The packed crc32c of each block of ``[offset, offset + length)`` and the log
+        position the data reflects (None: not known)."""
+
+    async def diff_blocks(self, offset: int, length: int, block_size: int, theirs: bytes,
+                          blocks: list[int] | None) -> tuple[list[int], bytes]:
+        """Compare the asker's packed checksums ``theirs`` with the window
+        ``[offset, offset + length)``: of every block (``blocks`` None) or of the listed
+        window-relative blocks (one checksum each). Return the blocks that differ and
+        their data, back to back."""
+
+
+class ReadBlockOps:
+    """:class:`BlockOps` by reading through a source (in the process that holds it)."""
+
+    def __init__(self, source: SyncSource) -> None:
+        self.source = source
+
+    async def block_sums(self, offset: int, length: int, block_size: int
+                         ) -> tuple[bytes, LogPosition | None]:
+        data, pos = await self.source.read_at(offset, length)
+        sums = await asyncio.to_thread(lambda: pack_sums(block_sums(data, block_size)))
+        return sums, pos
+
+    async def diff_blocks(self, offset: int, length: int, block_size: int, theirs: bytes,
+                          blocks: list[int] | None) -> tuple[list[int], bytes]:
+        bs = block_size
+        their_sums = unpack_sums(theirs)
+        if blocks is None:
+            data = await self.source.read(offset, length)
+            pieces = [data]
+            listed = list(range(-(-length // bs)))
+        else:
+            if len(their_sums) != len(blocks):
+                raise ValueError(f"{len(their_sums)} checksums for {len(blocks)} blocks")
+            runs = block_runs(blocks)
+            starts = [offset + first * bs for first, _ in runs]
+            lengths = [min(n * bs, offset + length - s) for s, (_, n) in zip(starts, runs,
+                                                                            strict=True)]
+            datas = await asyncio.gather(*(self.source.read(s, n)
+                                           for s, n in zip(starts, lengths, strict=True)))
+            pieces = list(datas)
+            listed = blocks
+
+        def compare() -> tuple[list[int], bytes]:
+            views: list[memoryview] = []  # each listed block's data, in order
+            for data in pieces:
+                view = memoryview(data)
+                views.extend(view[i : i + bs] for i in range(0, len(view), bs))
+            differ: list[int] = []
+            out: list[memoryview] = []
+            for k, (idx, view) in enumerate(zip(listed, views, strict=True)):
+                if k >= len(their_sums) or crc32c(view, 0) != their_sums[k]:
+                    differ.append(idx)
+                    out.append(view)
+            return differ, b"".join(out)
+
+        return await asyncio.to_thread(compare)
+
+
+def block_ops(source: SyncSource) -> BlockOps:
+    return source if isinstance(source, BlockOps) else ReadBlockOps(source)
 
 
 class SyncService:
-    """The primary's side: checksums and data of its newest state (log overlay included)."""
+    """The primary's side: checksums and data of its newest state (log overlay included),
+    and which blocks its logs wrote (``paths``: its state root; None: it does not say)."""
 
-    def __init__(self, loggers: Callable[[str], SyncSource | None]) -> None:
+    def __init__(self, loggers: Callable[[str], SyncSource | None],
+                 paths: MarsPaths | None = None) -> None:
         self.loggers = loggers
+        self.paths = paths
         self.bytes_served = 0
 
     def _logger(self, frame: Frame) -> SyncSource:
@@ -71,9 +214,26 @@ class SyncService:
             raise RuntimeError(f"resource {name} is not primary on this host")
         return logger
 
+    @staticmethod
+    def _unexpected(frame: Frame) -> Frame:
+        return Frame(FrameType.ERROR, {"error": f"{UNSUPPORTED} {frame.type} (version "
+                                                f"{frame.get('v')}) on sync"})
+
     async def handle(self, frame: Frame, peer: PeerInfo) -> Frame:
+        if frame.type in (FrameType.SYNC_DIFF_SET_REQ, FrameType.SYNC_WRITTEN_REQ):
+            version = frame.get("v", 1)
+            if not isinstance(version, int) or version > FRAME_VERSION:
+                return self._unexpected(frame)
+        if frame.type == FrameType.SYNC_WRITTEN_REQ:
+            return await self._written(frame)
         logger = self._logger(frame)
         if frame.type == FrameType.STATUS_REQ:
+            end = logger.log_end
+            # not if already at the start of a logfile (a retried request), nor in
+            # emergency mode (writes bypass the log), nor before the log is known
+            if frame.get("rotate") is True and not logger.emergency and end is not None \
+                    and end.offset > 0:
+                await logger.rotate()
             end = logger.log_end
             return Frame(FrameType.STATUS, {"log_end": end.encode() if end else None,
                                             "size": logger.size})
@@ -81,30 +241,32 @@ class SyncService:
             offset = int(frame.get("offset", 0))
             bs = int(frame.get("block_size", BLOCK_SIZE))
             count = int(frame.get("count", 1))
-            if bs <= 0 or bs > (8 << 20) or count <= 0 or bs * count > 256 << 20:
-                raise ValueError(f"bad checksum request: {count} blocks of {bs}")
+            if bs <= 0 or bs > (8 << 20) or count <= 0 or bs * count > 256 << 20 \
+                    or not 0 <= offset < logger.size:
+                raise ValueError(f"bad checksum request: {count} blocks of {bs} at {offset}")
             length = min(bs * count, logger.size - offset)
-            data = await logger.read(offset, length)
-            sums = await asyncio.to_thread(block_sums, data, bs)
-            return Frame(FrameType.SYNC_SUMS, {"offset": offset, "block_size": bs},
-                         struct.pack(f"<{len(sums)}I", *sums))
+            ops = block_ops(logger)
+            if length <= SUMS_WINDOW:
+                sums, pos = await ops.block_sums(offset, length, bs)
+            else:  # an old asker's big window: no single position for it
+                step = SUMS_WINDOW // bs * bs
+                parts = [(await ops.block_sums(o, min(step, offset + length - o), bs))[0]
+                         for o in range(offset, offset + length, step)]
+                sums, pos = b"".join(parts), None
+            header: dict[str, object] = {"offset": offset, "block_size": bs}
+            if pos is not None:
+                header["position"] = pos.encode()
+            return Frame(FrameType.SYNC_SUMS, header, sums)
         if frame.type == FrameType.SYNC_DIFF_REQ:
             # one read: compare with the asker's checksums, send only what differs
-            offset = int(frame.get("offset", 0))
-            bs = int(frame.get("block_size", BLOCK_SIZE))
             count = int(frame.get("count", 1))
-            if bs <= 0 or bs > (8 << 20) or count <= 0 or bs * count > MAX_READ:
-                raise ValueError(f"bad diff request: {count} blocks of {bs}")
-            theirs = struct.unpack(f"<{len(frame.payload) // 4}I", frame.payload)
-            length = min(bs * count, logger.size - offset)
-            data = await logger.read(offset, length)
-            ours = await asyncio.to_thread(block_sums, data, bs)
-            blocks = [i for i, s in enumerate(ours) if i >= len(theirs) or theirs[i] != s]
-            view = memoryview(data)
-            payload = b"".join(bytes(view[i * bs : (i + 1) * bs]) for i in blocks)
-            self.bytes_served += len(payload)
-            return Frame(FrameType.SYNC_DIFF, {"offset": offset, "block_size": bs,
-                                               "blocks": blocks}, payload)
+            return await self._diff(frame, logger, count, None)
+        if frame.type == FrameType.SYNC_DIFF_SET_REQ:
+            # the same for the listed blocks of the window only
+            count = frame.get("count", BLOCKS_PER_REQUEST)
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ValueError(f"bad block count {count!r}")
+            return await self._diff(frame, logger, count, frame.get("blocks"))
         if frame.type == FrameType.SYNC_READ_REQ:
             offset = int(frame.get("offset", 0))
             length = int(frame.get("length", 0))
@@ -113,14 +275,55 @@ class SyncService:
             data = await logger.read(offset, length)
             self.bytes_served += len(data)
             return Frame(FrameType.SYNC_DATA, {"offset": offset}, bytes(data))
-        return Frame(FrameType.ERROR, {"error": f"unexpected frame {frame.type} on sync"})
+        return Frame(FrameType.ERROR, {"error": f"{UNSUPPORTED} {frame.type} on sync"})
+
+    async def _diff(self, frame: Frame, logger: SyncSource, count: int,
+                    listed: object) -> Frame:
+        """Answer SYNC_DIFF_REQ (``listed`` None: every block of the window) or
+        SYNC_DIFF_SET_REQ (the listed window-relative blocks) with the blocks that differ
+        from the asker's checksums."""
+        offset = int(frame.get("offset", 0))
+        bs = int(frame.get("block_size", BLOCK_SIZE))
+        _check_window(offset, bs, count, logger.size)
+        count = min(count, -(-(logger.size - offset) // bs))
+        blocks: list[int] | None = None
+        if listed is not None:
+            blocks = check_block_indexes(listed, count)
+            if len(frame.payload) != 4 * len(blocks):
+                raise ValueError(f"{len(frame.payload)} bytes of checksums for {len(blocks)} "
+                                 "blocks")
+        length = min(bs * count, logger.size - offset)
+        differ, payload = await block_ops(logger).diff_blocks(offset, length, bs,
+                                                              bytes(frame.payload), blocks)
+        self.bytes_served += len(payload)
+        return Frame(FrameType.SYNC_DIFF, {"offset": offset, "block_size": bs,
+                                           "blocks": differ}, payload)
+
+    async def _written(self, frame: Frame) -> Frame:
+        """Which blocks this host's logs of the resource wrote in (since, until]."""
+        if self.paths is None:
+            return self._unexpected(frame)
+        name = check_resource_name(str(frame.get("resource", "")))
+        since = LogPosition.decode(str(frame.get("since", "")))
+        until_value = frame.get("until")
+        until = LogPosition.decode(str(until_value)) if until_value else None
+        bs = int(frame.get("block_size", BLOCK_SIZE))
+        size = int(frame.get("size", 0))
+        if bs <= 0 or bs > (8 << 20) or size <= 0 or -(-size // bs) > (1 << 32):
+            raise ValueError(f"bad written-blocks request: size {size}, block size {bs}")
+        found = await asyncio.to_thread(written_blocks, self.paths, name, since, until, bs,
+                                        size)
+        return Frame(FrameType.SYNC_WRITTEN, {
+            "count": found.blocks.count, "records": found.records, "missing": found.missing,
+            "gap": found.gap, "log_bytes": found.log_bytes}, found.blocks.encode())
 
 
 @dataclass
 class SyncProgress:
-    done: int = 0  # bytes compared (a prefix of the device)
+    done: int = 0  # bytes of the device passed (a prefix)
     size: int = 0
     copied: int = 0  # bytes of differing blocks copied
+    compared: int = 0  # bytes of blocks compared (all of ``done`` unless restricted)
     started: float = 0.0
 
     @property
@@ -128,6 +331,21 @@ class SyncProgress:
         secs = max(time.monotonic() - self.started, 1e-6)
         return self.done / secs
 
+
+@dataclass(frozen=True)
+class CopyResult:
+    """What :meth:`SyncClient.copy_blocks` did, in bytes."""
+
+    compared: int
+    copied: int
+
+
+class _SetUnsupported(Exception):
+    """The primary does not compare block sets (it predates them)."""
+
+
+# called with P0 and whether it was just taken (True) or kept from an interrupted sync
+Planner = Callable[[LogPosition, bool], Awaitable[BlockSet | None]]
 
 
 class SyncClient:
@@ -143,20 +361,39 @@ class SyncClient:
         self.block_size = block_size
         self.progress = SyncProgress(size=size, started=time.monotonic())
         self.diff_supported = True
+        self.set_supported = True
+        self.dropped: str | None = None  # why a restricted sync became a full one
+        self.blocks: BlockSet | None = None  # the restriction of the current run
         self._switch = PauseSwitch()
         self.keys = ResourceKeys(resource)
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
+        self.windows_done = 0
+        kill_after = os.environ.get(FAULT_KILL_AFTER)
+        self._kill_after = int(kill_after) if kill_after else None
+        if self._kill_after is not None:
+            self.log.warning("fault injection: %s=%s", FAULT_KILL_AFTER, kill_after)
 
-    def _save(self, done: int, size: int) -> None:
-        self.meta.set(self.keys.syncstatus(self.host), SyncStatus(done, size).encode())
+    def _save(self, done: int, size: int, durable: bool = False) -> None:
+        self.meta.set(self.keys.syncstatus(self.host), SyncStatus(done, size).encode(),
+                      durable=durable)
 
-    async def _status(self) -> LogPosition:
-        reply = await self.bundle.request(Frame(FrameType.STATUS_REQ,
-                                                {"resource": self.resource}))
+    async def _status(self, rotate: bool = False) -> LogPosition:
+        header: dict[str, object] = {"resource": self.resource}
+        if rotate:
+            header["rotate"] = True
+        reply = await self.bundle.request(Frame(FrameType.STATUS_REQ, header))
         value = reply.get("log_end")
         if not value:
             raise RemoteError("the primary has no log end yet")
-        return LogPosition.decode(str(value))
+        try:
+            return LogPosition.decode(str(value))
+        except ValueError as exc:
+            raise RemoteError(f"the primary sent a bad log end: {exc}") from None
+
+    async def primary_position(self, rotate: bool = False) -> LogPosition:
+        """The primary's log end; with ``rotate`` after it started a new logfile (byte 0
+        of it, unless in emergency mode or from a primary that predates this)."""
+        return await self._status(rotate)
 
     @property
     def paused(self) -> bool:
@@ -168,63 +405,73 @@ class SyncClient:
     def resume(self) -> None:
         self._switch.resume()
 
-    async def run(self) -> None:
+    async def run(self, blocks: BlockSet | None = None, plan: Planner | None = None) -> None:
         """Sync until done, retrying through network trouble; returns when consistent
-        data is on the device up to the log position recorded in syncpos."""
+        data is on the device up to the log position recorded in syncpos.
+
+        ``blocks`` restricts the sync to a set of blocks: every other block must already
+        be equal on both sides at P0 (a resync after a known divergence). ``plan``, if
+        given, is asked for that set instead, each time the sync (re)starts: with P0,
+        durable in ``replay-HOST`` by then, and whether P0 was just taken (a set saved
+        for an older P0 is stale then); None from it means a full sync.
+
+        Each call starts new counters (``progress``) and forgets what an earlier one found
+        out about the primary (``dropped``)."""
+        self.progress = SyncProgress(size=self.progress.size, started=time.monotonic())
+        self.dropped = None
+        self.diff_supported = self.set_supported = True
         while True:
             try:
-                await self._run_once()
+                await self._run_once(blocks, plan)
                 return
             except (ConnectionError, RemoteError) as exc:
                 self.log.warning("sync interrupted: %s; resuming at %d", exc,
                                  self.progress.done)
                 await asyncio.sleep(1.0)
 
-    async def _run_once(self) -> None:
+    async def _run_once(self, blocks: BlockSet | None, plan: Planner | None) -> None:
         state = SyncStatus.decode(self.meta.get(self.keys.syncstatus(self.host)))
         if state is not None and state.finished:
             state = None  # as before: "done" here means start over
         size = self.progress.size
+        kept = _position(self.meta.get(self.keys.replay(self.host)))
+        if state is not None and plan is not None and kept is None:
+            state = None  # the plan needs P0, and it is gone: start over
         if state is None or state.size != size or state.done == 0:
-            p0 = await self._status()
+            p0 = await self._status(rotate=True)
             self.meta.set(self.keys.replay(self.host), p0.encode(), durable=True)
             self._save(0, size)
             done = 0
+            fresh = True
             self.log.info("full sync of %d bytes starts; log replay will start at %s",
                           size, p0.encode())
         else:
             done = state.done
+            fresh = False
             self.log.info("full sync resumes at %d of %d bytes", done, size)
+        if plan is not None:
+            if not fresh:
+                assert kept is not None
+                p0 = kept
+            blocks = await plan(p0, fresh)
+        if blocks is not None and (blocks.size, blocks.block_size) != (size,
+                                                                       self.block_size):
+            raise ValueError(f"a block set of {blocks.size} bytes in blocks of "
+                             f"{blocks.block_size} cannot restrict a sync of {size}")
+        if blocks is not None and not self.set_supported:
+            blocks = None
+        self.blocks = blocks
+        if blocks is not None:
+            self.log.info("the sync compares %d blocks (%d bytes) of the set only",
+                          blocks.count, blocks.nbytes)
         self.progress.done = done
-        window = self.block_size * BLOCKS_PER_REQUEST
-        finished: set[int] = set()
-        sem = asyncio.Semaphore(WINDOWS_IN_FLIGHT)
-        saved_at = time.monotonic()
-
-        async def one(offset: int) -> None:
-            async with sem:
-                await self._switch.wait()
-                await self._sync_window(offset, min(window, size - offset))
-            finished.add(offset)
-
-        offsets = list(range(done, size, window))
-        tasks = [asyncio.create_task(one(o)) for o in offsets]
         try:
-            for task in asyncio.as_completed(tasks):
-                await task
-                while self.progress.done in finished:
-                    finished.discard(self.progress.done)
-                    self.progress.done = min(self.progress.done + window, size)
-                if time.monotonic() - saved_at > 0.5:
-                    await asyncio.to_thread(self.device.flush)
-                    self._save(self.progress.done, size)
-                    saved_at = time.monotonic()
-        finally:
-            for task in tasks:
-                task.cancel()
-            if self.progress.done < size:
-                await asyncio.to_thread(self.device.flush)
-                self._save(self.progress.done, size)
+            await self._windows(done, size, blocks, track=True)
+        except _SetUnsupported:
+            self.dropped = "the primary predates block-set sync: full comparison"
+            self.log.warning("%s from %d bytes on", self.dropped, self.progress.done)
+            self.blocks = None
+            await self._windows(self.progress.done, size, None, track=True)
         await asyncio.to_thread(self.device.flush)
         p1 = await self._status()
         self.meta.set(self.keys.syncpos(self.host), p1.encode())
@@ -232,10 +479,91 @@ class SyncClient:
         self.meta.set(self.keys.syncstatus(self.host), SYNC_DONE, durable=True)
         # what this sync moved, for operators and playbooks (view: members' last_sync)
         seconds = time.monotonic() - self.progress.started if self.progress.started else 0.0
+        compared = self.progress.compared if self.blocks is not None else size
         self.meta.set(self.keys.syncresult(self.host),
-                      SyncResult(size, self.progress.copied, seconds).encode())
+                      SyncResult(compared, self.progress.copied, seconds).encode())
         self.log.info("full sync done: %d bytes compared, %d copied; consistent once "
-                      "replayed past %s", size, self.progress.copied, p1.encode())
+                      "replayed past %s", compared, self.progress.copied, p1.encode())
+
+    async def copy_blocks(self, blocks: BlockSet) -> CopyResult:
+        """Make the blocks of ``blocks`` equal to the primary's newest data, in one pass:
+        compared, and copied where they differ. Nothing else: no replay position, no
+        progress in the tree (the caller holds the replay and sets ``syncpos``)."""
+        if (blocks.size, blocks.block_size) != (self.progress.size, self.block_size):
+            raise ValueError("the block set does not match the device")
+        compared, copied = self.progress.compared, self.progress.copied
+        window = self.block_size * BLOCKS_PER_REQUEST
+        sem = asyncio.Semaphore(WINDOWS_IN_FLIGHT)
+
+        async def one(offset: int) -> None:
+            length = min(window, self.progress.size - offset)
+            idx = [i - offset // self.block_size for i in blocks.indices_in(offset, length)]
+            async with sem:
+                await self._switch.wait()
+                try:
+                    await self._sync_window_set(offset, length, idx)
+                except _SetUnsupported:
+                    await self._sync_window(offset, length)  # the whole window
+
+        offsets = [o for o in range(0, self.progress.size, window)
+                   if blocks.any_in(o, min(window, self.progress.size - o))]
+        await _all_or_cancel([one(o) for o in offsets])
+        await asyncio.to_thread(self.device.flush)
+        return CopyResult(self.progress.compared - compared, self.progress.copied - copied)
+
+    async def _windows(self, done: int, size: int, blocks: BlockSet | None,
+                       track: bool) -> None:
+        """Compare (and copy) the windows from ``done`` on; advance and save DONE."""
+        window = self.block_size * BLOCKS_PER_REQUEST
+        bs = self.block_size
+        finished: set[int] = set()
+        sem = asyncio.Semaphore(WINDOWS_IN_FLIGHT)
+        saved_at = time.monotonic()
+
+        async def one(offset: int) -> None:
+            length = min(window, size - offset)
+            async with sem:
+                await self._switch.wait()
+                if blocks is None:
+                    await self._sync_window(offset, length)
+                else:
+                    idx = [i - offset // bs for i in blocks.indices_in(offset, length)]
+                    await self._sync_window_set(offset, length, idx)
+            finished.add(offset)
+
+        offsets = list(range(done, size, window))
+        work = offsets if blocks is None else \
+            [o for o in offsets if blocks.any_in(o, min(window, size - o))]
+        finished.update(set(offsets) - set(work))  # nothing of the set there: done
+        tasks = [asyncio.create_task(one(o)) for o in work]
+        try:
+            while self.progress.done in finished:  # leading windows with nothing to do
+                finished.discard(self.progress.done)
+                self.progress.done = min(self.progress.done + window, size)
+            for task in asyncio.as_completed(tasks):
+                await task
+                self.windows_done += 1
+                while self.progress.done in finished:
+                    finished.discard(self.progress.done)
+                    self.progress.done = min(self.progress.done + window, size)
+                if self._kill_after is not None and self.windows_done >= self._kill_after \
+                        and self.progress.done > done:
+                    await asyncio.to_thread(self.device.flush)
+                    self._save(self.progress.done, size, durable=True)
+                    self.log.warning("fault injection: killing this process group after "
+                                     "%d windows, at %d bytes", self.windows_done,
+                                     self.progress.done)
+                    os.killpg(0, signal.SIGKILL)
+                if track and time.monotonic() - saved_at > 0.5:
+                    await asyncio.to_thread(self.device.flush)
+                    self._save(self.progress.done, size)
+                    saved_at = time.monotonic()
+        finally:
+            for task in tasks:
+                task.cancel()
+            if track and self.progress.done < size:
+                await asyncio.to_thread(self.device.flush)
+                self._save(self.progress.done, size)
 
     async def _sync_window(self, offset: int, length: int) -> None:
         if self.diff_supported:
@@ -243,22 +571,86 @@ class SyncClient:
                 await self._sync_window_diff(offset, length)
                 return
             except RemoteError as exc:
-                if "unexpected frame" not in str(exc):
+                if UNSUPPORTED not in str(exc):
                     raise
                 self.diff_supported = False  # an older primary: checksums, then reads
                 self.log.info("the primary predates one-read sync; using checksums + reads")
         await self._sync_window_two_step(offset, length)
 
+    def _local_sums(self, offset: int, length: int) -> list[int]:
+        """The crc32c of each block of the local window (in a thread: no copy of the data
+        leaves the thread's aligned buffer)."""
+        bs = self.block_size
+        step = max(bs, (MAX_IO // 2) // bs * bs)
+        sums: list[int] = []
+        for start in range(offset, offset + length, step):
+            view = self.device.pread_view(start, min(step, offset + length - start))
+            sums.extend(block_sums(view, bs))
+        return sums
+
+    def _local_sums_of(self, offset: int, length: int, idx: list[int]) -> list[int]:
+        """The crc32c of the listed window-relative blocks only."""
+        bs = self.block_size
+        step_blocks = max(1, (MAX_IO // 2) // bs)
+        sums: list[int] = []
+        for first, n in block_runs(idx):
+            while n > 0:
+                take = min(n, step_blocks)
+                start = offset + first * bs
+                view = self.device.pread_view(start, min(take * bs, offset + length - start))
+                sums.extend(block_sums(view, bs))
+                first += take
+                n -= take
+        return sums
+
     async def _sync_window_diff(self, offset: int, length: int) -> None:
         """Send our checksums; the primary answers with the blocks that differ."""
         bs = self.block_size
         count = -(-length // bs)
-        local = await asyncio.to_thread(lambda: block_sums(self.device.pread(offset, length),
-                                                           bs))
+        local = await asyncio.to_thread(self._local_sums, offset, length)
         reply = await self.bundle.request(Frame(FrameType.SYNC_DIFF_REQ, {
             "resource": self.resource, "offset": offset, "block_size": bs, "count": count},
-            struct.pack(f"<{len(local)}I", *local)))
-        blocks = [int(i) for i in reply.get("blocks", [])]
+            pack_sums(local)))
+        await self._apply_diff(offset, length, reply, None)
+        self.progress.compared += length
+
+    async def _sync_window_set(self, offset: int, length: int, idx: list[int]) -> None:
+        """Send the checksums of the listed blocks only; the primary answers with those
+        of them that differ."""
+        if not idx:
+            return
+        if not self.set_supported:
+            raise _SetUnsupported()
+        bs = self.block_size
+        local = await asyncio.to_thread(self._local_sums_of, offset, length, idx)
+        try:
+            reply = await self.bundle.request(Frame(FrameType.SYNC_DIFF_SET_REQ, {
+                "v": FRAME_VERSION, "resource": self.resource, "offset": offset,
+                "block_size": bs, "count": -(-length // bs), "blocks": idx},
+                pack_sums(local)))
+        except RemoteError as exc:
+            if UNSUPPORTED not in str(exc):
+                raise
+            self.set_supported = False
+            raise _SetUnsupported() from None
+        await self._apply_diff(offset, length, reply, idx)
+        self.progress.compared += sum(min(bs, offset + length - (offset + i * bs))
+                                      for i in idx)
+
+    async def _apply_diff(self, offset: int, length: int, reply: Frame,
+                          asked: list[int] | None) -> None:
+        """Write the differing blocks of a SYNC_DIFF reply, adjacent ones merged."""
+        bs = self.block_size
+        count = -(-length // bs)
+        try:
+            if reply.type != FrameType.SYNC_DIFF or reply.get("offset") != offset:
+                raise ValueError(f"a {reply.type} reply for offset {reply.get('offset')}")
+            raw = reply.get("blocks", [])
+            blocks = check_block_indexes(raw, count) if raw else []
+            if asked is not None and not set(blocks) <= set(asked):
+                raise ValueError("blocks that were not asked for")
+        except (ValueError, TypeError) as exc:
+            raise RemoteError(f"sync diff at {offset}: bad reply: {exc}") from None
         data = memoryview(reply.payload)
         pos = 0
         writes: list[tuple[int, memoryview]] = []
@@ -283,23 +675,25 @@ class SyncClient:
             if run:
                 self.device.pwrite(run_start, run)
 
-        await asyncio.to_thread(apply)
+        if writes:
+            await asyncio.to_thread(apply)
         self.progress.copied += pos
 
     async def _sync_window_two_step(self, offset: int, length: int) -> None:
         bs = self.block_size
         count = -(-length // bs)
-        def local_window() -> list[int]:
-            return block_sums(self.device.pread(offset, length), bs)
-
-        local_task = asyncio.create_task(asyncio.to_thread(local_window))  # meanwhile: remote
+        local_task = asyncio.create_task(asyncio.to_thread(self._local_sums, offset, length))
         try:
             remote = await self.bundle.request(Frame(FrameType.SYNC_SUMS_REQ, {
                 "resource": self.resource, "offset": offset, "block_size": bs, "count": count}))
         except BaseException:
             local_task.cancel()
             raise
-        remote_sums = struct.unpack(f"<{len(remote.payload) // 4}I", remote.payload)
+        try:
+            remote_sums = unpack_sums(remote.payload)
+        except ValueError as exc:
+            local_task.cancel()
+            raise RemoteError(f"sync sums at {offset}: {exc}") from None
         local_sums = await local_task
         runs: list[tuple[int, int]] = []  # (first block, number of blocks) that differ
         for i, (a, b) in enumerate(zip(local_sums, remote_sums, strict=False)):
@@ -321,6 +715,63 @@ class SyncClient:
             self.progress.copied += want
 
         await asyncio.gather(*(copy(f, n) for f, n in runs))
+        self.progress.compared += length
+
+    # ------------------------------------------------------------ other questions
+    async def remote_sums(self, offset: int, length: int) -> tuple[list[int], LogPosition]:
+        """The primary's crc32c of each block of ``[offset, offset + length)`` (at most
+        16 MiB, ``offset`` block-aligned) and the log position its data reflects."""
+        bs = self.block_size
+        if length <= 0 or length > SUMS_WINDOW or offset % bs:
+            raise ValueError(f"bad checksum window {offset}+{length}")
+        reply = await self.bundle.request(Frame(FrameType.SYNC_SUMS_REQ, {
+            "resource": self.resource, "offset": offset, "block_size": bs,
+            "count": -(-length // bs)}))
+        value = reply.get("position")
+        if not value:
+            raise RemoteError("the primary predates verify: its checksums carry no log "
+                              "position")
+        try:
+            sums = list(unpack_sums(reply.payload))
+            pos = LogPosition.decode(str(value))
+        except ValueError as exc:
+            raise RemoteError(f"sync sums at {offset}: bad reply: {exc}") from None
+        if len(sums) != -(-length // bs):
+            raise RemoteError(f"sync sums at {offset}: {len(sums)} checksums for "
+                              f"{-(-length // bs)} blocks")
+        return sums, pos
+
+    async def written_on_primary(self, since: LogPosition, until: LogPosition | None
+                                 ) -> WrittenBlocks:
+        """The blocks the primary's logs wrote after ``since`` up to ``until``, by its
+        own header scan (``SYNC_WRITTEN_REQ``). A primary that predates this gives a
+        result with ``missing`` saying so."""
+        size = self.progress.size
+        header: dict[str, object] = {
+            "v": FRAME_VERSION, "resource": self.resource, "since": since.encode(),
+            "until": until.encode() if until is not None else None,
+            "block_size": self.block_size, "size": size}
+        try:
+            reply = await self.bundle.request(Frame(FrameType.SYNC_WRITTEN_REQ, header),
+                                              timeout=WRITTEN_TIMEOUT)
+        except RemoteError as exc:
+            if UNSUPPORTED not in str(exc):
+                raise
+            return WrittenBlocks(BlockSet(size, self.block_size),
+                                 missing="the primary predates log-based resync")
+        try:
+            blocks = BlockSet.decode(reply.payload)
+            if (blocks.size, blocks.block_size) != (size, self.block_size):
+                raise ValueError(f"a set of {blocks.size} bytes in blocks of "
+                                 f"{blocks.block_size}")
+            missing, gap = reply.get("missing"), reply.get("gap")
+            return WrittenBlocks(blocks, records=int(reply.get("records", 0)),
+                                 log_bytes=int(reply.get("log_bytes", 0)),
+                                 missing=str(missing) if missing else None,
+                                 gap=str(gap) if gap else None)
+        except (ValueError, TypeError) as exc:
+            raise RemoteError(f"the primary's written-blocks answer is damaged: {exc}"
+                              ) from None
 
     def status(self) -> FullSyncStatus:
         p = self.progress
@@ -329,3 +780,21 @@ class SyncClient:
             sync_rate=round(p.rate), sync_paused=self.paused,
             sync_eta=round((p.size - p.done) / p.rate, 1) if p.rate > 0 else None,
         )
+
+
+def _position(value: str | None) -> LogPosition | None:
+    try:
+        return LogPosition.decode(value) if value else None
+    except ValueError:
+        return None
+
+
+async def _all_or_cancel(coros: list[Awaitable[None]]) -> None:
+    """Run ``coros`` concurrently; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        for task in asyncio.as_completed(tasks):
+            await task
+    finally:
+        for task in tasks:
+            task.cancel()

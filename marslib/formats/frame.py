@@ -7,8 +7,11 @@ Little-endian::
 
 Unknown JSON keys are ignored and missing ones take defaults, so an older and a newer
 release can talk during a rolling upgrade; unknown frame types are answered with ERROR
-by the receiver's handler, not by closing. Oversized or malformed frames raise FrameError:
-the connection that sent them is closed, nothing else.
+by the receiver's handler, not by closing. Frames added later carry ``"v"``, the version
+of their header's meaning: a receiver answers a newer one, like an unknown type, with an
+ERROR saying "unexpected frame", and the asker falls back to what the older peer
+speaks. Oversized or malformed frames raise FrameError: the connection that sent them is
+closed, nothing else.
 """
 
 from __future__ import annotations
@@ -38,15 +41,26 @@ class FrameType(IntEnum):
     FETCH_REQ = 20  # header {"rid", "resource", "logfile", "offset", "max_len"}
     FETCH_DATA = 21  # header {"rid", "logfile", "offset", "end", "finished", "next"}
     SYNC_SUMS_REQ = 30  # header {"rid", "resource", "offset", "block_size", "count"}
-    SYNC_SUMS = 31  # header {"rid", "offset", "block_size", "sums": [...]}
+    SYNC_SUMS = 31  # header {"rid", "offset", "block_size", "position"}, payload: crc32c
+    #                 per block (u32 LE each); "position": the log position the data
+    #                 reflects (a window of at most 16 MiB; absent from older primaries)
     SYNC_READ_REQ = 32  # header {"rid", "resource", "offset", "length"}
     SYNC_DATA = 33  # header {"rid", "offset"}, payload: the bytes
     SYNC_DIFF_REQ = 34  # header {"rid", "resource", "offset", "block_size", "count"},
     #                     payload: the asker's crc32c per block (u32 LE each)
     SYNC_DIFF = 35  # header {"rid", "offset", "block_size", "blocks": [index, ...]},
     #                 payload: the data of those blocks, back to back
-    STATUS_REQ = 40  # header {"rid", "resource"}
-    STATUS = 41  # header {"rid", ...}
+    SYNC_DIFF_SET_REQ = 36  # header {"rid", "v", "resource", "offset", "block_size",
+    #                         "count", "blocks": [index, ...]} (indexes in the window of
+    #                         "count" blocks), payload: the asker's crc32c of each
+    #                         listed block (u32 LE each); answered with SYNC_DIFF
+    SYNC_WRITTEN_REQ = 38  # header {"rid", "v", "resource", "since", "until", "block_size",
+    #                        "size"}: which blocks the answerer's logs wrote in (since, until]
+    SYNC_WRITTEN = 39  # header {"rid", "count", "missing", "gap", "records"}, payload: the
+    #                    block set (marslib.blockset encoding)
+    STATUS_REQ = 40  # header {"rid", "resource", "rotate"}: "rotate" (optional) asks the
+    #                  primary to start a new logfile first, so its end is byte 0 of it
+    STATUS = 41  # header {"rid", "log_end", "size"}
 
 
 class FrameError(Exception):

@@ -36,6 +36,10 @@ class PrimaryLog(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
+    async def read_at(self, offset: int, length: int
+                      ) -> tuple[bytes | bytearray, LogPosition | None]:
+        """Like ``read``, and the log position the data reflects."""
+
     async def rotate(self) -> str: ...
 
     async def enter_emergency(self, reason: str) -> None: ...

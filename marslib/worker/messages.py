@@ -11,7 +11,8 @@ The header is ``{"type": NAME, "id": N, "re": N, "clock": STAMP, "body": {...}}`
 numbers a request that wants a reply (0: an event), ``re`` names the request a reply
 answers (0: not a reply), ``clock`` is the sender's Lamport clock (so that metadata keys
 written by marsd and by its workers keep their order), ``body`` holds the message's
-fields. Only bulk data (the bytes of a read) travels in the payload.
+fields. Only bulk data (the bytes of a read, checksums, differing blocks) travels in the
+payload.
 
 Tolerance, for a worker started from a newer install than the marsd that runs it: unknown
 body keys are ignored, missing ones take their defaults, an unknown message type is
@@ -149,6 +150,26 @@ class ReadData(State):
     payload: bytes | bytearray = b""
 
 
+@message("sums")
+@dataclass(frozen=True)
+class SumsData(State):
+    """Reply to :class:`Sums`: the crc32c of each block (u32 LE each) in the payload, and
+    ``position``, the log position the data they were taken of reflects."""
+
+    position: str | None = None
+    payload: bytes | bytearray = b""
+
+
+@message("diff-data")
+@dataclass(frozen=True)
+class DiffData(State):
+    """Reply to :class:`Diff`: the window-relative ``blocks`` that differ, and their data
+    back to back in the payload."""
+
+    blocks: list[int] = field(default_factory=list)
+    payload: bytes | bytearray = b""
+
+
 @message("done")
 @dataclass(frozen=True)
 class Done(State):
@@ -218,6 +239,32 @@ class Emergency(Message):
 class Read(Message):
     offset: int = 0
     length: int = 0
+
+
+@message("block-sums")
+@dataclass(frozen=True)
+class Sums(Message):
+    """The crc32c of each ``block_size`` block of the newest data of
+    ``[offset, offset + length)`` (at most ``READ_CHUNK``), without the data."""
+
+    offset: int = 0
+    length: int = 0
+    block_size: int = 65536
+
+
+@message("diff")
+@dataclass(frozen=True)
+class Diff(Message):
+    """Compare the asker's crc32c (the payload, u32 LE each) with the newest data of the
+    window ``[offset, offset + length)``: of each block, or of the window-relative
+    ``blocks`` listed (one checksum each). Answered with :class:`DiffData`, so that only
+    the blocks that differ cross the channel."""
+
+    offset: int = 0
+    length: int = 0
+    block_size: int = 65536
+    blocks: list[int] | None = None
+    payload: bytes | bytearray = b""
 
 
 # ------------------------------------------------------------------ both directions

@@ -51,9 +51,13 @@ from marslib.malloc_tuning import tune_malloc
 from marslib.meta import LamportClock, MetaStore
 from marslib.net.conn import read_secret
 from marslib.secondary import NetConfig
+from marslib.sync import ReadBlockOps, check_block_indexes
 from marslib.worker.channel import STREAM_LIMIT, Channel, ChannelClosed, RemoteFailure
 from marslib.worker.local import LocalPrimary, LocalSecondary
 from marslib.worker.messages import (
+    READ_CHUNK,
+    Diff,
+    DiffData,
     Done,
     Emergency,
     Hello,
@@ -72,6 +76,8 @@ from marslib.worker.messages import (
     StatusRequest,
     Stop,
     Stopped,
+    Sums,
+    SumsData,
 )
 
 log = logging.getLogger(__name__)
@@ -186,6 +192,19 @@ class Worker:
         if isinstance(msg, Read):
             data = await logger.read(msg.offset, msg.length)
             return ReadData(**self.state(), payload=data)
+        if isinstance(msg, Sums):
+            _check_window(msg.offset, msg.length, msg.block_size)
+            sums, pos = await ReadBlockOps(logger).block_sums(msg.offset, msg.length,
+                                                              msg.block_size)
+            return SumsData(**self.state(), position=pos.encode() if pos else None,
+                            payload=sums)
+        if isinstance(msg, Diff):
+            _check_window(msg.offset, msg.length, msg.block_size)
+            listed = None if msg.blocks is None else \
+                check_block_indexes(msg.blocks, -(-msg.length // msg.block_size))
+            blocks, data = await ReadBlockOps(logger).diff_blocks(
+                msg.offset, msg.length, msg.block_size, bytes(msg.payload), listed)
+            return DiffData(**self.state(), blocks=blocks, payload=data)
         if isinstance(msg, Rotate):
             name = await logger.rotate()
             return Rotated(**self.state(), logfile=name)
@@ -306,6 +325,11 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), STATE_POLL)
                 self._changed.clear()
+
+
+def _check_window(offset: int, length: int, block_size: int) -> None:
+    if offset < 0 or not 0 < length <= READ_CHUNK or not 0 < block_size <= 8 << 20:
+        raise UsageError(f"bad checksum window {offset}+{length} in blocks of {block_size}")
 
 
 def _known(cls: Any, fields: dict[str, Any]) -> Any:

@@ -36,10 +36,13 @@ from marslib.meta import MetaStore
 from marslib.position import LogPosition
 from marslib.secondary import NetConfig
 from marslib.status import ResourceStatus
-from marslib.worker.channel import STREAM_LIMIT, Channel, ChannelClosed
+from marslib.sync import ReadBlockOps
+from marslib.worker.channel import STREAM_LIMIT, Channel, ChannelClosed, RemoteFailure
 from marslib.worker.messages import (
     READ_CHUNK,
     Ack,
+    Diff,
+    DiffData,
     Emergency,
     Hello,
     Message,
@@ -57,6 +60,8 @@ from marslib.worker.messages import (
     StatusReply,
     StatusRequest,
     Stop,
+    Sums,
+    SumsData,
 )
 
 log = logging.getLogger(__name__)
@@ -308,6 +313,52 @@ class LoggerProxy:
             parts.append(reply.payload)
         return b"".join(parts)
 
+    async def read_at(self, offset: int, length: int
+                      ) -> tuple[bytes | bytearray, LogPosition | None]:
+        """Like :meth:`read` (at most READ_CHUNK), and the log position the data reflects
+        (the worker samples its state right after the read, with no wait in between)."""
+        if length > READ_CHUNK:
+            raise ValueError(f"read_at of {length} bytes: at most {READ_CHUNK} at once")
+        reply = await self._worker.request(Read(offset, length))
+        assert isinstance(reply, ReadData)
+        return reply.payload, _position(reply.log_end)
+
+    async def block_sums(self, offset: int, length: int, block_size: int
+                         ) -> tuple[bytes, LogPosition | None]:
+        """The crc32c of each block, taken in the worker (see marslib.sync.BlockOps);
+        the position is None for more than READ_CHUNK at once."""
+        if length > READ_CHUNK:
+            step = READ_CHUNK // block_size * block_size
+            parts = [(await self.block_sums(o, min(step, offset + length - o), block_size))[0]
+                     for o in range(offset, offset + length, step)]
+            return b"".join(parts), None
+        try:
+            reply = await self._worker.request(Sums(offset, length, block_size))
+        except RemoteFailure as exc:
+            if "unknown request type" not in str(exc):
+                raise
+            return await ReadBlockOps(self).block_sums(offset, length, block_size)
+        assert isinstance(reply, SumsData)
+        return bytes(reply.payload), _position(reply.position)
+
+    async def diff_blocks(self, offset: int, length: int, block_size: int, theirs: bytes,
+                          blocks: list[int] | None) -> tuple[list[int], bytes]:
+        """The blocks that differ from the asker's checksums and their data, compared in
+        the worker (see marslib.sync.BlockOps): only those cross the channel."""
+        if length > READ_CHUNK:
+            return await ReadBlockOps(self).diff_blocks(offset, length, block_size, theirs,
+                                                        blocks)
+        try:
+            reply = await self._worker.request(Diff(offset, length, block_size, blocks,
+                                                    theirs))
+        except RemoteFailure as exc:
+            if "unknown request type" not in str(exc):
+                raise
+            return await ReadBlockOps(self).diff_blocks(offset, length, block_size, theirs,
+                                                        blocks)
+        assert isinstance(reply, DiffData)
+        return list(reply.blocks), bytes(reply.payload)
+
     async def rotate(self) -> str:
         reply = await self._worker.request(Rotate())
         assert isinstance(reply, Rotated)
@@ -318,6 +369,15 @@ class LoggerProxy:
 
     async def leave_emergency(self) -> None:
         await self._worker.request(Emergency(False))
+
+
+def _position(value: str | None) -> LogPosition | None:
+    if not value:
+        return None
+    try:
+        return LogPosition.decode(value)
+    except ValueError:
+        return None
 
 
 class WorkerPrimary(WorkerHandle):
