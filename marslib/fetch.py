@@ -3,7 +3,11 @@
 The server side answers FETCH_REQ with the bytes of a local logfile, never past what is
 durable, waiting a little (long poll) when the reader is already at the end. The client
 side (``Fetcher``) keeps a local copy of each logfile growing strictly by appending, with
-several requests in flight over a bundle of connections when it is behind.
+up to ``WINDOW_BYTES`` requested (in requests of ``REQUEST_BYTES``) over a bundle of
+connections while it is behind: after a link outage at 1 Gbit/s a few MiB in flight leave
+the link idle whenever either side waits for a CPU. The data of a reply is sent from the
+logfile with ``sendfile`` (:class:`marslib.net.conn.FileReply`), received in place and
+written as it arrived.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from marslib.durable import fsync_dir
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import MarsPaths, check_resource_name, parse_logfile_name
 from marslib.logfile import valid_end
-from marslib.net.conn import PeerBundle, RemoteError
+from marslib.net.conn import FileReply, PeerBundle, RemoteError, Reply
 from marslib.net.handshake import PeerInfo
 from marslib.pausing import PauseSwitch
 from marslib.position import LogPosition
@@ -28,8 +32,10 @@ from marslib.status import FetchStatus
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-MAX_CHUNK = 8 << 20
+CHUNK = 1 << 20  # what a request asks for when it does not say (older fetchers)
+MAX_CHUNK = 8 << 20  # the most one reply carries
+REQUEST_BYTES = 4 << 20  # what the fetcher asks for per request
+WINDOW_BYTES = 16 << 20  # requested and not yet received, at most, while behind
 MAX_WAIT = 10.0
 NOT_YET = -2  # a logfile newer than its logger's end as last reported: wait for the report
 
@@ -103,7 +109,17 @@ class FetchService:
             self._valid_ends = {key: end_offset}
         return self._valid_ends[key]
 
-    async def handle(self, frame: Frame, peer: PeerInfo) -> Frame:
+    def _next_logfile(self, resource: str, name: str) -> str | None:
+        """The logfile after ``name`` here, without listing the directory while the
+        logger writes ``name``: whatever it rotates to, its end is not past ``name``
+        before it says so (its reported end may lag, never lead)."""
+        logger = self.loggers(resource)
+        end = logger.log_end if logger is not None else None
+        if end is not None and end.logfile == name:
+            return None
+        return next_logfile(self.paths, resource, name)
+
+    async def handle(self, frame: Frame, peer: PeerInfo) -> Reply:
         if frame.type != FrameType.FETCH_REQ:
             return Frame(FrameType.ERROR, {"error": f"unexpected frame {frame.type} on fetch"})
         resource = check_resource_name(str(frame.get("resource", "")))
@@ -126,7 +142,7 @@ class FetchService:
         while True:
             # the next logfile first: once it exists, this one is finished, and its end is
             # the file's size (a logger's end read before that could be short of it)
-            nxt = next_logfile(self.paths, resource, name)
+            nxt = self._next_logfile(resource, name)
             end = await self._durable_end(resource, name, path, nxt)
             remaining = deadline - time.monotonic()
             if end == NOT_YET:
@@ -154,31 +170,28 @@ class FetchService:
                                                 "finished": finished, "next": nxt,
                                                 "diverged": True})
         length = min(max_len, end - offset)
-        data = await asyncio.to_thread(_read_range, path, offset, length) if length else b""
-        self.bytes_served += len(data)
-        return Frame(FrameType.FETCH_DATA, {
-            "logfile": name, "offset": offset, "end": end, "finished": finished, "next": nxt,
-        }, data)
-
-
-def _read_range(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
+        self.bytes_served += length
+        header = {"logfile": name, "offset": offset, "end": end, "finished": finished,
+                  "next": nxt}
+        if not length:
+            return Frame(FrameType.FETCH_DATA, header)
+        return FileReply(FrameType.FETCH_DATA, header, path, offset, length)
 
 
 class Fetcher:
     """Keeps local copies of the primary's logfiles up to date (runs on a secondary)."""
 
     def __init__(self, resource: str, host: str, paths: MarsPaths, bundle: PeerBundle,
-                 start_logfile: str, parallel: int = 2) -> None:
+                 start_logfile: str, parallel: int = 2, window_bytes: int = WINDOW_BYTES,
+                 request_bytes: int = REQUEST_BYTES) -> None:
         self.resource = resource
         self.host = host
         self.paths = paths
         self.bundle = bundle
         self.logfile = start_logfile
-        self.parallel = max(1, parallel)
-        self.window = 2 * self.parallel  # requests in flight while behind
+        self.parallel = max(1, parallel)  # connections (the bundle's size)
+        self.request_bytes = max(1, min(request_bytes, MAX_CHUNK))
+        self.window_bytes = max(window_bytes, self.request_bytes)  # in flight while behind
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
@@ -259,8 +272,9 @@ class Fetcher:
             "max_len": max_len, "wait": wait}), timeout=MAX_WAIT + 30)
 
     async def _step(self) -> None:
-        """Fetch the current logfile: a window of requests in flight while behind, one
-        long poll when caught up; replies are appended strictly in order."""
+        """Fetch the current logfile: up to ``window_bytes`` requested while behind, one
+        long poll when caught up; replies are appended strictly in order. The requests
+        in flight always ask for ``[local_end, next_off)``."""
         self._restart = False
         name = self.logfile
         pending: dict[int, asyncio.Task[Frame]] = {}
@@ -269,12 +283,14 @@ class Fetcher:
         try:
             while not self._restart and name == self.logfile and not self.paused:
                 # only bytes known to be durable on the primary are asked for in bulk
-                while len(pending) < self.window and next_off < self.remote_end:
-                    n = min(CHUNK, self.remote_end - next_off)
+                while next_off - self.local_end < self.window_bytes \
+                        and next_off < self.remote_end:
+                    n = min(self.request_bytes, self.remote_end - next_off)
                     pending[next_off] = asyncio.create_task(self._request(next_off, n, 0.0))
                     next_off += n
                 if not pending:
-                    pending[next_off] = asyncio.create_task(self._request(next_off, CHUNK, 5.0))
+                    pending[next_off] = asyncio.create_task(
+                        self._request(next_off, self.request_bytes, 5.0))
                 first = min(pending)
                 reply = await pending.pop(first)
                 self.last_contact = time.monotonic()
@@ -302,7 +318,7 @@ class Fetcher:
                 if int(reply.get("offset", -1)) != self.local_end:
                     return  # out of step (cannot happen with in-order appends): start over
                 if data:
-                    await asyncio.to_thread(os.pwrite, fd, bytes(data), first)
+                    await asyncio.to_thread(_write_all, fd, data, first)
                     if self._restart or name != self.logfile or self.local_end != first:
                         return  # a refetch cut the copy meanwhile: start over from its end
                     self.local_end += len(data)
@@ -357,3 +373,11 @@ class Fetcher:
             fetch_error=self.bundle.last_error,
             fetch_contact_age=round(time.monotonic() - self.last_contact, 1),
         )
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite all of ``data`` (as received, no copy) at ``offset``."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
