@@ -540,13 +540,14 @@ def set_rate(rl: ReplLab, rate: str) -> None:
 
 def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
                      collapse_s: float, link_rate: float, fetch_rate: float,
-                     pause_replay: bool = False, spy: Path | None = None) -> dict[str, Any]:
+                     pause_replay: bool = False, spy: Path | None = None,
+                     limit: float = 120.0) -> dict[str, Any]:
     """Writer at ``write_rate`` B/s, link collapses 100x for ``collapse_s``; catch-up time.
 
     ``link_rate``: the TCP baseline; ``fetch_rate``: marslib's backlog rate on this link.
     ``pause_replay``: lab2's replay paused from before the collapse until caught up (a
     diagnosis: the fetch alone). ``spy``: py-spy both marsd and their workers during the
-    recovery into this directory."""
+    recovery into this directory. ``limit``: seconds after the restore before giving up."""
     rl.wait_up_to_date()
     if pause_replay:
         rl.lab.marsadm("lab2", "pause-replay", RES)
@@ -597,8 +598,9 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
                 first_mib = now - t_restore
             if cur <= threshold:
                 break
-            if now - t_restore > 120:
-                b.say(f"WARNING: lag still {cur / MB:.1f} MB 120 s after the link came back")
+            if now - t_restore > limit:
+                b.say(f"WARNING: lag still {cur / MB:.1f} MB {limit:g} s after the link came "
+                      "back")
                 caught_up = False
                 break
             time.sleep(POLL)
@@ -676,6 +678,8 @@ def main() -> int:
                          "diagnosis: the fetch alone)")
     ap.add_argument("--collapse-only", action="store_true",
                     help="skip the backlog transfer: TCP baseline and collapse only")
+    ap.add_argument("--catch-up-limit", type=float, default=120.0, metavar="SECONDS",
+                    help="give up waiting for the catch-up after this long (default 120)")
     args = ap.parse_args()
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     conns = [int(c) for c in args.connections.split(",")]
@@ -733,13 +737,15 @@ def main() -> int:
                     wr = (0.4 if link < 50e6 else 0.3) * link
                     cr = measure_collapse(rl, rate, wr, 1.5 if args.quick else 2.5, 3.0,
                                           base, r["rate"], args.collapse_pause_replay,
-                                          spy)
+                                          spy, args.catch_up_limit)
                     r["collapse"] = cr
                     b.say(f"[{rate}] collapse to {cr['slow']} for {cr['collapse_s']:.1f} s "
                           f"at {cr['write_rate'] / MB:.1f} MB/s of writes"
                           f"{', replay paused' if cr['replay_paused'] else ''}: backlog "
-                          f"{cr['backlog_mb']:.1f} MB, caught up {cr['catch_up_s']:.2f} s "
-                          f"after the link came back (backlog / spare rate: "
+                          f"{cr['backlog_mb']:.1f} MB, "
+                          f"{'caught up' if cr['caught_up'] else 'NOT caught up'} "
+                          f"{cr['catch_up_s']:.2f} s after the link came back (backlog / spare "
+                          f"rate: "
                           f"{cr['expected_s']:.2f} s at the TCP rate, "
                           f"{cr['expected_marslib_s']:.2f} s at marslib's backlog rate), "
                           f"ratio {_ratio(cr['catch_up_s'], cr['expected_s'])}; load "

@@ -3,11 +3,13 @@
 The server side answers FETCH_REQ with the bytes of a local logfile, never past what is
 durable, waiting a little (long poll) when the reader is already at the end. The client
 side (``Fetcher``) keeps a local copy of each logfile growing strictly by appending, with
-up to ``WINDOW_BYTES`` requested (in requests of ``REQUEST_BYTES``) over a bundle of
-connections while it is behind: after a link outage at 1 Gbit/s a few MiB in flight leave
-the link idle whenever either side waits for a CPU. The data of a reply is sent from the
-logfile with ``sendfile`` (:class:`marslib.net.conn.FileReply`), received in place and
-written as it arrived.
+several requests in flight over a bundle of connections while it is behind. How much is
+in flight follows the rate the replies come in at (:class:`FetchPace`): up to
+``WINDOW_BYTES`` (after a link outage at 1 Gbit/s a few MiB in flight leave the link idle
+whenever either side waits for a CPU), but never more than a fraction of a second of
+transfer, so that a slow link neither times out requests nor delays the news of new log
+behind big replies. The data of a reply is sent from the logfile with ``sendfile``
+(:class:`marslib.net.conn.FileReply`), received in place and written as it arrived.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -34,9 +37,14 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # what a request asks for when it does not say (older fetchers)
 MAX_CHUNK = 8 << 20  # the most one reply carries
-REQUEST_BYTES = 4 << 20  # what the fetcher asks for per request
-WINDOW_BYTES = 16 << 20  # requested and not yet received, at most, while behind
+REQUEST_BYTES = 4 << 20  # the most the fetcher asks for per request
+WINDOW_BYTES = 16 << 20  # the most requested and not yet received while behind
+MIN_REQUEST = 256 << 10
+MIN_WINDOW = 1 << 20
+REQUEST_SECONDS = 0.04  # a request asks for about this long a transfer at the recent rate
+WINDOW_SECONDS = 0.25  # and the requests in flight together for this long
 MAX_WAIT = 10.0
+STALL_TIMEOUT = MAX_WAIT + 30  # no byte from the primary for so long while waiting: redial
 NOT_YET = -2  # a logfile newer than its logger's end as last reported: wait for the report
 
 
@@ -178,6 +186,42 @@ class FetchService:
         return FileReply(FrameType.FETCH_DATA, header, path, offset, length)
 
 
+@dataclass
+class FetchPace:
+    """How much to ask for, from the rate at which the replies came in while requests
+    were in flight all the time (a pipeline kept busy measures the link, or whatever
+    else is slower). Starts at the most; times are ``time.monotonic()``."""
+
+    window_max: int = WINDOW_BYTES
+    request_max: int = REQUEST_BYTES
+    rate: float = 0.0  # bytes per second
+    _since: float | None = None  # the last reply, if more were in flight after it
+
+    def __post_init__(self) -> None:
+        self.request_max = max(1, min(self.request_max, MAX_CHUNK))
+        self.window_max = max(self.window_max, self.request_max)
+        self.rate = self.rate or max(self.window_max / WINDOW_SECONDS,
+                                     self.request_max / REQUEST_SECONDS)
+
+    @property
+    def window(self) -> int:
+        return int(max(min(self.rate * WINDOW_SECONDS, self.window_max),
+                       min(MIN_WINDOW, self.window_max)))
+
+    @property
+    def request(self) -> int:
+        return int(max(min(self.rate * REQUEST_SECONDS, self.request_max),
+                       min(MIN_REQUEST, self.request_max)))
+
+    def reply(self, nbytes: int, now: float, more_in_flight: bool) -> None:
+        """A reply of ``nbytes`` was taken at ``now``; ``more_in_flight``: requests are
+        still out after it."""
+        if self._since is not None and nbytes:
+            seen = nbytes / max(now - self._since, 1e-3)
+            self.rate = 0.75 * self.rate + 0.25 * seen
+        self._since = now if more_in_flight else None
+
+
 class Fetcher:
     """Keeps local copies of the primary's logfiles up to date (runs on a secondary)."""
 
@@ -190,8 +234,7 @@ class Fetcher:
         self.bundle = bundle
         self.logfile = start_logfile
         self.parallel = max(1, parallel)  # connections (the bundle's size)
-        self.request_bytes = max(1, min(request_bytes, MAX_CHUNK))
-        self.window_bytes = max(window_bytes, self.request_bytes)  # in flight while behind
+        self.pace = FetchPace(window_bytes, request_bytes)
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
@@ -267,33 +310,53 @@ class Fetcher:
                 await asyncio.sleep(2.0)
 
     async def _request(self, offset: int, max_len: int, wait: float) -> Frame:
+        # a generous timeout: a reply queued behind others on a slow link may take long;
+        # a silent primary is noticed by _reply
         return await self.bundle.request(Frame(FrameType.FETCH_REQ, {
             "resource": self.resource, "logfile": self.logfile, "offset": offset,
-            "max_len": max_len, "wait": wait}), timeout=MAX_WAIT + 30)
+            "max_len": max_len, "wait": wait}), timeout=10 * STALL_TIMEOUT)
+
+    async def _reply(self, task: asyncio.Task[Frame], issued: float) -> Frame:
+        """The reply of ``task``, as long as bytes keep coming from the primary; after
+        ``STALL_TIMEOUT`` without any (since ``issued`` at the earliest): ConnectionError,
+        the connections dropped."""
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if done:
+                    return task.result()
+                heard = max(self.bundle.last_received or 0.0, issued)
+                if time.monotonic() - heard > STALL_TIMEOUT:
+                    self.bundle.close()
+                    raise ConnectionError(f"nothing from the primary for {STALL_TIMEOUT:g} s")
+        finally:
+            task.cancel()  # (done already, or no longer wanted)
 
     async def _step(self) -> None:
-        """Fetch the current logfile: up to ``window_bytes`` requested while behind, one
-        long poll when caught up; replies are appended strictly in order. The requests
-        in flight always ask for ``[local_end, next_off)``."""
+        """Fetch the current logfile: up to ``pace.window`` bytes requested while behind,
+        one long poll when caught up; replies are appended strictly in order. The
+        requests in flight always ask for ``[local_end, next_off)``."""
         self._restart = False
         name = self.logfile
-        pending: dict[int, asyncio.Task[Frame]] = {}
+        pending: dict[int, tuple[asyncio.Task[Frame], float]] = {}
         next_off = self.local_end
+        pace = self.pace
         fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             while not self._restart and name == self.logfile and not self.paused:
                 # only bytes known to be durable on the primary are asked for in bulk
-                while next_off - self.local_end < self.window_bytes \
-                        and next_off < self.remote_end:
-                    n = min(self.request_bytes, self.remote_end - next_off)
-                    pending[next_off] = asyncio.create_task(self._request(next_off, n, 0.0))
+                while next_off - self.local_end < pace.window and next_off < self.remote_end:
+                    n = min(pace.request, self.remote_end - next_off)
+                    pending[next_off] = (asyncio.create_task(self._request(next_off, n, 0.0)),
+                                         time.monotonic())
                     next_off += n
                 if not pending:
-                    pending[next_off] = asyncio.create_task(
-                        self._request(next_off, self.request_bytes, 5.0))
+                    pending[next_off] = (asyncio.create_task(
+                        self._request(next_off, pace.request, 5.0)), time.monotonic())
                 first = min(pending)
-                reply = await pending.pop(first)
+                reply = await self._reply(*pending.pop(first))
                 self.last_contact = time.monotonic()
+                pace.reply(len(reply.payload), self.last_contact, bool(pending))
                 if self._restart or name != self.logfile:
                     return
                 if reply.get("diverged"):
@@ -310,7 +373,7 @@ class Fetcher:
                     if nxt and self.local_end == 0:
                         self.log.info("%s is gone on the primary; continuing with %s", name,
                                       nxt)
-                        self._switch(str(nxt))
+                        await self._switch(str(nxt))
                         return
                     await asyncio.sleep(1.0)
                     return
@@ -335,22 +398,24 @@ class Fetcher:
                         bg = asyncio.create_task(asyncio.to_thread(self._sync_file, name))
                         self._background.add(bg)
                         bg.add_done_callback(self._background.discard)
-                        self._switch(str(nxt))
+                        await self._switch(str(nxt))
                     return
         finally:
-            for task in pending.values():
+            for task, _ in pending.values():
                 task.cancel()
             os.close(fd)
 
-    def _switch(self, name: str) -> None:
+    async def _switch(self, name: str) -> None:
+        # the copy's name survives a crash of this host before anything is fetched into
+        # it; the directory's fsync may wait for the disk: not on the event loop
+        before = self.logfile
+        await asyncio.to_thread(_create_durably, self._path(name))
+        if self._restart or self.logfile != before:
+            return  # a refetch moved the fetch meanwhile: it goes on from there
         self.logfile = name
         self.local_end = self._local_size(name)
         self.remote_end = -1
         self.remote_finished = False
-        path = self._path(name)
-        if not path.exists():
-            path.touch()
-            fsync_dir(path.parent)  # the copy's name survives a crash of this host
         self._signal()
 
     def _sync_file(self, name: str) -> None:
@@ -373,6 +438,12 @@ class Fetcher:
             fetch_error=self.bundle.last_error,
             fetch_contact_age=round(time.monotonic() - self.last_contact, 1),
         )
+
+
+def _create_durably(path: Path) -> None:
+    if not path.exists():
+        path.touch()
+        fsync_dir(path.parent)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 from conftest import loopback_ips
 
-from marslib.fetch import REQUEST_BYTES, WINDOW_BYTES, Fetcher, FetchService
+from marslib.fetch import (
+    MIN_REQUEST,
+    MIN_WINDOW,
+    REQUEST_BYTES,
+    WINDOW_BYTES,
+    Fetcher,
+    FetchPace,
+    FetchService,
+)
 from marslib.formats.frame import MAGIC, Frame, FrameError, FrameParser, FrameType, encode_frame
 from marslib.layout import MarsPaths
 from marslib.net.conn import (
@@ -352,3 +360,30 @@ def test_fetch_service_answers_with_the_file_range(tmp_path: Path) -> None:
     assert reply.payload == content[100:8000]
     assert json.loads(json.dumps(reply.header))["end"] == 8000
     assert not reply.get("finished")
+
+
+def test_pace_follows_the_rate_of_a_busy_pipeline() -> None:
+    pace = FetchPace()
+    assert (pace.window, pace.request) == (WINDOW_BYTES, REQUEST_BYTES)
+    # 125 KB/s (a 1 Mbit/s link): a fraction of a second of it in flight
+    t = 0.0
+    for _ in range(40):
+        t += 2.0
+        pace.reply(250_000, t, more_in_flight=True)
+    assert (pace.window, pace.request) == (MIN_WINDOW, MIN_REQUEST)
+    # idle time (nothing in flight) is not mistaken for a slow link, nor is a long poll
+    pace.reply(1000, t + 1, more_in_flight=False)
+    rate = pace.rate
+    pace.reply(1000, t + 60, more_in_flight=True)
+    assert pace.rate == rate
+    # the link is back at 1 Gbit/s: the window opens again within a few MiB of replies
+    t += 60
+    for _ in range(12):
+        t += 0.005
+        pace.reply(1 << 20, t, more_in_flight=True)
+    assert (pace.window, pace.request) == (WINDOW_BYTES, REQUEST_BYTES)
+    # 12 MB/s (100 Mbit/s): replies of ~0.5 MB, ~3 MB in flight
+    for _ in range(40):
+        t += 0.04
+        pace.reply(480_000, t, more_in_flight=True)
+    assert 2.5e6 < pace.window < 3.5e6 and 400_000 < pace.request < 560_000

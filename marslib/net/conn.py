@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -235,6 +236,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.on_made = on_made
         self.transport: asyncio.Transport | None = None
         self.error: BaseException | None = None
+        self.last_received: float | None = None  # time.monotonic() of the last bytes in
         self._wakeup = asyncio.Event()
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -250,6 +252,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         return self.reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_received = time.monotonic()
         try:
             self.reader.buffer_updated(nbytes)
         except FrameError as exc:
@@ -312,13 +315,24 @@ class Connection:
         self.bytes_out = 0
 
     async def send(self, frame: Reply) -> None:
-        """Send ``frame`` whole: frames never interleave. A :class:`FileReply` whose
-        range cannot be read whole breaks the framing: the connection is closed and
+        """Send ``frame`` whole: frames never interleave. A :class:`FileReply` is read
+        ahead before its turn (overlapping the replies before it); one whose range
+        cannot be sent whole breaks the framing: the connection is closed and
         ConnectionError raised (the peer's requests on it fail at once)."""
+        if isinstance(frame, FileReply):
+            try:
+                f = await asyncio.to_thread(_open_read_ahead, frame.path, frame.offset,
+                                            frame.length)
+            except OSError as exc:
+                self.close()
+                raise ConnectionClosed(f"{frame.path}: {exc}") from None
+            try:
+                async with self._send_lock:
+                    await self._send_file(frame, f)
+            finally:
+                f.close()
+            return
         async with self._send_lock:
-            if isinstance(frame, FileReply):
-                await self._send_file(frame)
-                return
             payload = frame.payload
             if len(payload) < SEPARATE_PAYLOAD:
                 data = encode_frame(frame)
@@ -331,15 +345,9 @@ class Connection:
                 self.bytes_out += len(head) + len(payload)
             await self.protocol.drain()
 
-    async def _send_file(self, reply: FileReply) -> None:
+    async def _send_file(self, reply: FileReply, f: BinaryIO) -> None:
         head = encode_head(reply.type, reply.header, reply.length, reply.version)
         sent = 0
-        try:
-            f = await asyncio.to_thread(_open_read_ahead, reply.path, reply.offset,
-                                        reply.length)
-        except OSError as exc:
-            self.close()
-            raise ConnectionClosed(f"{reply.path}: {exc}") from None
         try:
             self.protocol.write(head)
             if reply.length:
@@ -347,8 +355,6 @@ class Connection:
                 sent = await loop.sendfile(self.transport, f, reply.offset, reply.length)
         except RuntimeError as exc:  # the transport closed meanwhile
             raise ConnectionClosed(str(exc)) from None
-        finally:
-            f.close()
         self.bytes_out += len(head) + sent
         if sent != reply.length:
             self.close()
@@ -515,6 +521,13 @@ class PeerBundle:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def last_received(self) -> float | None:
+        """When bytes last came in on any of the connections (``time.monotonic()``)."""
+        times = [c.protocol.last_received for c in self._conns
+                 if c.protocol.last_received is not None]
+        return max(times) if times else None
 
     async def _dial(self) -> Connection:
         loop = asyncio.get_running_loop()
