@@ -315,22 +315,27 @@ class Connection:
         self.bytes_out = 0
 
     async def send(self, frame: Reply) -> None:
-        """Send ``frame`` whole: frames never interleave. A :class:`FileReply` is read
-        ahead before its turn (overlapping the replies before it); one whose range
-        cannot be sent whole breaks the framing: the connection is closed and
-        ConnectionError raised (the peer's requests on it fail at once)."""
+        """Send ``frame`` whole: frames never interleave, and go out in the order of the
+        calls. A :class:`FileReply` is read ahead while the replies before it are sent;
+        one whose range cannot be sent whole breaks the framing: the connection is
+        closed and ConnectionError raised (the peer's requests on it fail at once)."""
         if isinstance(frame, FileReply):
-            try:
-                f = await asyncio.to_thread(_open_read_ahead, frame.path, frame.offset,
-                                            frame.length)
-            except OSError as exc:
-                self.close()
-                raise ConnectionClosed(f"{frame.path}: {exc}") from None
+            # read ahead now, send in turn (the lock serves in the order of asking)
+            ahead = asyncio.ensure_future(asyncio.to_thread(
+                _open_read_ahead, frame.path, frame.offset, frame.length))
             try:
                 async with self._send_lock:
+                    try:
+                        f = await ahead
+                    except OSError as exc:
+                        self.close()
+                        raise ConnectionClosed(f"{frame.path}: {exc}") from None
                     await self._send_file(frame, f)
             finally:
-                f.close()
+                if not ahead.done():
+                    ahead.cancel()  # (the thread's file is closed when it is dropped)
+                elif not ahead.cancelled() and ahead.exception() is None:
+                    ahead.result().close()
             return
         async with self._send_lock:
             payload = frame.payload
