@@ -3,12 +3,12 @@
 The server side answers FETCH_REQ with the bytes of a local logfile, never past what is
 durable, waiting a little (long poll) when the reader is already at the end. The client
 side (``Fetcher``) keeps a local copy of each logfile growing strictly by appending, with
-several requests in flight over a bundle of connections while it is behind. How much is
-in flight follows the rate the replies come in at (:class:`FetchPace`): up to
-``WINDOW_BYTES`` (after a link outage at 1 Gbit/s a few MiB in flight leave the link idle
-whenever either side waits for a CPU), but never more than a fraction of a second of
-transfer, so that a slow link neither times out requests nor delays the news of new log
-behind big replies. The data of a reply is sent from the logfile with ``sendfile``
+several requests of ``REQUEST_BYTES`` in flight over a bundle of connections while it is
+behind. How much is in flight follows the rate the replies come in at
+(:class:`FetchPace`): up to ``WINDOW_BYTES`` (after a link outage at 1 Gbit/s a few MiB
+in flight leave the link idle whenever either side waits for a CPU), about a quarter of
+a second of transfer, at least ``MIN_WINDOW``. A request waits as long as bytes keep
+coming. The data of a reply is sent from the logfile with ``sendfile``
 (:class:`marslib.net.conn.FileReply`), received in place and written as it arrived.
 """
 
@@ -40,10 +40,8 @@ MAX_CHUNK = 8 << 20  # the most one reply carries
 REQUEST_BYTES = 1 << 20  # the most per request: a reply is written to disk while it is still
 #                          in the CPU cache (4 MiB replies cost 3-5x the pwrite CPU)
 WINDOW_BYTES = 16 << 20  # the most requested and not yet received while behind
-MIN_REQUEST = 256 << 10
-MIN_WINDOW = 1 << 20
-REQUEST_SECONDS = 0.04  # a request asks for about this long a transfer at the recent rate
-WINDOW_SECONDS = 0.25  # and the requests in flight together for this long
+MIN_WINDOW = 4 << 20  # the least in flight while behind (what a 100 Mbit/s link needs)
+WINDOW_SECONDS = 0.25  # in flight: about this long a transfer at the recent reply rate
 MAX_WAIT = 10.0
 STALL_TIMEOUT = MAX_WAIT + 30  # no byte from the primary for so long while waiting: redial
 NOT_YET = -2  # a logfile newer than its logger's end as last reported: wait for the report
@@ -189,30 +187,23 @@ class FetchService:
 
 @dataclass
 class FetchPace:
-    """How much to ask for, from the rate at which the replies came in while requests
-    were in flight all the time (a pipeline kept busy measures the link, or whatever
-    else is slower). Starts at the most; times are ``time.monotonic()``."""
+    """How much to have in flight while behind: ``WINDOW_SECONDS`` of the rate replies
+    came in at while requests stayed in flight (a pipeline kept busy measures the link,
+    or whatever else is slower), between ``window_min`` and ``window_max``. Starts at the
+    most; times are ``time.monotonic()``."""
 
     window_max: int = WINDOW_BYTES
-    request_max: int = REQUEST_BYTES
+    window_min: int = MIN_WINDOW
     rate: float = 0.0  # bytes per second
     _since: float | None = None  # the last reply, if more were in flight after it
 
     def __post_init__(self) -> None:
-        self.request_max = max(1, min(self.request_max, MAX_CHUNK))
-        self.window_max = max(self.window_max, self.request_max)
-        self.rate = self.rate or max(self.window_max / WINDOW_SECONDS,
-                                     self.request_max / REQUEST_SECONDS)
+        self.window_min = min(self.window_min, self.window_max)
+        self.rate = self.rate or self.window_max / WINDOW_SECONDS
 
     @property
     def window(self) -> int:
-        return int(max(min(self.rate * WINDOW_SECONDS, self.window_max),
-                       min(MIN_WINDOW, self.window_max)))
-
-    @property
-    def request(self) -> int:
-        return int(max(min(self.rate * REQUEST_SECONDS, self.request_max),
-                       min(MIN_REQUEST, self.request_max)))
+        return int(max(min(self.rate * WINDOW_SECONDS, self.window_max), self.window_min))
 
     def reply(self, nbytes: int, now: float, more_in_flight: bool) -> None:
         """A reply of ``nbytes`` was taken at ``now``; ``more_in_flight``: requests are
@@ -235,7 +226,8 @@ class Fetcher:
         self.bundle = bundle
         self.logfile = start_logfile
         self.parallel = max(1, parallel)  # connections (the bundle's size)
-        self.pace = FetchPace(window_bytes, request_bytes)
+        self.request_bytes = max(1, min(request_bytes, MAX_CHUNK))
+        self.pace = FetchPace(max(window_bytes, self.request_bytes))
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
@@ -347,13 +339,13 @@ class Fetcher:
             while not self._restart and name == self.logfile and not self.paused:
                 # only bytes known to be durable on the primary are asked for in bulk
                 while next_off - self.local_end < pace.window and next_off < self.remote_end:
-                    n = min(pace.request, self.remote_end - next_off)
+                    n = min(self.request_bytes, self.remote_end - next_off)
                     pending[next_off] = (asyncio.create_task(self._request(next_off, n, 0.0)),
                                          time.monotonic())
                     next_off += n
                 if not pending:
                     pending[next_off] = (asyncio.create_task(
-                        self._request(next_off, pace.request, 5.0)), time.monotonic())
+                        self._request(next_off, self.request_bytes, 5.0)), time.monotonic())
                 first = min(pending)
                 reply = await self._reply(*pending.pop(first))
                 self.last_contact = time.monotonic()
