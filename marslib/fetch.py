@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # what a request asks for when it does not say (older fetchers)
 MAX_CHUNK = 8 << 20  # the most one reply carries
 REQUEST_BYTES = 1 << 20  # the most per request: a reply is written to disk while it is still
-#                          in the CPU cache (4 MiB replies cost 3-5x the pwrite CPU)
+#                          in the CPU cache (4 MiB replies cost about 3x the pwrite CPU)
 WINDOW_BYTES = 16 << 20  # the most requested and not yet received while behind
 MIN_WINDOW = 4 << 20  # the least in flight while behind (what a 100 Mbit/s link needs)
 WINDOW_SECONDS = 0.25  # in flight: about this long a transfer at the recent reply rate
@@ -219,7 +219,8 @@ class Fetcher:
 
     def __init__(self, resource: str, host: str, paths: MarsPaths, bundle: PeerBundle,
                  start_logfile: str, parallel: int = 2, window_bytes: int = WINDOW_BYTES,
-                 request_bytes: int = REQUEST_BYTES) -> None:
+                 request_bytes: int = REQUEST_BYTES,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         self.resource = resource
         self.host = host
         self.paths = paths
@@ -228,6 +229,7 @@ class Fetcher:
         self.parallel = max(1, parallel)  # connections (the bundle's size)
         self.request_bytes = max(1, min(request_bytes, MAX_CHUNK))
         self.pace = FetchPace(max(window_bytes, self.request_bytes))
+        self.stall_timeout = stall_timeout  # no byte from the primary so long: redial
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
@@ -311,17 +313,18 @@ class Fetcher:
 
     async def _reply(self, task: asyncio.Task[Frame], issued: float) -> Frame:
         """The reply of ``task``, as long as bytes keep coming from the primary; after
-        ``STALL_TIMEOUT`` without any (since ``issued`` at the earliest): ConnectionError,
+        ``stall_timeout`` without any (since ``issued`` at the earliest): ConnectionError,
         the connections dropped."""
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=1.0)
+                done, _ = await asyncio.wait({task}, timeout=min(1.0, self.stall_timeout))
                 if done:
                     return task.result()
                 heard = max(self.bundle.last_received or 0.0, issued)
-                if time.monotonic() - heard > STALL_TIMEOUT:
+                if time.monotonic() - heard > self.stall_timeout:
                     self.bundle.close()
-                    raise ConnectionError(f"nothing from the primary for {STALL_TIMEOUT:g} s")
+                    raise ConnectionError(
+                        f"nothing from the primary for {self.stall_timeout:g} s")
         finally:
             task.cancel()  # (done already, or no longer wanted)
 

@@ -386,3 +386,41 @@ def test_pace_follows_the_rate_of_a_busy_pipeline() -> None:
         t += 0.025
         pace.reply(1_000_000, t, more_in_flight=True)
     assert 9.5e6 < pace.window < 10.5e6
+
+
+def test_a_silent_primary_is_redialled(tmp_path: Path) -> None:
+    """After ``stall_timeout`` without a byte from the primary the fetcher drops its
+    connections (the server sees its request cancelled) and asks again on a new one."""
+    paths = MarsPaths(tmp_path / "b", tmp_path / "b-run")
+    paths.resource_dir("r0").mkdir(parents=True)
+    name = LogPosition(1, 0, 0, HOST).logfile
+
+    async def main() -> None:
+        dropped = asyncio.Event()
+        asked = asyncio.Event()
+
+        async def silent(frame: Frame, peer: PeerInfo) -> Reply:
+            asked.set()
+            try:
+                await asyncio.Event().wait()  # never answers, sends nothing
+            except asyncio.CancelledError:
+                dropped.set()  # its connection was closed
+                raise
+            raise AssertionError("unreachable")
+
+        server, ip, port = await _server(silent)
+        bundle = _bundle(ip, port)
+        fetcher = Fetcher("r0", "beta", paths, bundle, name, stall_timeout=0.5)
+        task = asyncio.create_task(fetcher.run())
+        try:
+            await asyncio.wait_for(asked.wait(), GUARD)
+            dialled = bundle.reconnects
+            await asyncio.wait_for(dropped.wait(), GUARD)
+            asked.clear()
+            await asyncio.wait_for(asked.wait(), GUARD)
+            assert bundle.reconnects > dialled
+        finally:
+            task.cancel()
+            bundle.close()
+            server.close()
+    run(main())
