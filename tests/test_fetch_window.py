@@ -1,7 +1,8 @@
 """The fetch path's bulk data handling: bytes in flight, in-place frame parsing, sendfile.
 
 - The fetcher keeps ``window_bytes`` requested against a server whose replies are held
-  back, and appends replies released out of order strictly in order.
+  back, and appends replies released out of order strictly in order; how much it keeps
+  in flight follows the reply rate (``FetchPace``); a silent primary is redialled.
 - :class:`FrameReader` gives the same frames (and errors) as ``FrameParser`` whatever the
   pieces the bytes arrive in.
 - A :class:`FileReply` puts exactly the requested range of its file on the wire; one that
