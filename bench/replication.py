@@ -11,7 +11,11 @@ Runs on the lab (two network namespaces on a bridge, ``marslib.lab``), for each 
             the baseline should be >= 0.97.
 * collapse  a writer at a steady rate below the link rate (fio nbd), the link collapses 100x
             for 3 s and comes back: the backlog at the end of the collapse and the time until
-            the lag is back to its steady level, against backlog / spare rate.
+            the lag is back to its steady level, against backlog / spare rate. Where that
+            time goes: a timeline in 100 ms bins (log bytes fetched and applied, fetch and
+            replay lag, on-CPU and run-queue wait of both marsd and their resource workers,
+            the worker's threads on lab2, the machine's CPU), summed per phase (steady,
+            collapsed, recovery).
 
 Prints a table with the figures, the ratios and PASS/MISS; exits 0 whenever the
 measurement itself worked. Takes ~1.5 min (``--quick`` ~40 s); the lab is taken down on
@@ -19,11 +23,14 @@ any exit (error, Ctrl-C, SIGTERM).
 
     .venv/bin/python bench/replication.py [--quick] [--rates 100mbit,1gbit]
                                           [--connections 2,4] [--py-spy DIR] [--json FILE]
+                                          [--timeline] [--collapse-pause-replay]
+                                          [--collapse-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -276,6 +283,132 @@ class CpuMeter:
         return self.result
 
 
+# ------------------------------------------------------------------ catch-up timeline
+def worker_pid(marsd_pid: int) -> int | None:
+    """The resource worker process under ``marsd_pid`` (``python -m marslib.worker``)."""
+    for pid in b.process_tree(marsd_pid)[1:]:
+        with contextlib.suppress(OSError):
+            if b"marslib.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    return None
+
+
+def thread_times(pid: int) -> dict[int, tuple[int, int]]:
+    """(on-CPU ns, run-queue wait ns) so far of every live thread of ``pid``
+    (/proc/PID/task/TID/schedstat): wait = runnable but not running, i.e. CPU contention."""
+    out: dict[int, tuple[int, int]] = {}
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                run, wait = Path(task.path, "schedstat").read_text().split()[:2]
+                out[int(task.name)] = (int(run), int(wait))
+    return out
+
+
+@dataclass
+class ProbeSample:
+    t: float
+    end: int  # the primary's log end (bytes of log history)
+    fetched: int  # lab2's fetched end
+    applied: int  # lab2's replay position
+    cpu: dict[str, tuple[int, int]]  # process -> (on-CPU ns, run-queue wait ns), all threads
+    threads: dict[int, tuple[int, int]]  # lab2 worker: thread id -> (on-CPU ns, wait ns)
+    machine: tuple[float, float]  # (busy, total) jiffies of all CPUs
+
+
+@dataclass
+class CatchUpProbe:
+    """Samples lab2's fetch and replay positions and the CPU of both marsd and their
+    workers, for a timeline of a collapse and its recovery."""
+
+    rl: ReplLab
+    pids: dict[str, int] = field(default_factory=dict)
+    samples: list[ProbeSample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for host in ("lab1", "lab2"):
+            marsd = self.rl.marsd_pid(host)
+            self.pids[f"{host} marsd"] = marsd
+            wpid = worker_pid(marsd)
+            if wpid is not None:
+                self.pids[f"{host} worker"] = wpid
+
+    def sample(self) -> ProbeSample:
+        st2 = self.rl.status("lab2")  # lab2 first: the lag is rather over- than underestimated
+        sizes = self.rl.log_sizes()
+        end = self.rl.primary_end(sizes)
+        cpu = {}
+        threads: dict[int, tuple[int, int]] = {}
+        for name, pid in self.pids.items():
+            tt = thread_times(pid)
+            cpu[name] = (sum(x[0] for x in tt.values()), sum(x[1] for x in tt.values()))
+            if name == "lab2 worker":
+                threads = tt
+        s = ProbeSample(time.monotonic(), end, self.rl.fetched(st2, sizes),
+                        self.rl.applied(st2, sizes), cpu, threads, machine_busy())
+        self.samples.append(s)
+        return s
+
+    # ------------------------------------------------------------ evaluation
+    def _at(self, t: float, get: Any) -> float:
+        """A cumulative figure ``get(sample)`` at time ``t``, interpolated linearly."""
+        ss = self.samples
+        i = bisect.bisect_left([s.t for s in ss], t)
+        if i == 0 or i == len(ss):
+            return float(get(ss[min(i, len(ss) - 1)]))
+        a, c = ss[i - 1], ss[i]
+        va, vc = float(get(a)), float(get(c))
+        return va + (vc - va) * (t - a.t) / max(c.t - a.t, 1e-9)
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Figures between ``t0`` and ``t1``: rates in B/s, CPU and wait in % of one CPU,
+        machine in % of all CPUs; lags (MB) at ``t1``."""
+        dt = max(t1 - t0, 1e-9)
+
+        def delta(get: Any) -> float:
+            return self._at(t1, get) - self._at(t0, get)
+
+        row: dict[str, Any] = {
+            "t0": t0, "t1": t1,
+            "fetch_rate": delta(lambda s: s.fetched) / dt,
+            "replay_rate": delta(lambda s: s.applied) / dt,
+            "write_rate": delta(lambda s: s.end) / dt,
+            "fetch_lag_mb": (self._at(t1, lambda s: s.end) - self._at(t1, lambda s: s.fetched))
+            / MB,
+            "replay_lag_mb": (self._at(t1, lambda s: s.end)
+                              - self._at(t1, lambda s: s.applied)) / MB,
+        }
+        for name in self.pids:
+            row[f"{name} cpu"] = 100 * delta(lambda s, n=name: s.cpu.get(n, (0, 0))[0]) / 1e9 / dt
+            row[f"{name} wait"] = 100 * delta(lambda s, n=name: s.cpu.get(n, (0, 0))[1]) / 1e9 \
+                / dt
+        busy = delta(lambda s: s.machine[0])
+        total = delta(lambda s: s.machine[1])
+        row["machine"] = 100 * busy / total if total > 0 else float("nan")
+        return row
+
+    def worker_threads(self, t0: float, t1: float) -> list[tuple[str, float, float]]:
+        """lab2 worker's threads between ``t0`` and ``t1``: (name, CPU %, wait %), busiest
+        first; the event loop is the main thread (thread id = pid)."""
+        a = min(self.samples, key=lambda s: abs(s.t - t0))
+        c = min(self.samples, key=lambda s: abs(s.t - t1))
+        dt = max(c.t - a.t, 1e-9)
+        main = self.pids.get("lab2 worker")
+        out = []
+        for tid, (run, wait) in c.threads.items():
+            run0, wait0 = a.threads.get(tid, (0, 0))
+            name = "event loop" if tid == main else f"thread {tid}"
+            out.append((name, 100 * (run - run0) / 1e9 / dt, 100 * (wait - wait0) / 1e9 / dt))
+        return sorted(out, key=lambda x: -x[1])
+
+    def timeline(self, t0: float, t1: float, step: float = 0.1) -> list[dict[str, Any]]:
+        rows, t = [], t0
+        while t + step / 2 < t1:
+            rows.append(self.window(t, min(t + step, t1)))
+            t += step
+        return rows
+
+
 @contextlib.contextmanager
 def lab_session(lab_dir: Path, device_size: str) -> Iterator[ReplLab]:
     """A fresh lab in ``lab_dir``, always taken down again (also on errors and signals)."""
@@ -406,73 +539,118 @@ def set_rate(rl: ReplLab, rate: str) -> None:
 
 
 def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
-                     collapse_s: float, link_rate: float, fetch_rate: float) -> dict[str, Any]:
+                     collapse_s: float, link_rate: float, fetch_rate: float,
+                     pause_replay: bool = False, spy: Path | None = None,
+                     limit: float = 120.0) -> dict[str, Any]:
     """Writer at ``write_rate`` B/s, link collapses 100x for ``collapse_s``; catch-up time.
 
-    ``link_rate``: the TCP baseline; ``fetch_rate``: marslib's backlog rate on this link."""
+    ``link_rate``: the TCP baseline; ``fetch_rate``: marslib's backlog rate on this link.
+    ``pause_replay``: lab2's replay paused from before the collapse until caught up (a
+    diagnosis: the fetch alone). ``spy``: py-spy both marsd and their workers during the
+    recovery into this directory. ``limit``: seconds after the restore before giving up."""
     rl.wait_up_to_date()
+    if pause_replay:
+        rl.lab.marsadm("lab2", "pause-replay", RES)
     slow = f"{rate_bytes(rate) * 8 / 100 / 1e6:g}mbit"
     fio = rl.popen("lab1", "fio", "--name=steady", "--ioengine=nbd", f"--uri={rl.uri}",
                    "--rw=write", "--bs=256k", "--iodepth=2", f"--rate={int(write_rate)}",
                    "--size=1G", "--time_based", "--runtime=300", "--thread",
                    "--output-format=json", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                    text=True)
+    probe = CatchUpProbe(rl)
+    spies: list[subprocess.Popen[bytes]] = []
+    caught_up = True
     try:
-        def lag() -> tuple[float, int, int]:
-            st2 = rl.status("lab2")  # lab2 first: the lag is rather over- than underestimated
-            sizes = rl.log_sizes()
-            end = rl.primary_end(sizes)
-            return time.monotonic(), end, end - rl.fetched(st2, sizes)
-
         time.sleep(1.0)  # fio connects and settles
-        steady: list[tuple[float, int, int]] = []
         t = time.monotonic()
         while time.monotonic() - t < steady_s:
-            steady.append(lag())
+            probe.sample()
             time.sleep(0.05)
+        steady = list(probe.samples)
         if fio.poll() is not None:
             raise RuntimeError(f"fio ended early: {fio.stderr.read() if fio.stderr else ''}")
-        measured_write = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
-        lags = sorted(x[2] for x in steady)
+        measured_write = (steady[-1].end - steady[0].end) / (steady[-1].t - steady[0].t)
+        lags = sorted(s.end - s.fetched for s in steady)
         threshold = max(1 << 20, int(1.5 * lags[int(0.95 * (len(lags) - 1))]))
         rl.lab.shape("lab2", rate=slow)
         t_slow = time.monotonic()
-        time.sleep(collapse_s)
-        _, end_restore, backlog = lag()
-        fetched_restore = end_restore - backlog
+        while time.monotonic() - t_slow < collapse_s:
+            probe.sample()
+            time.sleep(0.05)
+        last = probe.sample()
+        backlog, fetched_restore = last.end - last.fetched, last.fetched
         rl.lab.shape("lab2", rate=rate)
         t_restore = time.monotonic()
+        if spy is not None:
+            spy.mkdir(parents=True, exist_ok=True)
+            expect = 2 * backlog / max(link_rate - measured_write, 1.0) + 1
+            for host in ("lab1", "lab2"):
+                p = b.py_spy_start(rl.marsd_pid(host), expect, spy / f"{host}-recovery.txt")
+                if p is not None:
+                    spies.append(p)
         peak = backlog
         first_mib = None  # when the fetch had moved 1 MiB past where it was at the restore
         while True:
-            now, end, cur = lag()
+            s = probe.sample()
+            now, cur = s.t, s.end - s.fetched
             peak = max(peak, cur)
-            if first_mib is None and end - cur - fetched_restore >= 1 << 20:
+            if first_mib is None and s.fetched - fetched_restore >= 1 << 20:
                 first_mib = now - t_restore
             if cur <= threshold:
                 break
-            if now - t_restore > 120:
-                raise RuntimeError(f"lag still {cur / MB:.1f} MB 120 s after the link came back")
+            if now - t_restore > limit:
+                b.say(f"WARNING: lag still {cur / MB:.1f} MB {limit:g} s after the link came "
+                      "back")
+                caught_up = False
+                break
             time.sleep(POLL)
         catch_up = now - t_restore
-        moved = (end - cur) - fetched_restore
+        moved = s.fetched - fetched_restore
+        t_after = time.monotonic()
+        while time.monotonic() - t_after < 0.5:  # the steady state after it, for the timeline
+            probe.sample()
+            time.sleep(0.05)
     finally:
         if fio.poll() is None:
             fio.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             fio.communicate(timeout=30)
         b.stop_process(fio, timeout=5)
+        if pause_replay:
+            rl.lab.marsadm("lab2", "resume-replay", RES)
+        for p in spies:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(60)
     rl.wait_up_to_date(timeout=300)
 
     def expect(rate: float) -> float:
         spare = rate - measured_write
         return (backlog - threshold) / spare if spare > 0 else float("inf")
 
+    t_caught = t_restore + catch_up
+    phases = {"steady": probe.window(steady[0].t, t_slow),
+              "collapsed": probe.window(t_slow, t_restore),
+              "recovery": probe.window(t_restore, t_caught)}
+    rec = phases["recovery"]
+    timeline = probe.timeline(t_restore - 0.5, min(t_caught + 0.5, probe.samples[-1].t))
+    for row in timeline:
+        row["t"] = round(row.pop("t0") - t_restore, 2)
+        row.pop("t1")
+    busy_bins = [r for r in timeline if 0 <= r["t"] < catch_up]
     return {"slow": slow, "write_rate": measured_write, "steady_lag_mb": lags[len(lags) // 2] / MB,
             "threshold_mb": threshold / MB, "collapse_s": t_restore - t_slow,
             "backlog_mb": backlog / MB, "peak_mb": peak / MB, "catch_up_s": catch_up,
+            "caught_up": caught_up, "replay_paused": pause_replay,
             "first_mib_s": first_mib or catch_up, "recovery_rate": moved / catch_up,
-            "expected_s": expect(link_rate), "expected_marslib_s": expect(fetch_rate)}
+            "expected_s": expect(link_rate), "expected_marslib_s": expect(fetch_rate),
+            "phases": phases, "timeline": timeline,
+            "threads": probe.worker_threads(t_restore, t_caught),
+            "slow_bins": sum(1 for r in busy_bins if r["fetch_rate"] < 0.5 * link_rate),
+            "bins": len(busy_bins),
+            # CPU seconds per GB fetched while recovering: independent of other load
+            "cpu_s_per_gb": {k[:-4]: rec[k] / 100 / max(rec["fetch_rate"], 1.0) * 1e9
+                             for k in rec if k.endswith(" cpu")},
+            "load": os.getloadavg()[0]}
 
 
 # ------------------------------------------------------------------ main
@@ -490,8 +668,18 @@ def main() -> int:
     ap.add_argument("--lab-dir", type=Path, default=Path("/var/tmp/mars-bench-repl-lab"),
                     help="the lab's directory (its own network; removed at the end)")
     ap.add_argument("--py-spy", type=Path, metavar="DIR",
-                    help="profile both marsd during the backlog transfers into DIR")
+                    help="profile both marsd (and their workers) during the backlog transfers "
+                         "and the recovery from the collapse, into DIR")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print the collapse's timeline in 100 ms bins (always in --json)")
+    ap.add_argument("--collapse-pause-replay", action="store_true",
+                    help="pause lab2's replay from before the collapse until caught up (a "
+                         "diagnosis: the fetch alone)")
+    ap.add_argument("--collapse-only", action="store_true",
+                    help="skip the backlog transfer: TCP baseline and collapse only")
+    ap.add_argument("--catch-up-limit", type=float, default=120.0, metavar="SECONDS",
+                    help="give up waiting for the catch-up after this long (default 120)")
     args = ap.parse_args()
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
     conns = [int(c) for c in args.connections.split(",")]
@@ -531,27 +719,37 @@ def main() -> int:
                 rl.lab.marsd_start("lab2", "--connections", str(c))
                 tag = f"{rate}-c{c}" + ("-noreplay" if no_replay else "")
                 spy = args.py_spy / tag if args.py_spy else None
-                r = measure_backlog(rl, payload, spy, no_replay)
+                if args.collapse_only:
+                    r = {"rate": float("nan"), "no_replay": False}
+                else:
+                    r = measure_backlog(rl, payload, spy, no_replay)
                 r.update(link_name=rate, link=link, baseline=base, connections=c, tag=tag,
                          no_replay=no_replay, ratio=r["rate"] / base)
                 results.append(r)
-                b.say(f"[{rate}] backlog {r['log_mb']:.0f} MB of log, --connections {c}"
-                      f"{', replay paused' if no_replay else ''}: fetched in "
-                      f"{r['fetch_s']:.2f} s = {r['rate'] / MB:.1f} MB/s (10-90%: "
-                      f"{r['steady_rate'] / MB:.1f} MB/s), ratio {r['ratio']:.2f}; CPU lab1 "
-                      f"marsd {r['cpu']['lab1 marsd']:.0f}%, lab2 marsd "
-                      f"{r['cpu']['lab2 marsd']:.0f}%, machine {r['cpu']['machine']:.0f}%")
+                if not args.collapse_only:
+                    b.say(f"[{rate}] backlog {r['log_mb']:.0f} MB of log, --connections {c}"
+                          f"{', replay paused' if no_replay else ''}: fetched in "
+                          f"{r['fetch_s']:.2f} s = {r['rate'] / MB:.1f} MB/s (10-90%: "
+                          f"{r['steady_rate'] / MB:.1f} MB/s), ratio {r['ratio']:.2f}; CPU "
+                          f"lab1 marsd {r['cpu']['lab1 marsd']:.0f}%, lab2 marsd "
+                          f"{r['cpu']['lab2 marsd']:.0f}%, machine {r['cpu']['machine']:.0f}%")
                 if n == 0 and link != float("inf"):
                     wr = (0.4 if link < 50e6 else 0.3) * link
                     cr = measure_collapse(rl, rate, wr, 1.5 if args.quick else 2.5, 3.0,
-                                          base, r["rate"])
+                                          base, r["rate"], args.collapse_pause_replay,
+                                          spy, args.catch_up_limit)
                     r["collapse"] = cr
                     b.say(f"[{rate}] collapse to {cr['slow']} for {cr['collapse_s']:.1f} s "
-                          f"at {cr['write_rate'] / MB:.1f} MB/s of writes: backlog "
-                          f"{cr['backlog_mb']:.1f} MB, caught up {cr['catch_up_s']:.2f} s "
-                          f"after the link came back (backlog / spare rate: "
+                          f"at {cr['write_rate'] / MB:.1f} MB/s of writes"
+                          f"{', replay paused' if cr['replay_paused'] else ''}: backlog "
+                          f"{cr['backlog_mb']:.1f} MB, "
+                          f"{'caught up' if cr['caught_up'] else 'NOT caught up'} "
+                          f"{cr['catch_up_s']:.2f} s after the link came back (backlog / spare "
+                          f"rate: "
                           f"{cr['expected_s']:.2f} s at the TCP rate, "
-                          f"{cr['expected_marslib_s']:.2f} s at marslib's backlog rate)")
+                          f"{cr['expected_marslib_s']:.2f} s at marslib's backlog rate), "
+                          f"ratio {_ratio(cr['catch_up_s'], cr['expected_s'])}; load "
+                          f"{cr['load']:.1f}")
                 if n == 0 and r["ratio"] < TARGET_RATIO:
                     variants += [(x, False) for x in conns[1:]]
                     if args.diagnose:
@@ -561,7 +759,7 @@ def main() -> int:
             payload.unlink()
         rl.lab.clear_shape("lab2")
 
-    report(results, args.py_spy)
+    report(results, args.py_spy, args.timeline)
     b.say(f"\ntotal {time.monotonic() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -572,7 +770,8 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if 0 < b < float("inf") else "-"
 
 
-def report(results: list[dict[str, Any]], py_spy: Path | None) -> None:
+def report(results: list[dict[str, Any]], py_spy: Path | None, timeline: bool) -> None:
+    results_all, results = results, [r for r in results if "log_mb" in r]
     b.say()
     b.say("RESULTS (MB = 10^6 bytes; marslib MB/s = log bytes fetched / time from "
           "resume-fetch until lab2 held the primary's log end)")
@@ -599,7 +798,7 @@ def report(results: list[dict[str, Any]], py_spy: Path | None) -> None:
           "1.5x its steady 95th percentile, at least 1 MiB)")
     rows = [["link", "writes MB/s", "collapsed to", "backlog MB", "first MiB s", "catch-up s",
              "recovery MB/s", "exp. at TCP s", "ratio", "exp. at marslib s", "ratio"]]
-    for r in results:
+    for r in results_all:
         cr = r.get("collapse")
         if cr:
             rows.append([r["link_name"], f"{cr['write_rate'] / MB:.1f}", cr["slow"],
@@ -613,12 +812,55 @@ def report(results: list[dict[str, Any]], py_spy: Path | None) -> None:
           "own backlog rate on that link; ratio = catch-up / exp., 1.0 = as fast as that rate "
           "allows; recovery MB/s: log fetched per second while catching up; first MiB: "
           "until the fetch had moved 1 MiB after the restore)")
+    for r in results_all:
+        if r.get("collapse"):
+            report_catch_up(r["link_name"], r["baseline"], r["collapse"], timeline)
     if py_spy:
-        for r in results:
-            for host in ("lab1", "lab2"):
-                path = py_spy / r["tag"] / f"{host}-backlog.txt"
+        for r in results_all:
+            for host, phase in (("lab1", "backlog"), ("lab2", "backlog"), ("lab1", "recovery"),
+                                ("lab2", "recovery")):
+                path = py_spy / r["tag"] / f"{host}-{phase}.txt"
                 if path.exists():
-                    b.say(f"\npy-spy {host} marsd, {r['tag']}:\n{b.py_spy_summary(path)}")
+                    b.say(f"\npy-spy {host} marsd and worker, {phase}, {r['tag']}:\n"
+                          f"{b.py_spy_summary(path)}")
+
+
+PROCS = ("lab1 marsd", "lab1 worker", "lab2 marsd", "lab2 worker")
+
+
+def report_catch_up(link_name: str, baseline: float, cr: dict[str, Any],
+                    timeline: bool) -> None:
+    """Where the catch-up time went: the phases, lab2's worker threads, the timeline."""
+    b.say()
+    b.say(f"WHERE THE CATCH-UP TIME GOES, {link_name} (TCP {baseline / MB:.1f} MB/s"
+          f"{'; replay paused' if cr['replay_paused'] else ''}): MB/s of log; CPU and "
+          "run-queue wait (runnable, no CPU free) in % of one CPU; machine: % of all CPUs")
+    rows = [["phase", "secs", "written", "fetched", "applied", "fetch lag MB",
+             "replay lag MB", *[f"{p} cpu/wait" for p in PROCS], "machine"]]
+    for name, ph in cr["phases"].items():
+        rows.append([name, f"{ph['t1'] - ph['t0']:.2f}", f"{ph['write_rate'] / MB:.1f}",
+                     f"{ph['fetch_rate'] / MB:.1f}", f"{ph['replay_rate'] / MB:.1f}",
+                     f"{ph['fetch_lag_mb']:.1f}", f"{ph['replay_lag_mb']:.1f}",
+                     *[f"{ph.get(p + ' cpu', 0):.0f}/{ph.get(p + ' wait', 0):.0f}"
+                       for p in PROCS], f"{ph['machine']:.0f}"])
+    b.say(b.table(rows, right=set(range(1, 12))))
+    threads = ", ".join(f"{name} {cpu:.0f}/{wait:.0f}" for name, cpu, wait in cr["threads"]
+                        if cpu >= 1)
+    b.say(f"lab2 worker threads while recovering (cpu/wait %): {threads}")
+    per_gb = ", ".join(f"{k} {v:.2f}" for k, v in cr["cpu_s_per_gb"].items())
+    b.say(f"CPU seconds per GB fetched while recovering: {per_gb}")
+    b.say(f"100 ms bins of the recovery below half the TCP rate: {cr['slow_bins']} of "
+          f"{cr['bins']}")
+    if timeline:
+        rows = [["t s", "fetched MB/s", "applied MB/s", "fetch lag MB", "replay lag MB",
+                 *[f"{p} cpu/wait" for p in PROCS], "machine"]]
+        for row in cr["timeline"]:
+            rows.append([f"{row['t']:+.1f}", f"{row['fetch_rate'] / MB:.1f}",
+                         f"{row['replay_rate'] / MB:.1f}", f"{row['fetch_lag_mb']:.1f}",
+                         f"{row['replay_lag_mb']:.1f}",
+                         *[f"{row.get(p + ' cpu', 0):.0f}/{row.get(p + ' wait', 0):.0f}"
+                           for p in PROCS], f"{row['machine']:.0f}"])
+        b.say(b.table(rows, right=set(range(0, 10))))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@
 The server side answers FETCH_REQ with the bytes of a local logfile, never past what is
 durable, waiting a little (long poll) when the reader is already at the end. The client
 side (``Fetcher``) keeps a local copy of each logfile growing strictly by appending, with
-several requests in flight over a bundle of connections when it is behind.
+several requests of ``REQUEST_BYTES`` in flight over a bundle of connections while it is
+behind. How much is in flight follows the rate the replies come in at
+(:class:`FetchPace`): up to ``WINDOW_BYTES`` (after a link outage at 1 Gbit/s a few MiB
+in flight leave the link idle whenever either side waits for a CPU), about a quarter of
+a second of transfer, at least ``MIN_WINDOW``. A request waits as long as bytes keep
+coming. The data of a reply is sent from the logfile with ``sendfile``
+(:class:`marslib.net.conn.FileReply`), received in place and written as it arrived.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +27,7 @@ from marslib.durable import fsync_dir
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import MarsPaths, check_resource_name, parse_logfile_name
 from marslib.logfile import valid_end
-from marslib.net.conn import PeerBundle, RemoteError
+from marslib.net.conn import FileReply, PeerBundle, RemoteError, Reply
 from marslib.net.handshake import PeerInfo
 from marslib.pausing import PauseSwitch
 from marslib.position import LogPosition
@@ -28,9 +35,15 @@ from marslib.status import FetchStatus
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-MAX_CHUNK = 8 << 20
+CHUNK = 1 << 20  # what a request asks for when it does not say (older fetchers)
+MAX_CHUNK = 8 << 20  # the most one reply carries
+REQUEST_BYTES = 1 << 20  # the most per request: a reply is written to disk while it is still
+#                          in the CPU cache (4 MiB replies cost about 3x the pwrite CPU)
+WINDOW_BYTES = 16 << 20  # the most requested and not yet received while behind
+MIN_WINDOW = 4 << 20  # the least in flight while behind (what a 100 Mbit/s link needs)
+WINDOW_SECONDS = 0.25  # in flight: about this long a transfer at the recent reply rate
 MAX_WAIT = 10.0
+STALL_TIMEOUT = MAX_WAIT + 30  # no byte from the primary for so long while waiting: redial
 NOT_YET = -2  # a logfile newer than its logger's end as last reported: wait for the report
 
 
@@ -103,7 +116,17 @@ class FetchService:
             self._valid_ends = {key: end_offset}
         return self._valid_ends[key]
 
-    async def handle(self, frame: Frame, peer: PeerInfo) -> Frame:
+    def _next_logfile(self, resource: str, name: str) -> str | None:
+        """The logfile after ``name`` here, without listing the directory while the
+        logger writes ``name``: whatever it rotates to, its end is not past ``name``
+        before it says so (its reported end may lag, never lead)."""
+        logger = self.loggers(resource)
+        end = logger.log_end if logger is not None else None
+        if end is not None and end.logfile == name:
+            return None
+        return next_logfile(self.paths, resource, name)
+
+    async def handle(self, frame: Frame, peer: PeerInfo) -> Reply:
         if frame.type != FrameType.FETCH_REQ:
             return Frame(FrameType.ERROR, {"error": f"unexpected frame {frame.type} on fetch"})
         resource = check_resource_name(str(frame.get("resource", "")))
@@ -126,7 +149,7 @@ class FetchService:
         while True:
             # the next logfile first: once it exists, this one is finished, and its end is
             # the file's size (a logger's end read before that could be short of it)
-            nxt = next_logfile(self.paths, resource, name)
+            nxt = self._next_logfile(resource, name)
             end = await self._durable_end(resource, name, path, nxt)
             remaining = deadline - time.monotonic()
             if end == NOT_YET:
@@ -154,31 +177,59 @@ class FetchService:
                                                 "finished": finished, "next": nxt,
                                                 "diverged": True})
         length = min(max_len, end - offset)
-        data = await asyncio.to_thread(_read_range, path, offset, length) if length else b""
-        self.bytes_served += len(data)
-        return Frame(FrameType.FETCH_DATA, {
-            "logfile": name, "offset": offset, "end": end, "finished": finished, "next": nxt,
-        }, data)
+        self.bytes_served += length
+        header = {"logfile": name, "offset": offset, "end": end, "finished": finished,
+                  "next": nxt}
+        if not length:
+            return Frame(FrameType.FETCH_DATA, header)
+        return FileReply(FrameType.FETCH_DATA, header, path, offset, length)
 
 
-def _read_range(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
+@dataclass
+class FetchPace:
+    """How much to have in flight while behind: ``WINDOW_SECONDS`` of the rate replies
+    came in at while requests stayed in flight (a pipeline kept busy measures the link,
+    or whatever else is slower), between ``window_min`` and ``window_max``. Starts at the
+    most; times are ``time.monotonic()``."""
+
+    window_max: int = WINDOW_BYTES
+    window_min: int = MIN_WINDOW
+    rate: float = 0.0  # bytes per second
+    _since: float | None = None  # the last reply, if more were in flight after it
+
+    def __post_init__(self) -> None:
+        self.window_min = min(self.window_min, self.window_max)
+        self.rate = self.rate or self.window_max / WINDOW_SECONDS
+
+    @property
+    def window(self) -> int:
+        return int(max(min(self.rate * WINDOW_SECONDS, self.window_max), self.window_min))
+
+    def reply(self, nbytes: int, now: float, more_in_flight: bool) -> None:
+        """A reply of ``nbytes`` was taken at ``now``; ``more_in_flight``: requests are
+        still out after it."""
+        if self._since is not None and nbytes:
+            seen = nbytes / max(now - self._since, 1e-3)
+            self.rate = 0.75 * self.rate + 0.25 * seen
+        self._since = now if more_in_flight else None
 
 
 class Fetcher:
     """Keeps local copies of the primary's logfiles up to date (runs on a secondary)."""
 
     def __init__(self, resource: str, host: str, paths: MarsPaths, bundle: PeerBundle,
-                 start_logfile: str, parallel: int = 2) -> None:
+                 start_logfile: str, parallel: int = 2, window_bytes: int = WINDOW_BYTES,
+                 request_bytes: int = REQUEST_BYTES,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         self.resource = resource
         self.host = host
         self.paths = paths
         self.bundle = bundle
         self.logfile = start_logfile
-        self.parallel = max(1, parallel)
-        self.window = 2 * self.parallel  # requests in flight while behind
+        self.parallel = max(1, parallel)  # connections (the bundle's size)
+        self.request_bytes = max(1, min(request_bytes, MAX_CHUNK))
+        self.pace = FetchPace(max(window_bytes, self.request_bytes))
+        self.stall_timeout = stall_timeout  # no byte from the primary so long: redial
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
@@ -254,30 +305,54 @@ class Fetcher:
                 await asyncio.sleep(2.0)
 
     async def _request(self, offset: int, max_len: int, wait: float) -> Frame:
+        # a generous timeout: a reply queued behind others on a slow link may take long;
+        # a silent primary is noticed by _reply
         return await self.bundle.request(Frame(FrameType.FETCH_REQ, {
             "resource": self.resource, "logfile": self.logfile, "offset": offset,
-            "max_len": max_len, "wait": wait}), timeout=MAX_WAIT + 30)
+            "max_len": max_len, "wait": wait}), timeout=10 * STALL_TIMEOUT)
+
+    async def _reply(self, task: asyncio.Task[Frame], issued: float) -> Frame:
+        """The reply of ``task``, as long as bytes keep coming from the primary; after
+        ``stall_timeout`` without any (since ``issued`` at the earliest): ConnectionError,
+        the connections dropped."""
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(1.0, self.stall_timeout))
+                if done:
+                    return task.result()
+                heard = max(self.bundle.last_received or 0.0, issued)
+                if time.monotonic() - heard > self.stall_timeout:
+                    self.bundle.close()
+                    raise ConnectionError(
+                        f"nothing from the primary for {self.stall_timeout:g} s")
+        finally:
+            task.cancel()  # (done already, or no longer wanted)
 
     async def _step(self) -> None:
-        """Fetch the current logfile: a window of requests in flight while behind, one
-        long poll when caught up; replies are appended strictly in order."""
+        """Fetch the current logfile: up to ``pace.window`` bytes requested while behind,
+        one long poll when caught up; replies are appended strictly in order. The
+        requests in flight always ask for ``[local_end, next_off)``."""
         self._restart = False
         name = self.logfile
-        pending: dict[int, asyncio.Task[Frame]] = {}
+        pending: dict[int, tuple[asyncio.Task[Frame], float]] = {}
         next_off = self.local_end
+        pace = self.pace
         fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             while not self._restart and name == self.logfile and not self.paused:
                 # only bytes known to be durable on the primary are asked for in bulk
-                while len(pending) < self.window and next_off < self.remote_end:
-                    n = min(CHUNK, self.remote_end - next_off)
-                    pending[next_off] = asyncio.create_task(self._request(next_off, n, 0.0))
+                while next_off - self.local_end < pace.window and next_off < self.remote_end:
+                    n = min(self.request_bytes, self.remote_end - next_off)
+                    pending[next_off] = (asyncio.create_task(self._request(next_off, n, 0.0)),
+                                         time.monotonic())
                     next_off += n
                 if not pending:
-                    pending[next_off] = asyncio.create_task(self._request(next_off, CHUNK, 5.0))
+                    pending[next_off] = (asyncio.create_task(
+                        self._request(next_off, self.request_bytes, 5.0)), time.monotonic())
                 first = min(pending)
-                reply = await pending.pop(first)
+                reply = await self._reply(*pending.pop(first))
                 self.last_contact = time.monotonic()
+                pace.reply(len(reply.payload), self.last_contact, bool(pending))
                 if self._restart or name != self.logfile:
                     return
                 if reply.get("diverged"):
@@ -294,7 +369,7 @@ class Fetcher:
                     if nxt and self.local_end == 0:
                         self.log.info("%s is gone on the primary; continuing with %s", name,
                                       nxt)
-                        self._switch(str(nxt))
+                        await self._switch(str(nxt))
                         return
                     await asyncio.sleep(1.0)
                     return
@@ -302,7 +377,7 @@ class Fetcher:
                 if int(reply.get("offset", -1)) != self.local_end:
                     return  # out of step (cannot happen with in-order appends): start over
                 if data:
-                    await asyncio.to_thread(os.pwrite, fd, bytes(data), first)
+                    await asyncio.to_thread(_write_all, fd, data, first)
                     if self._restart or name != self.logfile or self.local_end != first:
                         return  # a refetch cut the copy meanwhile: start over from its end
                     self.local_end += len(data)
@@ -319,22 +394,24 @@ class Fetcher:
                         bg = asyncio.create_task(asyncio.to_thread(self._sync_file, name))
                         self._background.add(bg)
                         bg.add_done_callback(self._background.discard)
-                        self._switch(str(nxt))
+                        await self._switch(str(nxt))
                     return
         finally:
-            for task in pending.values():
+            for task, _ in pending.values():
                 task.cancel()
             os.close(fd)
 
-    def _switch(self, name: str) -> None:
+    async def _switch(self, name: str) -> None:
+        # the copy's name survives a crash of this host before anything is fetched into
+        # it; the directory's fsync may wait for the disk: not on the event loop
+        before = self.logfile
+        await asyncio.to_thread(_create_durably, self._path(name))
+        if self._restart or self.logfile != before:
+            return  # a refetch moved the fetch meanwhile: it goes on from there
         self.logfile = name
         self.local_end = self._local_size(name)
         self.remote_end = -1
         self.remote_finished = False
-        path = self._path(name)
-        if not path.exists():
-            path.touch()
-            fsync_dir(path.parent)  # the copy's name survives a crash of this host
         self._signal()
 
     def _sync_file(self, name: str) -> None:
@@ -357,3 +434,17 @@ class Fetcher:
             fetch_error=self.bundle.last_error,
             fetch_contact_age=round(time.monotonic() - self.last_contact, 1),
         )
+
+
+def _create_durably(path: Path) -> None:
+    if not path.exists():
+        path.touch()
+        fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite all of ``data`` (as received, no copy) at ``offset``."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

@@ -3,33 +3,218 @@
 Every exchange after the handshake is a request frame carrying ``rid`` answered by one
 reply frame with the same ``rid``. A server handles the requests of a connection
 concurrently; a malformed frame closes that connection only.
+
+Bulk data is moved with as few copies and system calls as the kernel allows: a frame's
+payload is received straight into a buffer of its own size (:class:`FrameReader`, one
+``recv_into`` for whatever the socket holds of it), and a reply that is a range of a file
+(:class:`FileReply`, the fetch port's log data) is sent with ``sendfile``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
+import os
 import socket
+import struct
+import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from marslib.errors import MarsError
-from marslib.formats.frame import Frame, FrameError, FrameParser, FrameType, encode_frame
+from marslib.formats.frame import (
+    MAGIC,
+    MAX_HEADER_LEN,
+    MAX_PAYLOAD_LEN,
+    PREFIX_LEN,
+    PROTO_VERSION,
+    Frame,
+    FrameError,
+    FrameType,
+    encode_frame,
+)
 from marslib.net.handshake import Handshake, HandshakeError, PeerInfo, check_secret, restore_hint
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
-READ_CHUNK = 1 << 20
-
-Handler = Callable[[Frame, PeerInfo], Awaitable[Frame]]
+HEAD_BUFFER = 64 << 10  # prefixes, headers and small payloads are read in pieces this big
+SEPARATE_PAYLOAD = 64 << 10  # a payload at least this big is written without joining it
+_PREFIX = struct.Struct("<IHHII")  # the frame prefix of formats/frame.py
+_PAYLOAD_LEN_AT = PREFIX_LEN - 4  # where the prefix holds the payload length
 
 
 class ConnectionClosed(ConnectionError):
     pass
 
 
+# ------------------------------------------------------------------ frames in
+class FrameReader:
+    """Sans-I/O frame parser that receives payloads in place (the same frames as
+    :class:`marslib.formats.frame.FrameParser`, and the same FrameErrors).
+
+    ``get_buffer()`` says where the next bytes from the socket go, ``buffer_updated(n)``
+    that ``n`` of them arrived; complete frames queue up in ``frames``. Prefixes, headers
+    and small payloads land in a head buffer and are copied out; a payload that does not
+    fit there gets a buffer of exactly its size, which becomes the frame's payload, so the
+    bulk of it is written once, by the kernel.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD_LEN, head_size: int = HEAD_BUFFER) -> None:
+        self.max_payload = max_payload
+        self.frames: deque[Frame] = deque()
+        self._head = bytearray(head_size)
+        self._start = 0  # unparsed bytes of the head buffer: [_start, _end)
+        self._end = 0
+        self._body: bytearray | None = None  # a big payload being received in place
+        self._got = 0
+        self._frame = Frame(0)  # the frame that the big payload belongs to
+
+    def get_buffer(self) -> memoryview:
+        if self._body is not None:
+            return memoryview(self._body)[self._got:]
+        if self._start:
+            left = self._end - self._start
+            self._head[:left] = self._head[self._start:self._end]
+            self._start, self._end = 0, left
+        if self._end == len(self._head):  # a header bigger than the head buffer
+            bigger = bytearray(2 * len(self._head))
+            bigger[: self._end] = self._head[: self._end]
+            self._head = bigger
+        return memoryview(self._head)[self._end:]
+
+    def buffer_updated(self, n: int) -> None:
+        if self._body is not None:
+            self._got += n
+            if self._got == len(self._body):
+                f = self._frame
+                self.frames.append(Frame(f.type, f.header, self._body, f.version))
+                self._body = None
+            return
+        self._end += n
+        self._parse()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Take ``data`` (copied into the reader's buffers) and return the frames
+        completed by it."""
+        view = memoryview(data)
+        while view:
+            buf = self.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            del buf
+            view = view[n:]
+            self.buffer_updated(n)
+        frames = list(self.frames)
+        self.frames.clear()
+        return frames
+
+    def _parse(self) -> None:
+        head = self._head
+        while self._end - self._start >= PREFIX_LEN:
+            start = self._start
+            magic, version, ftype, hlen, plen = _PREFIX.unpack_from(head, start)
+            if magic != MAGIC:
+                raise FrameError(f"bad frame magic {magic:#010x}")
+            if hlen > MAX_HEADER_LEN or plen > self.max_payload:
+                raise FrameError(f"oversized frame (header {hlen}, payload {plen} bytes)")
+            body_at = start + PREFIX_LEN + hlen
+            have = self._end - body_at
+            if have < plen and (have < 0 or PREFIX_LEN + hlen + plen <= len(head)):
+                return  # more to come, and there is room for it (made by get_buffer)
+            header = _decode_header(head[start + PREFIX_LEN : body_at])
+            if have >= plen:
+                payload = bytes(head[body_at : body_at + plen])
+                self._start = body_at + plen
+                self.frames.append(Frame(ftype, header, payload, version))
+                continue
+            # a big payload: the part already here, then the rest straight into place
+            body = bytearray(plen)
+            body[:have] = head[body_at : self._end]
+            self._start = self._end = 0
+            self._body, self._got, self._frame = body, have, Frame(ftype, header, b"", version)
+            return
+
+
+def _decode_header(raw: bytes | bytearray) -> dict[str, Any]:
+    try:
+        header = json.loads(bytes(raw) or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError(f"frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise FrameError("frame header is not a JSON object")
+    return header
+
+
+# ------------------------------------------------------------------ frames out
+def encode_head(frame_type: int, header: dict[str, Any], payload_len: int,
+                version: int = PROTO_VERSION) -> bytes:
+    """Prefix and header of a frame whose ``payload_len`` payload bytes follow
+    separately (byte for byte the start of :func:`encode_frame` of the whole frame)."""
+    if payload_len > MAX_PAYLOAD_LEN:
+        raise ValueError("frame too large")
+    head = bytearray(encode_frame(Frame(frame_type, header, b"", version)))
+    struct.pack_into("<I", head, _PAYLOAD_LEN_AT, payload_len)
+    return bytes(head)
+
+
+_scratch = threading.local()
+
+
+def _open_read_ahead(path: Path, offset: int, length: int) -> BinaryIO:
+    """Open ``path`` and bring the range into the page cache (in a thread, so that
+    ``sendfile`` on the event loop does not wait for the disk: log data written with
+    O_DIRECT is not cached)."""
+    f = open(path, "rb", buffering=0)
+    try:
+        buf = getattr(_scratch, "buf", None)
+        if buf is None:
+            buf = _scratch.buf = memoryview(bytearray(1 << 20))
+        while length > 0:
+            n = os.preadv(f.fileno(), [buf[: min(length, len(buf))]], offset)
+            if n <= 0:
+                break
+            offset += n
+            length -= n
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+@dataclass
+class FileReply:
+    """A reply frame whose payload is ``length`` bytes of the file ``path`` from
+    ``offset``, sent with ``sendfile``, never read into Python. It reads like a
+    :class:`Frame`; ``payload`` reads the range (for callers in the same process)."""
+
+    type: int
+    header: dict[str, Any]
+    path: Path
+    offset: int
+    length: int
+    version: int = PROTO_VERSION
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.header.get(key, default)
+
+    @property
+    def payload(self) -> bytes:
+        with open(self.path, "rb", buffering=0) as f:
+            return os.pread(f.fileno(), self.length, self.offset)
+
+
+Reply = Frame | FileReply
+Handler = Callable[[Frame, PeerInfo], Awaitable[Reply]]
+
+
+# ------------------------------------------------------------------ the connection
 def _tune_socket(sock: socket.socket | None) -> None:
     if sock is None:
         return
@@ -40,68 +225,179 @@ def _tune_socket(sock: socket.socket | None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class FrameProtocol(asyncio.BufferedProtocol):
+    """asyncio's side of a connection: frames in through a :class:`FrameReader`, flow
+    control out. A malformed frame aborts the connection; ``next_frame`` then raises it
+    (after the good frames before it)."""
+
+    def __init__(self, max_payload: int,
+                 on_made: Callable[[FrameProtocol], None] | None = None) -> None:
+        self.reader = FrameReader(max_payload)
+        self.on_made = on_made
+        self.transport: asyncio.Transport | None = None
+        self.error: BaseException | None = None
+        self.last_received: float | None = None  # time.monotonic() of the last bytes in
+        self._wakeup = asyncio.Event()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        _tune_socket(transport.get_extra_info("socket"))
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_received = time.monotonic()
+        try:
+            self.reader.buffer_updated(nbytes)
+        except FrameError as exc:
+            self._fail(exc)
+            return
+        if self.reader.frames:
+            self._wakeup.set()
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionClosed("the peer closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionClosed(f"connection lost: {exc}" if exc else "connection closed"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self._wakeup.set()
+        self._can_write.set()
+        if isinstance(exc, FrameError) and self.transport is not None:
+            self.transport.abort()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionClosed(str(self.error or "connection closed"))
+        self.transport.write(data)
+
+    async def next_frame(self) -> Frame:
+        frames = self.reader.frames
+        while not frames:
+            if self.error is not None:
+                raise self.error
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return frames.popleft()
+
+    async def drain(self) -> None:
+        await self._can_write.wait()
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionClosed(str(self.error or "connection closed"))
+
+
 class Connection:
     """One authenticated connection; ``peer`` says who is at the other end."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 parser: FrameParser, pending: list[Frame], peer: PeerInfo) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.parser = parser
-        self._pending = pending
+    def __init__(self, protocol: FrameProtocol, peer: PeerInfo) -> None:
+        assert protocol.transport is not None
+        self.protocol = protocol
+        self.transport: asyncio.Transport = protocol.transport
         self.peer = peer
         self.address: tuple[str, int] | None = None  # where it was dialled (client side)
         self._send_lock = asyncio.Lock()
-        self.bytes_in = 0
         self.bytes_out = 0
 
-    async def send(self, frame: Frame) -> None:
-        data = encode_frame(frame)
+    async def send(self, frame: Reply) -> None:
+        """Send ``frame`` whole: frames never interleave, and go out in the order of the
+        calls. A :class:`FileReply` is read ahead while the replies before it are sent;
+        one whose range cannot be sent whole breaks the framing: the connection is
+        closed and ConnectionError raised (the peer's requests on it fail at once)."""
+        if isinstance(frame, FileReply):
+            # read ahead now, send in turn (the lock serves in the order of asking)
+            ahead = asyncio.ensure_future(asyncio.to_thread(
+                _open_read_ahead, frame.path, frame.offset, frame.length))
+            try:
+                async with self._send_lock:
+                    try:
+                        f = await ahead
+                    except OSError as exc:
+                        self.close()
+                        raise ConnectionClosed(f"{frame.path}: {exc}") from None
+                    await self._send_file(frame, f)
+            finally:
+                if not ahead.done():
+                    ahead.cancel()  # (the thread's file is closed when it is dropped)
+                elif not ahead.cancelled() and ahead.exception() is None:
+                    ahead.result().close()
+            return
         async with self._send_lock:
-            self.writer.write(data)
-            await self.writer.drain()
-        self.bytes_out += len(data)
+            payload = frame.payload
+            if len(payload) < SEPARATE_PAYLOAD:
+                data = encode_frame(frame)
+                self.protocol.write(data)
+                self.bytes_out += len(data)
+            else:
+                head = encode_head(frame.type, frame.header, len(payload), frame.version)
+                self.protocol.write(head)
+                self.protocol.write(payload)
+                self.bytes_out += len(head) + len(payload)
+            await self.protocol.drain()
+
+    async def _send_file(self, reply: FileReply, f: BinaryIO) -> None:
+        head = encode_head(reply.type, reply.header, reply.length, reply.version)
+        sent = 0
+        try:
+            self.protocol.write(head)
+            if reply.length:
+                loop = asyncio.get_running_loop()
+                sent = await loop.sendfile(self.transport, f, reply.offset, reply.length)
+        except RuntimeError as exc:  # the transport closed meanwhile
+            raise ConnectionClosed(str(exc)) from None
+        self.bytes_out += len(head) + sent
+        if sent != reply.length:
+            self.close()
+            raise ConnectionClosed(f"{reply.path}: {sent} of {reply.length} bytes from "
+                                   f"{reply.offset} were there to send")
+        await self.protocol.drain()
 
     async def recv(self) -> Frame:
-        while not self._pending:
-            data = await self.reader.read(READ_CHUNK)
-            if not data:
-                raise ConnectionClosed(f"connection to {self.peer.host} closed")
-            self.bytes_in += len(data)
-            self._pending.extend(self.parser.feed(data))
-        return self._pending.pop(0)
+        return await self.protocol.next_frame()
 
     def close(self) -> None:
-        if not self.writer.is_closing():
-            self.writer.close()
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
-async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     hs: Handshake, max_payload: int) -> Connection:
-    parser = FrameParser(max_payload=1 << 16)
-    pending: list[Frame] = []
+async def _handshake(protocol: FrameProtocol, hs: Handshake, max_payload: int) -> Connection:
+    protocol.reader.max_payload = 1 << 16
     for f in hs.start():
-        writer.write(encode_frame(f))
-    await writer.drain()
+        protocol.write(encode_frame(f))
+    await protocol.drain()
     while not hs.done:
-        while not pending:
-            data = await reader.read(65536)
-            if not data:
-                raise HandshakeError("peer closed the connection during the handshake")
-            pending.extend(parser.feed(data))
         try:
-            replies = hs.receive(pending.pop(0))
+            frame = await protocol.next_frame()
+        except ConnectionClosed:
+            raise HandshakeError("peer closed the connection during the handshake") from None
+        try:
+            replies = hs.receive(frame)
         except HandshakeError as exc:
             if exc.reply is not None:
-                writer.write(encode_frame(exc.reply))
-                await writer.drain()
+                protocol.write(encode_frame(exc.reply))
+                await protocol.drain()
             raise
         for f in replies:
-            writer.write(encode_frame(f))
-        await writer.drain()
-    parser.max_payload = max_payload
+            protocol.write(encode_frame(f))
+        await protocol.drain()
+    protocol.reader.max_payload = max_payload
     assert hs.peer is not None
-    return Connection(reader, writer, parser, pending, hs.peer)
+    return Connection(protocol, hs.peer)
 
 
 async def connect(address: str, port: int, *, host: str, uuid: str, secret: bytes,
@@ -112,12 +408,13 @@ async def connect(address: str, port: int, *, host: str, uuid: str, secret: byte
     hs = Handshake("client", host, uuid, secret, channel)
 
     async def go() -> Connection:
-        reader, writer = await asyncio.open_connection(address, port, limit=READ_CHUNK * 2)
-        _tune_socket(writer.get_extra_info("socket"))
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_connection(
+            lambda: FrameProtocol(max_payload), address, port)
         try:
-            return await _handshake(reader, writer, hs, max_payload)
+            return await _handshake(protocol, hs, max_payload)
         except BaseException:
-            writer.close()
+            transport.close()
             raise
     return await asyncio.wait_for(go(), timeout)
 
@@ -130,22 +427,25 @@ async def serve(bind: str, port: int, handler: Handler, *, host: str, uuid: str,
     A secret that breaks the rule (:func:`check_secret`) raises MarsError: nothing listens."""
     check_secret(secret, f"the {channel} port of {host}")
     lg = logger or logging.LoggerAdapter(log, {})
+    clients: set[asyncio.Task[None]] = set()
 
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _tune_socket(writer.get_extra_info("socket"))
-        where = writer.get_extra_info("peername")
+    async def on_client(protocol: FrameProtocol) -> None:
+        assert protocol.transport is not None
+        transport = protocol.transport
+        where = transport.get_extra_info("peername")
         try:
             conn = await asyncio.wait_for(
-                _handshake(reader, writer, Handshake("server", host, uuid, secret, channel),
+                _handshake(protocol, Handshake("server", host, uuid, secret, channel),
                            max_payload), HANDSHAKE_TIMEOUT)
         except (HandshakeError, FrameError, TimeoutError, OSError) as exc:
             lg.warning("%s port: refused connection from %s: %s", channel, where, exc)
-            writer.close()
+            transport.close()
             return
         lg.debug("%s port: %s connected from %s", channel, conn.peer.host, where)
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(frame: Frame) -> None:
+            reply: Reply
             try:
                 reply = await handler(frame, conn.peer)
             except Exception as exc:  # a bug or bad request: tell the peer, keep serving
@@ -155,8 +455,8 @@ async def serve(bind: str, port: int, handler: Handler, *, host: str, uuid: str,
             reply.header.setdefault("rid", frame.get("rid"))
             try:
                 await conn.send(reply)
-            except (ConnectionError, OSError):
-                pass
+            except (ConnectionError, OSError) as exc:
+                lg.debug("%s port: reply to %s not sent: %s", channel, conn.peer.host, exc)
 
         try:
             while True:
@@ -170,7 +470,7 @@ async def serve(bind: str, port: int, handler: Handler, *, host: str, uuid: str,
         except FrameError as exc:
             lg.warning("%s port: malformed frame from %s, closing: %s", channel,
                        conn.peer.host, exc)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+        except (ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
             pass  # marsd is stopping: end this connection quietly
@@ -179,8 +479,14 @@ async def serve(bind: str, port: int, handler: Handler, *, host: str, uuid: str,
                 task.cancel()
             conn.close()
 
-    return await asyncio.start_server(on_client, bind, port, reuse_address=True,
-                                      limit=READ_CHUNK * 2)
+    def made(protocol: FrameProtocol) -> None:
+        task = asyncio.create_task(on_client(protocol))
+        clients.add(task)
+        task.add_done_callback(clients.discard)
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: FrameProtocol(max_payload, made), bind, port,
+                                    reuse_address=True)
 
 
 class RemoteError(Exception):
@@ -220,6 +526,13 @@ class PeerBundle:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def last_received(self) -> float | None:
+        """When bytes last came in on any of the connections (``time.monotonic()``)."""
+        times = [c.protocol.last_received for c in self._conns
+                 if c.protocol.last_received is not None]
+        return max(times) if times else None
 
     async def _dial(self) -> Connection:
         loop = asyncio.get_running_loop()

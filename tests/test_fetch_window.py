@@ -1,0 +1,427 @@
+"""The fetch path's bulk data handling: bytes in flight, in-place frame parsing, sendfile.
+
+- The fetcher keeps ``window_bytes`` requested against a server whose replies are held
+  back, and appends replies released out of order strictly in order; how much it keeps
+  in flight follows the reply rate (``FetchPace``); a silent primary is redialled.
+- :class:`FrameReader` gives the same frames (and errors) as ``FrameParser`` whatever the
+  pieces the bytes arrive in.
+- A :class:`FileReply` puts exactly the requested range of its file on the wire; one that
+  cannot be served whole, or a malformed frame, ends that connection and no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from conftest import loopback_ips
+
+from marslib.fetch import (
+    MIN_WINDOW,
+    REQUEST_BYTES,
+    WINDOW_BYTES,
+    Fetcher,
+    FetchPace,
+    FetchService,
+)
+from marslib.formats.frame import MAGIC, Frame, FrameError, FrameParser, FrameType, encode_frame
+from marslib.layout import MarsPaths
+from marslib.net.conn import (
+    ConnectionClosed,
+    FileReply,
+    FrameReader,
+    PeerBundle,
+    Reply,
+    connect,
+    encode_head,
+    serve,
+)
+from marslib.net.handshake import PeerInfo
+from marslib.position import LogPosition
+
+UUID = "3c1bdf25-7a0e-4c55-9a3b-2f4b1f6c0d11"
+SECRET = b"0123456789abcdef" * 2
+HOST = "alpha"
+GUARD = 30.0  # seconds: a hung test fails instead of hanging (nothing waits this long)
+
+
+# ------------------------------------------------------------------ helpers
+def _frames() -> list[Frame]:
+    rng = random.Random(7)
+    return [
+        Frame(FrameType.PING, {"rid": 1}),
+        Frame(FrameType.FETCH_REQ, {"rid": 2, "resource": "r0", "logfile": "log-1"}),
+        Frame(FrameType.FETCH_DATA, {"rid": 3, "offset": 0}, rng.randbytes(1)),
+        Frame(FrameType.FETCH_DATA, {}, rng.randbytes(300)),
+        Frame(FrameType.SYNC_DATA, {"rid": 4, "pad": "x" * 150}, rng.randbytes(37)),
+        Frame(FrameType.FETCH_DATA, {"rid": 5}, b""),
+        Frame(FrameType.FETCH_DATA, {"rid": 6}, rng.randbytes(1000)),
+        Frame(FrameType.PONG, {"rid": 7}),
+    ]
+
+
+def _same(a: list[Frame], b: list[Frame]) -> None:
+    assert [(f.type, f.header, bytes(f.payload), f.version) for f in a] == \
+        [(f.type, f.header, bytes(f.payload), f.version) for f in b]
+
+
+def _stream(frames: list[Frame]) -> bytes:
+    return b"".join(encode_frame(f) for f in frames)
+
+
+def run(coro: Awaitable[None]) -> None:
+    async def guarded() -> None:
+        await asyncio.wait_for(coro, GUARD)
+    asyncio.run(guarded())
+
+
+async def _server(handler: Callable[[Frame, PeerInfo], Awaitable[Reply]]
+                  ) -> tuple[asyncio.Server, str, int]:
+    ip = loopback_ips(1)[0]
+    server = await serve(ip, 0, handler, host=HOST, uuid=UUID, secret=SECRET, channel="fetch")
+    port = server.sockets[0].getsockname()[1]
+    return server, ip, port
+
+
+def _bundle(ip: str, port: int, size: int = 2) -> PeerBundle:
+    return PeerBundle("primary", lambda: (ip, port), host="beta", uuid=UUID, secret=SECRET,
+                      channel="fetch", size=size)
+
+
+# ------------------------------------------------------------------ FrameReader
+@pytest.mark.parametrize("head_size", [64, 200, 1 << 16])
+def test_reader_equals_parser_on_every_split(head_size: int) -> None:
+    frames = _frames()
+    data = _stream(frames)
+    _same(FrameParser().feed(data), frames)
+    # one piece, byte by byte, and cut in two at every byte
+    _same(FrameReader(head_size=head_size).feed(data), frames)
+    reader = FrameReader(head_size=head_size)
+    got = [f for i in range(len(data)) for f in reader.feed(data[i:i + 1])]
+    _same(got, frames)
+    for cut in range(1, len(data)):
+        reader = FrameReader(head_size=head_size)
+        got = reader.feed(data[:cut]) + reader.feed(data[cut:])
+        _same(got, frames)
+
+
+def test_reader_receives_a_big_payload_in_place() -> None:
+    payload = random.Random(3).randbytes(3 << 20)
+    frames = [Frame(FrameType.FETCH_DATA, {"rid": 1}, payload), Frame(FrameType.PONG, {})]
+    data = _stream(frames)
+    reader = FrameReader()
+    pieces = [data[:5000], data[5000:70000], data[70000:]]
+    got = [f for piece in pieces for f in reader.feed(piece)]
+    _same(got, frames)
+    assert isinstance(got[0].payload, bytearray)  # the buffer the socket wrote into
+    # and the kernel is offered the whole rest of the payload in one buffer
+    reader = FrameReader()
+    reader.feed(data[:100])
+    assert len(reader.get_buffer()) == len(data) - 100 - len(encode_frame(frames[1]))
+
+
+def test_reader_grows_for_a_header_bigger_than_its_buffer() -> None:
+    frames = [Frame(FrameType.META_PUSH, {"items": ["k" * 50] * 40}, b"abc"),
+              Frame(FrameType.PING, {})]
+    data = _stream(frames)
+    for cut in range(1, len(data)):
+        reader = FrameReader(head_size=64)
+        _same(reader.feed(data[:cut]) + reader.feed(data[cut:]), frames)
+
+
+def _prefix(hlen: int, plen: int, magic: int = MAGIC) -> bytes:
+    return struct.pack("<IHHII", magic, 1, int(FrameType.PING), hlen, plen)
+
+
+@pytest.mark.parametrize("garbage", [
+    _prefix(2, 0, magic=0xDEADBEEF) + b"{}",
+    _prefix(2, 1 << 30) + b"{}",
+    _prefix(5, 0) + b"{nope",
+    _prefix(2, 0) + b"[]",
+    _prefix(2, 0) + b"\xff\xfe",
+])
+def test_reader_refuses_what_the_parser_refuses(garbage: bytes) -> None:
+    good = encode_frame(Frame(FrameType.PING, {"rid": 1}))
+    with pytest.raises(FrameError):
+        FrameParser().feed(good + garbage)
+    reader = FrameReader()
+    with pytest.raises(FrameError):
+        reader.feed(good + garbage)
+    assert [f.get("rid") for f in reader.frames] == [1]  # what came before it stands
+
+
+def test_encode_head_is_the_start_of_the_whole_frame() -> None:
+    frame = Frame(FrameType.FETCH_DATA, {"rid": 9, "offset": 4096}, b"x" * 70000)
+    whole = encode_frame(frame)
+    head = encode_head(frame.type, frame.header, len(frame.payload))
+    assert whole == head + frame.payload
+
+
+# ------------------------------------------------------------------ sendfile
+def test_file_reply_sends_exactly_the_requested_range(tmp_path: Path) -> None:
+    content = random.Random(5).randbytes(3 << 20)
+    path = tmp_path / "log"
+    path.write_bytes(content)
+    ranges = [(0, 0), (0, 1), (1, 4095), (4097, 1 << 20), (123457, (2 << 20) + 3),
+              (len(content) - 10, 10), (0, len(content))]
+
+    async def handler(frame: Frame, peer: PeerInfo) -> Reply:
+        off, n = int(frame.get("offset")), int(frame.get("length"))
+        if frame.get("plain"):
+            return Frame(FrameType.SYNC_DATA, {"offset": off}, content[off:off + n])
+        return FileReply(FrameType.SYNC_DATA, {"offset": off}, path, off, n)
+
+    async def main() -> None:
+        server, ip, port = await _server(handler)
+        bundle = _bundle(ip, port, size=1)  # one connection: frames must not interleave
+        try:
+            asks = [{"offset": o, "length": n, "plain": i % 3 == 2}
+                    for i, (o, n) in enumerate(ranges * 2)]
+            replies = await asyncio.gather(*(
+                bundle.request(Frame(FrameType.SYNC_READ_REQ, a)) for a in asks))
+            for a, reply in zip(asks, replies, strict=True):
+                assert reply.get("offset") == a["offset"]
+                assert bytes(reply.payload) == content[a["offset"]:a["offset"] + a["length"]]
+            assert bundle.connections == 1
+        finally:
+            bundle.close()
+            server.close()
+    run(main())
+
+
+def test_a_file_shorter_than_promised_ends_that_connection_only(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(b"y" * 1000)
+
+    async def handler(frame: Frame, peer: PeerInfo) -> Reply:
+        n = int(frame.get("length"))
+        return FileReply(FrameType.SYNC_DATA, {}, path, 0, n)
+
+    async def main() -> None:
+        server, ip, port = await _server(handler)
+        bad, good = _bundle(ip, port, size=1), _bundle(ip, port, size=1)
+        try:
+            with pytest.raises(ConnectionError):
+                await bad.request(Frame(FrameType.SYNC_READ_REQ, {"length": 5000}))
+            reply = await good.request(Frame(FrameType.SYNC_READ_REQ, {"length": 1000}))
+            assert bytes(reply.payload) == b"y" * 1000
+        finally:
+            bad.close()
+            good.close()
+            server.close()
+    run(main())
+
+
+def test_a_malformed_frame_ends_that_connection_only() -> None:
+    async def handler(frame: Frame, peer: PeerInfo) -> Reply:
+        return Frame(FrameType.STATUS, {"ok": True})
+
+    async def main() -> None:
+        server, ip, port = await _server(handler)
+        try:
+            conn = await connect(ip, port, host="beta", uuid=UUID, secret=SECRET,
+                                 channel="fetch")
+            conn.transport.write(_prefix(2, 0, magic=0xDEADBEEF) + b"{}")
+            with pytest.raises(ConnectionClosed):
+                await conn.recv()  # the server closed it
+            bundle = _bundle(ip, port)
+            try:
+                reply = await bundle.request(Frame(FrameType.STATUS_REQ, {}))
+                assert reply.get("ok") is True
+            finally:
+                bundle.close()
+        finally:
+            server.close()
+    run(main())
+
+
+# ------------------------------------------------------------------ the fetch window
+class StillLog:
+    """A primary's logger that has written ``end`` bytes of one logfile and stops."""
+
+    def __init__(self, end: LogPosition) -> None:
+        self.log_end = end
+
+    async def wait_growth(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+
+
+class HeldReplies:
+    """Wraps a FetchService: every request waits until the test releases it; counts the
+    requests waiting at once."""
+
+    def __init__(self, service: FetchService) -> None:
+        self.service = service
+        self.gates: dict[int, asyncio.Event] = {}  # offset -> its release
+        self.asked: list[tuple[int, int]] = []  # (offset, max_len) in arrival order
+        self.waiting = 0
+        self.most = 0
+        self.hold = True  # False: answer at once
+        self.changed = asyncio.Condition()
+
+    async def handle(self, frame: Frame, peer: PeerInfo) -> Reply:
+        offset = int(frame.get("offset"))
+        gate = self.gates.setdefault(offset, asyncio.Event())
+        async with self.changed:
+            self.asked.append((offset, int(frame.get("max_len"))))
+            self.waiting += 1
+            self.most = max(self.most, self.waiting)
+            self.changed.notify_all()
+        if self.hold:
+            await gate.wait()
+        async with self.changed:
+            self.waiting -= 1
+            self.changed.notify_all()
+        return await self.service.handle(frame, peer)
+
+    def release(self, offset: int) -> None:
+        self.gates.setdefault(offset, asyncio.Event()).set()
+
+    async def wait_for(self, cond: Callable[[], bool]) -> None:
+        async with self.changed:
+            await self.changed.wait_for(cond)
+
+
+def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path) -> None:
+    size = WINDOW_BYTES + 3 * REQUEST_BYTES + 12345
+    content = random.Random(11).randbytes(size)
+    primary = MarsPaths(tmp_path / "a", tmp_path / "a-run")
+    primary.resource_dir("r0").mkdir(parents=True)
+    end = LogPosition(1, size, 99, HOST)
+    primary.logfile("r0", 1, HOST).write_bytes(content)
+    secondary = MarsPaths(tmp_path / "b", tmp_path / "b-run")
+    secondary.resource_dir("r0").mkdir(parents=True)
+    per_window = WINDOW_BYTES // REQUEST_BYTES
+
+    async def main() -> None:
+        log = StillLog(end)
+        held = HeldReplies(FetchService(primary, lambda _: log))
+        server, ip, port = await _server(held.handle)
+        bundle = _bundle(ip, port)
+        fetcher = Fetcher("r0", "beta", secondary, bundle, end.logfile)
+        task = asyncio.create_task(fetcher.run())
+        try:
+            # first a long poll from 0: it learns the primary's end
+            await held.wait_for(lambda: held.waiting == 1)
+            held.release(0)
+            # then the window: per_window requests at once, no more
+            await held.wait_for(lambda: len(held.asked) == 1 + per_window
+                                and held.waiting == per_window)
+            firsts = [off for off, _ in held.asked[1:]]
+            assert firsts == [REQUEST_BYTES * (i + 1) for i in range(per_window)]
+            assert all(n == REQUEST_BYTES for _, n in held.asked[1:])
+            # released newest first: nothing can be appended before the oldest is here
+            for off in reversed(firsts[1:]):
+                held.release(off)
+            await held.wait_for(lambda: held.waiting == 1)
+            assert fetcher.local_end == REQUEST_BYTES
+            assert len(held.asked) == 1 + per_window  # none of them freed room
+            held.release(firsts[0])
+            # the rest: answered as they come
+            held.hold = False
+            for off, _ in held.asked:
+                held.release(off)
+            while fetcher.local_end < size:
+                await fetcher.progress.wait()
+            assert held.most == per_window
+            asked = [off for off, _ in held.asked]
+            assert asked == sorted(asked) and len(set(asked)) == len(asked)
+            assert secondary.logfile("r0", 1, HOST).read_bytes() == content
+            assert fetcher.bytes_fetched == size
+        finally:
+            task.cancel()
+            bundle.close()
+            server.close()
+    run(main())
+
+
+def test_fetch_service_answers_with_the_file_range(tmp_path: Path) -> None:
+    paths = MarsPaths(tmp_path / "a", tmp_path / "a-run")
+    paths.resource_dir("r0").mkdir(parents=True)
+    content = os.urandom(10000)
+    paths.logfile("r0", 1, HOST).write_bytes(content)
+    log = StillLog(LogPosition(1, 8000, 5, HOST))
+    service = FetchService(paths, lambda _: log)
+
+    async def ask(offset: int, max_len: int) -> Reply:
+        return await service.handle(Frame(FrameType.FETCH_REQ, {
+            "resource": "r0", "logfile": log.log_end.logfile, "offset": offset,
+            "max_len": max_len}), PeerInfo("beta", "0", 1, "fetch", {}))
+
+    reply = asyncio.run(ask(100, 1 << 20))
+    assert isinstance(reply, FileReply)
+    assert (reply.offset, reply.length) == (100, 7900)  # the logger's end, not the file's
+    assert reply.payload == content[100:8000]
+    assert json.loads(json.dumps(reply.header))["end"] == 8000
+    assert not reply.get("finished")
+
+
+def test_pace_follows_the_rate_of_a_busy_pipeline() -> None:
+    pace = FetchPace()
+    assert pace.window == WINDOW_BYTES
+    # 125 KB/s (a 1 Mbit/s link): the least
+    t = 0.0
+    for _ in range(40):
+        t += 2.0
+        pace.reply(250_000, t, more_in_flight=True)
+    assert pace.window == MIN_WINDOW
+    # idle time (nothing in flight) is not mistaken for a slow link, nor is a long poll
+    pace.reply(1000, t + 1, more_in_flight=False)
+    rate = pace.rate
+    pace.reply(1000, t + 60, more_in_flight=True)
+    assert pace.rate == rate
+    # the link is back at 1 Gbit/s: the window opens again within a few MiB of replies
+    t += 60
+    for _ in range(12):
+        t += 0.005
+        pace.reply(1 << 20, t, more_in_flight=True)
+    assert pace.window == WINDOW_BYTES
+    # 40 MB/s: a quarter of a second of it
+    for _ in range(40):
+        t += 0.025
+        pace.reply(1_000_000, t, more_in_flight=True)
+    assert 9.5e6 < pace.window < 10.5e6
+
+
+def test_a_silent_primary_is_redialled(tmp_path: Path) -> None:
+    """After ``stall_timeout`` without a byte from the primary the fetcher drops its
+    connections (the server sees its request cancelled) and asks again on a new one."""
+    paths = MarsPaths(tmp_path / "b", tmp_path / "b-run")
+    paths.resource_dir("r0").mkdir(parents=True)
+    name = LogPosition(1, 0, 0, HOST).logfile
+
+    async def main() -> None:
+        dropped = asyncio.Event()
+        asked = asyncio.Event()
+
+        async def silent(frame: Frame, peer: PeerInfo) -> Reply:
+            asked.set()
+            try:
+                await asyncio.Event().wait()  # never answers, sends nothing
+            except asyncio.CancelledError:
+                dropped.set()  # its connection was closed
+                raise
+            raise AssertionError("unreachable")
+
+        server, ip, port = await _server(silent)
+        bundle = _bundle(ip, port)
+        fetcher = Fetcher("r0", "beta", paths, bundle, name, stall_timeout=0.5)
+        task = asyncio.create_task(fetcher.run())
+        try:
+            await asyncio.wait_for(asked.wait(), GUARD)
+            dialled = bundle.reconnects
+            await asyncio.wait_for(dropped.wait(), GUARD)
+            asked.clear()
+            await asyncio.wait_for(asked.wait(), GUARD)
+            assert bundle.reconnects > dialled
+        finally:
+            task.cancel()
+            bundle.close()
+            server.close()
+    run(main())
