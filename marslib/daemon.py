@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -119,10 +120,9 @@ class Marsd:
                 await self.reconcile()
                 await self.check_space()
                 self.meta.set(schema.alive(self.host), str(int(time.time())))
-                try:
-                    await asyncio.wait_for(self._wait_poke_or_stop(), timeout=2.0)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):  # not wait_for: see eventwait.py
+                        await self._wait_poke_or_stop()
         finally:
             self._control.close()
             for server in self.servers:

@@ -28,6 +28,7 @@ from typing import Any
 from marslib.committer import CommitPipeline
 from marslib.device import Device
 from marslib.errors import DeviceError, LogCorrupt
+from marslib.eventwait import wait_set
 from marslib.extents import ExtentMap
 from marslib.formats import logrecord
 from marslib.formats.logrecord import FLAG_END, FLAG_GAP, LogRecord
@@ -603,10 +604,7 @@ class Logger:
 
     async def wait_growth(self, timeout: float) -> None:
         """Return when the durable log grows, or after ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._grew.wait(), timeout)
-        except TimeoutError:
-            pass
+        await wait_set(self._grew, timeout)
 
     # --------------------------------------------------------- emergency mode
     async def _write_direct(self, offset: int, data: bytes | bytearray) -> None:
@@ -714,20 +712,12 @@ class Logger:
     # -------------------------------------------------------------- writeback
     async def _writeback(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._writeback_wake.wait(),
-                                       timeout=self.config.position_interval)
-            except TimeoutError:
-                pass
+            await wait_set(self._writeback_wake, self.config.position_interval)
             self._writeback_wake.clear()
             if len(self._active) and not self._pressure.is_set():
                 # let writes gather for a moment: more merging, fewer and larger device
                 # writes, and no device write competing with every single log commit
-                try:
-                    await asyncio.wait_for(self._pressure.wait(),
-                                           timeout=self.config.writeback_delay)
-                except TimeoutError:
-                    pass
+                await wait_set(self._pressure, self.config.writeback_delay)
             while len(self._active):
                 await self._writeback_round()
             await self._maybe_save_position()

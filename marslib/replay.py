@@ -16,7 +16,6 @@ there on are fetched again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from typing import Any, cast
 
 from marslib.device import Device, Piece
 from marslib.errors import LogCorrupt
+from marslib.eventwait import wait_set
 from marslib.extents import ExtentMap
 from marslib.fetch import Fetcher
 from marslib.history import forks, write_link
@@ -210,8 +210,7 @@ class Replayer:
                 self.meta.set(self.keys.replay(self.host), self.saved_value())
                 continue
             if self.redo_to is not None:  # its records are not readable yet: wait for them
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(progress.wait(), 1.0)
+                await wait_set(progress, 1.0)
                 continue
             if self.blocked:  # look again later: a resync elsewhere may resolve it
                 await asyncio.sleep(1.0)
@@ -219,10 +218,7 @@ class Replayer:
                 continue
             if self._advance_logfile():
                 continue
-            try:
-                await asyncio.wait_for(progress.wait(), 1.0)
-            except TimeoutError:
-                pass
+            await wait_set(progress, 1.0)
 
     def _note_caught_up(self) -> None:
         f = self.fetcher

@@ -449,7 +449,7 @@ def test_damaged_frames_get_errors_or_close_one_connection_only(tmp_path: Path) 
         reply = await ask(conn, set_req, {"offset": 0, "blocks": [3]}, four)
         assert reply.type == FrameType.SYNC_DIFF and reply.get("blocks") == [3]
         # garbage instead of a frame: this connection is closed, nothing else
-        conn.writer.write(b"this is no frame at all, not even close" * 4)
+        conn.transport.write(b"this is no frame at all, not even close" * 4)
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(conn.recv(), 10)
         await rig.client.run(only(3))

@@ -645,14 +645,17 @@ async def _reply_while_bytes_arrive(conn: Connection, fut: asyncio.Future[Frame]
                                     timeout: float) -> Frame:
     """``fut``'s result; TimeoutError only after ``timeout`` seconds without a byte on
     ``conn`` (bytes of other replies on it count: they show the peer and the link live)."""
-    seen = conn.bytes_in
+    asked = time.monotonic()
     while True:
+        heard = max(asked, conn.protocol.last_received or asked)
+        remaining = heard + timeout - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no byte from {conn.peer.host} for {timeout:g} s")
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(remaining):
+                return await asyncio.shield(fut)
         except TimeoutError:
-            if conn.bytes_in == seen:
-                raise
-            seen = conn.bytes_in
+            continue
 
 
 def read_secret(path: Any) -> bytes:

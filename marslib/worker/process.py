@@ -44,6 +44,7 @@ from typing import Any
 
 from marslib import __version__, eventloop, schema
 from marslib.errors import MarsError, UsageError
+from marslib.eventwait import wait_set
 from marslib.layout import MarsPaths
 from marslib.logger import LoggerConfig
 from marslib.logsetup import setup_logging
@@ -322,8 +323,7 @@ class Worker:
             if logger is not None:
                 await logger.wait_growth(STATE_POLL)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), STATE_POLL)
+                await wait_set(self._changed, STATE_POLL)
                 self._changed.clear()
 
 

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import marslib
 from marslib import __version__
 from marslib.errors import MarsError
+from marslib.eventwait import wait_set
 from marslib.layout import MarsPaths
 from marslib.logger import LoggerConfig
 from marslib.meta import MetaStore
@@ -296,8 +297,7 @@ class LoggerProxy:
 
     async def wait_growth(self, timeout: float) -> None:
         """Return when the log grows (as pushed by the worker), or after ``timeout``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._grew.wait(), timeout)
+        await wait_set(self._grew, timeout)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """The newest data (log overlay included); big reads in pieces of READ_CHUNK."""
