@@ -14,6 +14,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+from marslib.position import LogPosition
+
 # ------------------------------------------------------------------ values
 NO_PRIMARY = "(none)"  # value of ``primary`` during a handover and after ``secondary``
 ON, OFF = "1", "0"  # switches (todo-HOST/*) and flags (actual-HOST/*)
@@ -83,6 +85,178 @@ class SyncResult:
             return None
 
 
+RESYNC_LOG, RESYNC_FULL = "log", "full"
+
+
+@dataclass(frozen=True)
+class ResyncPlan:
+    """``resync-HOST``: how HOST's last resync after an ``invalidate`` compares the devices.
+
+    ``log,LOGFILE,OFFSET,SEQ`` plans a log-based resync of the blocks written on either
+    side since that position (the fork, or the loser's replay position if earlier);
+    ``log,LOGFILE,OFFSET,SEQ,BLOCKS`` once the block set is computed and saved (BLOCKS
+    blocks of 64 KiB); ``full,REASON`` compares the whole device, REASON saying why (no
+    known fork, a log since the fork is gone, ...). The key stays after the sync as the
+    record of the last resync."""
+
+    mode: str  # RESYNC_LOG or RESYNC_FULL
+    since: LogPosition | None = None  # log mode: where the scan of both logs starts
+    blocks: int | None = None  # log mode: size of the saved block set, once known
+    reason: str = ""  # full mode: why
+
+    def encode(self) -> str:
+        if self.mode == RESYNC_FULL:
+            return f"{RESYNC_FULL},{self.reason}"
+        assert self.since is not None, "a log-based resync needs its start position"
+        tail = "" if self.blocks is None else f",{self.blocks}"
+        return f"{RESYNC_LOG},{self.since.encode()}{tail}"
+
+    @classmethod
+    def decode(cls, value: str | None) -> ResyncPlan | None:
+        """None when missing or unreadable (then the resync compares the whole device)."""
+        mode, _, rest = (value or "").partition(",")
+        if mode == RESYNC_FULL:
+            return cls(RESYNC_FULL, reason=rest)
+        if mode != RESYNC_LOG:
+            return None
+        parts = rest.split(",")
+        try:
+            since = LogPosition.decode(",".join(parts[:3]))
+            blocks = int(parts[3]) if len(parts) > 3 and parts[3] else None
+        except ValueError:
+            return None
+        return cls(RESYNC_LOG, since=since, blocks=blocks)
+
+    @classmethod
+    def full(cls, reason: str) -> ResyncPlan:
+        # a reason is free text; a comma in it stays (decode keeps all after "full,")
+        return cls(RESYNC_FULL, reason=reason)
+
+
+VERIFY_DONE, VERIFY_REPAIRING = "done", "repairing"
+
+
+@dataclass(frozen=True)
+class VerifyStatus:
+    """``verifystatus-HOST``: an online verify of HOST against the primary.
+
+    ``DONE/SIZE`` or ``DONE/SIZE,repair`` while comparing (bytes compared so far; with
+    ``repair`` the differences found are resynced at the end), ``repairing`` while the
+    differences are being copied (the replica is not consistent then), ``done`` after."""
+
+    done: int = 0
+    size: int = 0
+    repair: bool = False
+    repairing: bool = False
+    finished: bool = False
+
+    def encode(self) -> str:
+        if self.finished:
+            return VERIFY_DONE
+        if self.repairing:
+            return VERIFY_REPAIRING
+        return f"{self.done}/{self.size}" + (",repair" if self.repair else "")
+
+    @classmethod
+    def decode(cls, value: str | None) -> VerifyStatus | None:
+        """None when missing (no verify asked for) or unreadable."""
+        if not value:
+            return None
+        if value == VERIFY_DONE:
+            return cls(finished=True)
+        if value == VERIFY_REPAIRING:
+            return cls(repair=True, repairing=True)
+        head, _, flags = value.partition(",")
+        try:
+            done, size = (int(x) for x in head.split("/", 1))
+        except ValueError:
+            return None
+        return cls(done, size, repair=flags == "repair")
+
+    @property
+    def running(self) -> bool:
+        return not self.finished
+
+    @property
+    def progress(self) -> float | None:
+        if self.finished or self.repairing or not self.size:
+            return None
+        return round(self.done / self.size, 4)
+
+
+def verify_from_start(size: int, repair: bool) -> str:
+    """The ``verifystatus-HOST`` value that asks for a verify of ``size`` bytes."""
+    return VerifyStatus(0, size, repair=repair).encode()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """``verifyresult-HOST``: ``COMPARED,DIFFERING,RANGES,UNSETTLED,REPAIRED,SECONDS`` of
+    HOST's last finished verify: bytes compared, bytes found different, ranges they form,
+    bytes still being written at every pass (never reported as different), bytes
+    repaired, seconds."""
+
+    compared: int
+    differing: int
+    ranges: int
+    unsettled: int
+    repaired: int
+    seconds: float
+
+    def encode(self) -> str:
+        return (f"{self.compared},{self.differing},{self.ranges},{self.unsettled},"
+                f"{self.repaired},{self.seconds:.3f}")
+
+    @classmethod
+    def decode(cls, value: str | None) -> VerifyResult | None:
+        try:
+            c, d, r, u, rep, sec = (value or "").split(",")
+            return cls(int(c), int(d), int(r), int(u), int(rep), float(sec))
+        except ValueError:
+            return None
+
+
+VERIFY_DIFF_MAX_RANGES = 64
+
+
+@dataclass(frozen=True)
+class VerifyDiff:
+    """``verifydiff-HOST``: the byte ranges the last verify found different, at most
+    ``VERIFY_DIFF_MAX_RANGES`` of them as ``OFFSET+LENGTH`` separated by commas, then
+    ``+N`` when N more are left out (the whole list is in the verify's state file)."""
+
+    ranges: tuple[tuple[int, int], ...]
+    more: int = 0
+
+    @classmethod
+    def of(cls, ranges: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> VerifyDiff:
+        kept = tuple(ranges[:VERIFY_DIFF_MAX_RANGES])
+        return cls(kept, len(ranges) - len(kept))
+
+    def encode(self) -> str:
+        parts = [f"{off}+{length}" for off, length in self.ranges]
+        if self.more:
+            parts.append(f"+{self.more}")
+        return ",".join(parts)
+
+    @classmethod
+    def decode(cls, value: str | None) -> VerifyDiff | None:
+        if value is None:
+            return None
+        ranges: list[tuple[int, int]] = []
+        more = 0
+        try:
+            for part in filter(None, value.split(",")):
+                if part.startswith("+"):
+                    more = int(part[1:])
+                else:
+                    off, length = part.split("+", 1)
+                    ranges.append((int(off), int(length)))
+        except ValueError:
+            return None
+        return cls(tuple(ranges), more)
+
+
 def switch_on(value: str | None, default: bool = True) -> bool:
     """A ``todo-HOST/*`` switch: ``1`` on, ``0`` off, missing counts as ``default``."""
     return default if value is None else value == ON
@@ -132,6 +306,15 @@ KEYS: tuple[KeySpec, ...] = (
             "resource"),
     KeySpec("resource-R/syncresult-HOST", "COMPARED,COPIED,SECONDS of the last full sync",
             "resource"),
+    KeySpec("resource-R/resync-HOST", "log,LOGFILE,OFFSET,SEQ[,BLOCKS] or full,REASON: how "
+            "the last resync compares", "resource"),
+    KeySpec("resource-R/verifystatus-HOST", "DONE/SIZE[,repair], repairing or done",
+            "resource"),
+    KeySpec("resource-R/verifyresult-HOST",
+            "COMPARED,DIFFERING,RANGES,UNSETTLED,REPAIRED,SECONDS of the last verify",
+            "resource"),
+    KeySpec("resource-R/verifydiff-HOST", "OFFSET+LENGTH,... ranges the last verify found "
+            "different", "resource"),
     KeySpec("resource-R/version-NNNNNNNNN-WRITER", "WRITER's view of where a logfile ended",
             "resource"),
     KeySpec("resource-R/todo-HOST/attach", "1: run the resource on HOST, 0: do not",
@@ -233,6 +416,18 @@ class ResourceKeys:
     def syncresult(self, host: str) -> str:
         return self._k(f"syncresult-{host}")
 
+    def resync(self, host: str) -> str:
+        return self._k(f"resync-{host}")
+
+    def verifystatus(self, host: str) -> str:
+        return self._k(f"verifystatus-{host}")
+
+    def verifyresult(self, host: str) -> str:
+        return self._k(f"verifyresult-{host}")
+
+    def verifydiff(self, host: str) -> str:
+        return self._k(f"verifydiff-{host}")
+
     def todo_dir(self, host: str) -> str:
         return self._k(f"todo-{host}")
 
@@ -277,7 +472,8 @@ class ResourceKeys:
         deletes them)."""
         return (self.data(host), self.replay(host), self.syncstatus(host),
                 self.syncpos(host), self.buffered(host), self.device_size(host),
-                self.synced_size(host), self.syncresult(host))
+                self.synced_size(host), self.syncresult(host), self.resync(host),
+                self.verifystatus(host), self.verifyresult(host), self.verifydiff(host))
 
     @staticmethod
     def member_of(key: str) -> str | None:

@@ -22,6 +22,7 @@ from conftest import (
 
 from marslib import schema
 from marslib.meta import TOMBSTONE
+from marslib.position import LogPosition
 from marslib.schema import KEYS, ResourceKeys, SyncResult, SyncStatus
 
 DOC = REPO / "docs" / "metadata.md"
@@ -280,3 +281,39 @@ def test_a_real_cluster_writes_only_keys_of_the_schema(pair: HostPair) -> None:
                 r.version_link(1, "alpha"), schema.ip("beta")} <= set(keys), keys
         tombstones = [k for k in keys if os.readlink(h.root / k) == TOMBSTONE]
         assert r.data("alpha") in tombstones and r.todo("alpha", "attach") in tombstones
+
+
+def test_resync_plan_round_trips_and_refuses_garbage() -> None:
+    since = LogPosition(7, 4096, 12, "alpha")
+    planned = schema.ResyncPlan(schema.RESYNC_LOG, since=since)
+    counted = schema.ResyncPlan(schema.RESYNC_LOG, since=since, blocks=165)
+    full = schema.ResyncPlan.full("log-000000008-beta is gone on beta, a comma, kept")
+    for plan in (planned, counted, full):
+        assert schema.ResyncPlan.decode(plan.encode()) == plan
+    assert planned.encode() == "log,log-000000007-alpha,4096,12"
+    assert counted.encode() == "log,log-000000007-alpha,4096,12,165"
+    for bad in (None, "", "log", "log,nonsense,1,2", "partial,x"):
+        assert schema.ResyncPlan.decode(bad) is None
+
+
+def test_verify_values_round_trip() -> None:
+    for status in (schema.VerifyStatus(0, 1 << 30), schema.VerifyStatus(65536, 1 << 30, True),
+                   schema.VerifyStatus(repair=True, repairing=True),
+                   schema.VerifyStatus(finished=True)):
+        assert schema.VerifyStatus.decode(status.encode()) == status
+    assert schema.verify_from_start(100, repair=True) == "0/100,repair"
+    assert schema.VerifyStatus.decode("x/y") is None
+    result = schema.VerifyResult(1 << 30, 131072, 2, 65536, 131072, 12.5)
+    assert schema.VerifyResult.decode(result.encode()) == result
+    ranges = [(i * 131072, 65536) for i in range(70)]
+    diff = schema.VerifyDiff.of(ranges)
+    assert len(diff.ranges) == schema.VERIFY_DIFF_MAX_RANGES and diff.more == 6
+    assert schema.VerifyDiff.decode(diff.encode()) == diff
+    assert schema.VerifyDiff.decode("") == schema.VerifyDiff((), 0)
+
+
+def test_member_keys_include_resync_and_verify_keys() -> None:
+    keys = schema.ResourceKeys("r0").member_keys("beta")
+    for name in ("resync-beta", "verifystatus-beta", "verifyresult-beta", "verifydiff-beta"):
+        assert f"resource-r0/{name}" in keys
+        assert schema.spec_of(f"resource-r0/{name}") is not None
