@@ -14,7 +14,7 @@ from marslib.admin.devnode import clients_besides_node, release_node
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
 from marslib.admin.switches import wait_sync
 from marslib.admin.view import DISCONNECTED_AFTER, split_brain_advice, split_brain_losers
-from marslib.errors import Refused, TimedOut
+from marslib.errors import Refused
 from marslib.history import forget_links
 from marslib.position import LogPosition
 from marslib.schema import NO_PRIMARY, is_primary_host, sync_from_start
@@ -152,10 +152,10 @@ def make_primary(admin: Admin, name: str, force: bool) -> Result:
     else:
         _wait_caught_up(admin, name)  # while the old primary still serves: no change yet
         admin.meta.set(k.primary, NO_PRIMARY, durable=True)
-        admin.poke()
-        try:
+        try:  # from here any failure (a timeout, marsd not answering the poke) undoes it
+            admin.poke()
             _wait_old_primary_done(admin, name, old)
-        except TimedOut:
+        except BaseException:
             if is_primary_host(old):
                 admin.meta.set(k.primary, old or NO_PRIMARY, durable=True)  # as it was
             raise
