@@ -62,10 +62,12 @@ def sample_is_consistent(lab) -> LogPosition:  # type: ignore[no-untyped-def]
         lab.marsadm("lab2", "resume-replay", "r0")
 
 
-def writer(lab, seconds: float, seed: int) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+def writer(lab, seconds: float, seed: int,  # type: ignore[no-untyped-def]
+           min_acks: int = 0) -> subprocess.Popen[str]:
+    """A writer on lab1 for ``seconds`` and until ``min_acks`` writes were acknowledged."""
     uri = f"nbd+unix:///r0?socket={lab.host('lab1').run_dir / 'r0.nbd'}"
     return lab.popen("lab1", SYSTEM_PYTHON, str(NBD_CLIENT), uri, "writer", str(seed), "8",
-                     "1024", "65536", str(seconds), stdout=subprocess.PIPE,
+                     "1024", "65536", str(seconds), str(min_acks), stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True)
 
 
@@ -81,7 +83,7 @@ def identical(lab) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_partition_for_30s_then_heal(lab) -> None:  # type: ignore[no-untyped-def]
-    w = WriterLines(writer(lab, 40, seed=21))
+    w = WriterLines(writer(lab, 40, seed=21, min_acks=501))
     w.wait_acks(50, "before the partition")  # the partition cuts a replicating stream
     lab.partition("lab1", "lab2")
     t = time.monotonic()
@@ -112,7 +114,7 @@ def test_bandwidth_collapsing_100x_in_bursts(lab) -> None:  # type: ignore[no-un
             fast = not fast
             stop.wait(1.0)
 
-    w = writer(lab, 12, seed=22)
+    w = writer(lab, 12, seed=22, min_acks=201)
     flapper = threading.Thread(target=flap)
     flapper.start()
     try:

@@ -32,10 +32,12 @@ def member(lab, host: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
     return lab.marsadm(host, "view")["resources"]["r0"]["members"][host]
 
 
-def write(lab, host: str, seconds: float, seed: int) -> str:  # type: ignore[no-untyped-def]
+def write(lab, host: str, seconds: float, seed: int,  # type: ignore[no-untyped-def]
+          min_acks: int = 0) -> str:
+    """What a writer printed that ran ``seconds`` and until ``min_acks`` acknowledgements."""
     uri = f"nbd+unix:///r0?socket={lab.host(host).run_dir / 'r0.nbd'}"
     w = lab.popen(host, SYSTEM_PYTHON, str(NBD_CLIENT), uri, "writer", str(seed), "8", "512",
-                  "65536", str(seconds), stdout=subprocess.PIPE, text=True)
+                  "65536", str(seconds), str(min_acks), stdout=subprocess.PIPE, text=True)
     out, _ = w.communicate(timeout=120)
     return str(out)
 
@@ -87,8 +89,9 @@ def test_failover_in_a_partition_then_split_brain_and_invalidate(lab) -> None:  
     try:
         r = lab.marsadm("lab2", "primary", "r0", "--force", timeout=120)
         assert r["forced"]
-        out1 = write(lab, "lab1", 2, seed=301)  # lab1's application keeps writing its log
-        out2 = write(lab, "lab2", 2, seed=302)
+        # lab1's application keeps writing its log, lab2's writes its own
+        out1 = write(lab, "lab1", 2, seed=301, min_acks=21)
+        out2 = write(lab, "lab2", 2, seed=302, min_acks=21)
         assert out1.count("\nA ") > 20 and out2.count("\nA ") > 20
     finally:
         lab.heal("lab1", "lab2")

@@ -60,7 +60,7 @@ def test_pause_after_a_crash_in_a_batch_redoes_it_first(pair: Pair) -> None:
     b.marsadm("pause-replay", "r0")
     # many writes of random data into 512 slots, all fetched by beta but not applied
     w = subprocess.run([SYSTEM_PYTHON, str(NBD_CLIENT), a.nbd_uri("r0"), "writer", "7", "8",
-                        str(SLOTS), str(SLOT), "1.5"], capture_output=True, text=True,
+                        str(SLOTS), str(SLOT), "1.5", "101"], capture_output=True, text=True,
                        timeout=60)
     assert w.stdout.count("\nA ") > 100, w.stderr
     # the writer may leave with writes in flight: alpha's log can still grow a little, so

@@ -43,9 +43,12 @@ class Pair(HostPair):
     def wait_up_to_date(self, timeout: float = 60) -> dict:  # type: ignore[type-arg]
         return wait_in_sync(self.a, self.b, timeout)
 
-    def writer(self, seconds: float, seed: int = 1, qd: int = 8) -> subprocess.Popen[str]:
+    def writer(self, seconds: float, seed: int = 1, qd: int = 8,
+               min_acks: int = 0) -> subprocess.Popen[str]:
+        """Writes for ``seconds`` and until ``min_acks`` writes were acknowledged."""
         return subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), self.a.nbd_uri("r0"),
-                                 "writer", str(seed), str(qd), "512", str(65536), str(seconds)],
+                                 "writer", str(seed), str(qd), "512", str(65536), str(seconds),
+                                 str(min_acks)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -59,7 +62,7 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
 
 
 def test_join_under_writes_then_identical(pair: Pair) -> None:
-    w = WriterLines(pair.writer(6))
+    w = WriterLines(pair.writer(6, min_acks=101))
     w.wait_acks(20, "before the join")  # the join starts while the application writes
     pair.b.marsadm("join-resource", "r0", pair.dev_b.path)
     out, _ = w.finish(timeout=60)
@@ -220,7 +223,8 @@ def test_emergency_mode_keeps_the_primary_writing(tmp_path: Path, small_fs: Path
         free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
         (small_fs / "filler").write_bytes(bytes(free - (14 << 20)))
         w = subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), a.nbd_uri("r0"), "writer", "9",
-                              "4", "512", "65536", "8"], stdout=subprocess.PIPE, text=True)
+                              "4", "512", "65536", "8", "101"], stdout=subprocess.PIPE,
+                             text=True)
         out, _ = w.communicate(timeout=120)
         assert "E " not in out, "the primary stopped serving in emergency mode"
         assert out.count("\nA ") > 100

@@ -42,10 +42,12 @@ class Pair:
         """Who ``name`` believes is the primary of r0."""
         return str(self.hosts[name].marsadm("view")["resources"]["r0"]["primary"])
 
-    def writer(self, name: str, seconds: float, seed: int) -> subprocess.Popen[str]:
+    def writer(self, name: str, seconds: float, seed: int,
+               min_acks: int = 0) -> subprocess.Popen[str]:
+        """Writes for ``seconds`` and until ``min_acks`` writes were acknowledged."""
         return subprocess.Popen(
             [SYSTEM_PYTHON, str(NBD_CLIENT), self.hosts[name].nbd_uri("r0"), "writer",
-             str(seed), "8", "512", "65536", str(seconds)],
+             str(seed), "8", "512", "65536", str(seconds), str(min_acks)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_in_sync(self, primary: str, secondary: str, timeout: float = 60) -> None:
@@ -122,12 +124,12 @@ def test_failover_split_brain_detected_and_resolved_by_invalidate(pair: Pair) ->
     a, b = pair.hosts["alpha"], pair.hosts["beta"]
     pair.wait_in_sync("alpha", "beta")
     b.marsadm("pause-fetch", "r0")
-    w = pair.writer("alpha", 2, seed=31)  # alpha writes what beta never gets
+    w = pair.writer("alpha", 2, seed=31, min_acks=51)  # alpha writes what beta never gets
     assert w.communicate(timeout=60)[0].count("\nA ") > 50
     a.kill9()  # alpha is gone (crashed, or cut off)
     r = b.marsadm("primary", "r0", "--force")
     assert r["changed"] and r["forced"]
-    w = pair.writer("beta", 2, seed=32)  # beta's applications go on
+    w = pair.writer("beta", 2, seed=32, min_acks=51)  # beta's applications go on
     assert w.communicate(timeout=60)[0].count("\nA ") > 50
     a.start()  # alpha comes back with its own history
     deadline = time.monotonic() + 60
@@ -183,7 +185,7 @@ def test_three_replicas_handover_to_any_and_log_deletion_waits_for_the_slowest(
 
         def write(n: str, seed: int) -> None:
             w = subprocess.Popen([SYSTEM_PYTHON, str(NBD_CLIENT), hosts[n].nbd_uri("r0"),
-                                  "writer", str(seed), "8", "512", "65536", "1.5"],
+                                  "writer", str(seed), "8", "512", "65536", "1.5", "21"],
                                  stdout=subprocess.PIPE, text=True)
             assert w.communicate(timeout=60)[0].count("\nA ") > 20
 
@@ -240,7 +242,7 @@ def test_online_resize_syncs_the_new_tail(pair: Pair) -> None:
         assert time.monotonic() < deadline, "the grown devices were never seen"
         time.sleep(0.5)
     assert a.marsadm("resize", "r0")["changed"] is False
-    w = pair.writer("alpha", 1.5, seed=61)  # a new client sees the new size
+    w = pair.writer("alpha", 1.5, seed=61, min_acks=21)  # a new client sees the new size
     assert w.communicate(timeout=60)[0].count("\nA ") > 20
     from conftest import nbd_client
     assert nbd_client(a.nbd_uri("r0"), "info").stdout.split()[0] == str(new)

@@ -4,12 +4,13 @@
 usage: nbd_client.py URI info
        nbd_client.py URI pwrite OFFSET HEX [fua]
        nbd_client.py URI pread OFFSET LENGTH            (prints hex)
-       nbd_client.py URI writer SEED QD SLOTS SLOT_SIZE [SECONDS]
+       nbd_client.py URI writer SEED QD SLOTS SLOT_SIZE [SECONDS [MIN_ACKS]]
 The writer issues random writes, never two at once into the same slot, and prints
 "I counter slot offset length" before issuing and "A counter" when acknowledged;
 the data of a write is random.Random(counter).randbytes(length). It runs until SECONDS
-pass, the server goes away, or SIGINT (also when started from a shell that ignores SIGINT
-for background jobs: the handler is set here).
+pass and at least MIN_ACKS writes were acknowledged (so a test that needs some number of
+writes gets them on a slow, busy machine too), the server goes away, or SIGINT (also when
+started from a shell that ignores SIGINT for background jobs: the handler is set here).
 """
 
 import random
@@ -26,7 +27,7 @@ def connect(uri):
     return h
 
 
-def writer(h, seed, qd, slots, slot_size, seconds):
+def writer(h, seed, qd, slots, slot_size, seconds, min_acks=0):
     rng = random.Random(seed)
     size = h.get_size()
     slots = min(slots, size // slot_size)
@@ -35,8 +36,9 @@ def writer(h, seed, qd, slots, slot_size, seconds):
     counter = seed * 10_000_000
     out = sys.stdout
     deadline = time.monotonic() + seconds
+    acked = 0
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or acked < min_acks:
             while len(inflight) < qd:
                 slot = rng.randrange(slots)
                 if slot in busy:
@@ -60,6 +62,7 @@ def writer(h, seed, qd, slots, slot_size, seconds):
                 if h.aio_command_completed(cookie):
                     c, slot = inflight.pop(cookie)
                     busy.discard(slot)
+                    acked += 1
                     out.write(f"A {c}\n")
             out.flush()
     except nbd.Error as exc:
@@ -85,7 +88,9 @@ def main(argv):
         print(h.pread(int(argv[4]), int(argv[3])).hex())
     elif cmd == "writer":
         seconds = float(argv[7]) if len(argv) > 7 else 1e9
-        return writer(h, int(argv[3]), int(argv[4]), int(argv[5]), int(argv[6]), seconds)
+        min_acks = int(argv[8]) if len(argv) > 8 else 0
+        return writer(h, int(argv[3]), int(argv[4]), int(argv[5]), int(argv[6]), seconds,
+                      min_acks)
     else:
         print(f"unknown command {cmd}", file=sys.stderr)
         return 2
