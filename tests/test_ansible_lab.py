@@ -312,6 +312,7 @@ def build_previous_release(dest: Path) -> tuple[str, str]:
     return wheel, version
 
 
+@pytest.mark.soak  # about 4-5 min; `make molecule`'s rolling_upgrade scenario covers it too
 def test_rolling_upgrade_from_previous_release(old_lab: Any) -> None:
     lab = old_lab
     wheel, old_version = build_previous_release(lab.dir / "dist")
