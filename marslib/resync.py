@@ -21,8 +21,9 @@ safe, so every local logfile from F_EFF's number on is scanned whole.
 
 The set is saved (``MarsPaths.resync_blocks``) before the first block is compared and
 ``resync-HOST`` gains its size; a resync that is killed resumes with it. Only then are the
-loser's logfiles that are not the primary's history deleted (:func:`drop_stale_logfiles`):
-the replay after the resync would otherwise take them for the next logfile.
+loser's logfiles that are not the primary's history deleted (:func:`drop_stale_logfiles`,
+while the sync runs, and done before the replay starts): the replay after the resync
+would otherwise take them for the next logfile.
 """
 
 from __future__ import annotations
@@ -278,6 +279,7 @@ class LogResync:
         self.keys = ResourceKeys(resource)
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
         self.fallback: str | None = None  # why this resync compares the whole device
+        self._cleanup: asyncio.Task[None] | None = None  # dropping the stale logfiles
 
     @property
     def path(self) -> Path:
@@ -314,6 +316,7 @@ class LogResync:
             return self._full("the saved block set of this resync is gone")
         if saved is not None and not fresh:
             self.log.info("the resync resumes with its saved set of %d blocks", saved.count)
+            self._start_cleanup(p0)  # (again: it may not have ended before the restart)
             return saved
         winner = self.meta.get(self.keys.primary) or "the primary"
         if self.meta.get(self.keys.actual(winner, "emergency")) == ON:
@@ -330,14 +333,27 @@ class LogResync:
         self.log.info("log-based resync since %s: %d blocks (%d bytes) written on either "
                       "side up to %s", self.since.encode(), blocks.count, blocks.nbytes,
                       p0.encode())
-        if is_primary_host(winner):
-            await self._wait_for_link(winner, p0)
-            changed = await asyncio.to_thread(drop_stale_logfiles, self.paths, self.meta,
-                                              self.resource, winner, self.since, p0)
-            if changed:
-                self.log.info("logfiles here that are not %s's history: %s", winner,
-                              ", ".join(changed))
+        self._start_cleanup(p0)
         return blocks
+
+    def _start_cleanup(self, p0: LogPosition) -> None:
+        """Drop the stale logfiles while the sync runs (the set holds their writes now);
+        :meth:`finish` waits for it, before the replay starts."""
+        if self._cleanup is not None:
+            self._cleanup.cancel()
+        self._cleanup = asyncio.create_task(self._drop_stale(p0))
+
+    async def _drop_stale(self, p0: LogPosition) -> None:
+        winner = self.meta.get(self.keys.primary)
+        if not is_primary_host(winner):
+            return
+        assert winner is not None
+        await self._wait_for_link(winner, p0)
+        changed = await asyncio.to_thread(drop_stale_logfiles, self.paths, self.meta,
+                                          self.resource, winner, self.since, p0)
+        if changed:
+            self.log.info("logfiles here that are not %s's history: %s", winner,
+                          ", ".join(changed))
 
     async def _both_sides(self, p0: LogPosition, winner: str,
                           saved: BlockSet | None) -> _Sides:
@@ -370,6 +386,14 @@ class LogResync:
         while self.meta.get(key) is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-    def finish(self) -> None:
-        """The resync is done: its set is no longer needed."""
+    async def finish(self) -> None:
+        """The sync is done: the stale logfiles must be gone before the replay starts;
+        the set is no longer needed."""
+        if self._cleanup is not None:
+            await self._cleanup
         forget_saved_set(self.paths, self.resource)
+
+    def close(self) -> None:
+        """The sync was stopped: no cleanup goes on behind it (the next start redoes it)."""
+        if self._cleanup is not None:
+            self._cleanup.cancel()

@@ -18,6 +18,7 @@ from marslib.device import Device
 from marslib.durable import mkdir_durably
 from marslib.errors import LogCorrupt
 from marslib.fetch import Fetcher
+from marslib.history import forget_links
 from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.logretention import applied_logfiles, delete_logfiles
 from marslib.meta import MetaStore
@@ -30,6 +31,7 @@ from marslib.schema import (
     NO_PRIMARY,
     ON,
     ResourceKeys,
+    ResyncPlan,
     SyncStatus,
     flag,
     is_primary_host,
@@ -182,15 +184,32 @@ class SecondaryResource:
         """The full sync, log-based when ``resync-HOST`` plans it."""
         assert self.syncer is not None
         self.phase = "syncing"
+        state = self._sync_in_progress()
+        if state is not None and state.done == 0:
+            # from the start: this host's history is discarded. invalidate dropped its
+            # version links already, but a replay that ran until now may have written one
+            # again (at a divergence it does, every second)
+            dropped = forget_links(self.meta, self.name, self.host)
+            if dropped:
+                self.log.info("dropped %d version links of this host's old history", dropped)
         planned = pending_log_plan(self.meta, self.paths, self.name, self.host)
         planner = None
         if planned is not None and planned.since is not None:
             planner = LogResync(self.name, self.host, self.paths, self.meta, planned.since,
                                 self.size, self.syncer.block_size,
                                 self.syncer.written_on_primary)
-        await self.syncer.run(plan=planner)
+        try:
+            await self.syncer.run(plan=planner)
+        except BaseException:
+            if planner is not None:
+                planner.close()
+            raise
         if planner is not None:
-            planner.finish()
+            if planner.fallback is None and self.syncer.dropped:
+                # the primary compares no block sets: everything was compared
+                self.meta.set(self.keys.resync(self.host),
+                              ResyncPlan.full(self.syncer.dropped).encode(), durable=True)
+            await planner.finish()
 
     async def _replicate(self) -> None:
         """Fetch and replay until a resync is due; then stop both (the replay after its

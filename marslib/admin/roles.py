@@ -277,10 +277,10 @@ def invalidate(admin: Admin, name: str, wait: bool = False, full: bool = False) 
     running = admin.poke()
     admin.say(f"{name}: resync from the primary started on {admin.host}"
               + (f" ({dropped} version links of its old history dropped)" if dropped else ""))
-    if running and admin.live(name) is not None:
-        _wait_resync_planned(admin, name)
     if wait:
         wait_sync(admin, name)
+    elif running and admin.live(name) is not None:
+        _wait_resync_planned(admin, name)
     final = resync.read_plan(admin.meta, name, admin.host) or decided
     admin.say(f"{name}: {resync.describe(final)}")
     result: Result = {"changed": True, **_resync_result(final)}
