@@ -15,14 +15,17 @@ tree first.
 from __future__ import annotations
 
 import filecmp
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
+    NBD_CLIENT,
     SYSTEM_PYTHON,
     MarsHost,
+    WriterLines,
     loopback_ips,
     needs_libnbd,
     wait_in_sync,
@@ -215,12 +218,25 @@ def test_a_fork_is_resolved_by_a_log_based_resync_in_place(split: Split) -> None
 
 @needs_libnbd
 def test_stale_loser_logs_are_not_replayed_after_the_resync(split: Split) -> None:
+    """Also: the primary's application keeps writing during the resync."""
     split.start()
     a, b = split.a, split.b
     fork = a.marsadm("view")["resources"]["r0"]["split_brain"][0]["logfile"]
     stale = [n for n in logfiles(a) if n.endswith("-alpha") and int(n.split("-")[1]) > fork]
     assert len(stale) >= 3, f"the test made too few loser logfiles past the fork: {stale}"
-    a.marsadm("invalidate", "r0", "--wait")
+    writer = WriterLines(subprocess.Popen(
+        [SYSTEM_PYTHON, str(NBD_CLIENT), b.nbd_uri("r0"), "writer", "51", "8", "512",
+         "65536", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        writer.wait_acks(50, "beta's writer before the resync")
+        before = writer.acks
+        r = a.marsadm("invalidate", "r0", "--wait")
+        assert r["resync"] == "log", r
+        writer.wait_acks(before + 100, "beta's writer after the resync")
+    finally:
+        writer.writer.send_signal(signal.SIGINT)
+    out, err = writer.finish()
+    assert "E " not in out, err
     # beta goes on into logfile numbers alpha also wrote while it was alone
     for k in range(3):
         b.marsadm("log-rotate", "r0")
