@@ -352,12 +352,15 @@ def _secondary(admin: Admin, a: argparse.Namespace) -> Result:
 def _invalidate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("resource", type=RESOURCE)
     p.add_argument("--wait", action="store_true", help="wait until the full sync is done")
+    p.add_argument("--full", action="store_true",
+                   help="compare the whole device, not only the blocks written since the "
+                   "fork")
 
 
-@verb("invalidate", "resync this secondary from the primary (fast full sync)",
-      _invalidate_args)
+@verb("invalidate", "resync this secondary from the primary (after a split brain only the "
+      "blocks written since the fork)", _invalidate_args)
 def _invalidate(admin: Admin, a: argparse.Namespace) -> Result:
-    return roles.invalidate(admin, a.resource, a.wait)
+    return roles.invalidate(admin, a.resource, a.wait, a.full)
 
 
 @verb("view-split-brain", "show where the members' histories of a resource fork",

@@ -148,7 +148,7 @@ class Marsd:
         listen = self.listen or self.meta.get(schema.ip(self.host)) or "0.0.0.0"
         self.metasync = MetaSync(self.meta, self.host, uuid, secret, base)
         fetch = FetchService(self.paths, self._logger_of, lambda name: name in self.starting)
-        sync = SyncService(self._logger_of)
+        sync = SyncService(self._logger_of, self.paths)  # paths: it scans its logs
         common = {"host": self.host, "uuid": uuid, "secret": secret}
         adapter = logging.LoggerAdapter(log, {"host": self.host})
         try:
@@ -409,15 +409,15 @@ class Marsd:
                 if running == "secondary" and want == "secondary":
                     sec = self.secondaries[name]
                     if sec.size and size > sec.size and sec.phase != "syncing":
-                        # grown: sync the new tail from the primary, then replay on
+                        # grown: sync the new tail from the primary, then replay on, in a
+                        # new secondary of the new size
                         synced = int(self.meta.get(keys.synced_size(self.host)) or sec.size)
                         self.meta.set(keys.syncstatus(self.host),
                                       SyncStatus(min(synced, sec.size), size).encode())
-                    state = SyncStatus.decode(self.meta.get(keys.syncstatus(self.host)))
-                    syncing = state is None or not state.finished
-                    if syncing and sec.phase != "syncing":
-                        running = None  # invalidated: restart with a full sync
+                        running = None
                         await self._stop_resource(name)
+                    # invalidated (syncstatus unfinished while it replays): the secondary
+                    # resyncs in place when refresh shows it the tree (marslib.secondary)
                 if running == "primary" and want != "primary" and \
                         not await self.devnodes.may_stop(name):
                     continue  # its block device node is in use: the primary stays

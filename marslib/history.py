@@ -78,3 +78,60 @@ def forget_links(meta: MetaStore, resource: str, writer: str) -> int:
             meta.delete(by_writer[writer].key(resource, writer), durable=True)
             n += 1
     return n
+
+
+def fork_point(meta: MetaStore, resource: str, loser: str, winner: str
+               ) -> LogPosition | None:
+    """The last log position ``loser``'s and ``winner``'s histories share, as far as their
+    version links tell: every write either side made after it is in that side's logfiles
+    after it. None when they share no link (then only a full comparison is safe).
+
+    The links are walked by number. Numbers only one side has before the first both have
+    are skipped (a member that joined later has no links of the logfiles before its
+    join). At the first number where they differ: if both name the same logfile (the
+    failover case: one copy of it is a prefix of the other), the fork lies in it, at the
+    shorter end; otherwise (different logfiles, or a link only one side has) at the end
+    of the last link they share. When nothing differs, that end too. An earlier point is
+    always safe: it only widens the scan."""
+    common: VersionLink | None = None
+    for _number, by_writer in sorted(links(meta, resource).items()):
+        mine, theirs = by_writer.get(loser), by_writer.get(winner)
+        if mine is None or theirs is None:
+            if common is None:
+                continue  # before the first link both have
+            break
+        if (mine.host, mine.end_offset, mine.last_seq) == \
+                (theirs.host, theirs.end_offset, theirs.last_seq):
+            common = mine
+            continue
+        if mine.host == theirs.host:
+            short = min(mine, theirs, key=lambda v: (v.end_offset, v.last_seq))
+            return LogPosition(short.number, short.end_offset, short.last_seq, short.host)
+        break
+    if common is None:
+        return None
+    return LogPosition(common.number, common.end_offset, common.last_seq, common.host)
+
+
+def effective_fork_point(fork: LogPosition, replay_value: str | None) -> LogPosition | None:
+    """Where a resync's scan of both logs starts: the fork point, or the loser's replay
+    position (``replay-LOSER``) if that is earlier: a crashed primary's saved position lags
+    its device, and a replay batch interrupted by a crash may have left part of its records
+    on the device (the batch's end, appended to the value, is ignored: its records lie after
+    the position, in the loser's logfiles, and so are scanned). None when the loser has no
+    readable replay position (its device's state is unknown).
+
+    Positions in different logfiles of the same number are ordered by offset; when the
+    earlier one is in another logfile, byte 0 of the number is taken, so that every
+    logfile of it is scanned whole."""
+    try:
+        replay = LogPosition.decode(replay_value) if replay_value else None
+    except ValueError:
+        return None
+    if replay is None:
+        return None
+    if replay.number != fork.number:
+        return min(fork, replay, key=lambda p: p.number)
+    if replay.host == fork.host or not replay.host:
+        return min(fork, replay, key=lambda p: p.offset)
+    return LogPosition(fork.number, 0, min(fork.seq, replay.seq), fork.host)

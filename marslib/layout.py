@@ -70,6 +70,12 @@ class MarsPaths:
     def nbd_socket(self, resource: str) -> Path:
         return self.run_dir / f"{resource}.nbd"
 
+    def resync_blocks(self, resource: str) -> Path:
+        """The block set a log-based resync of ``resource`` compares (saved before its
+        first window, deleted at its end). Not ``resync-...``: that would be the tree key
+        ``resync-HOST`` of a host named ``blocks``."""
+        return self.resource_dir(resource) / "resync.blocks"
+
     def logfile(self, resource: str, number: int, host: str) -> Path:
         return self.resource_dir(resource) / logfile_name(number, host)
 

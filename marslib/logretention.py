@@ -1,5 +1,6 @@
 """Which logfiles may go and when the active one is due for rotation: the pure decisions
 behind ``marsadm log-delete`` and ``cron``, and the one place that deletes logfiles.
+Logfiles a log-based resync after a split brain may still read are pinned (kept).
 
 marsd owns a host's logfiles while it runs: the control commands ``log-delete`` and
 ``cron`` (:mod:`marslib.daemon`) and a secondary dropping applied logfiles when space is
@@ -12,10 +13,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from marslib.history import forks
 from marslib.layout import MarsPaths
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
-from marslib.schema import ResourceKeys
+from marslib.schema import RESYNC_LOG, ResourceKeys, ResyncPlan, SyncStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,37 @@ def member_positions(meta: MetaStore, resource: str) -> dict[str, LogPosition]:
     return out
 
 
+def resync_pins(meta: MetaStore, resource: str) -> dict[str, int]:
+    """Logfile numbers a log-based resync may still read, from which on nothing goes,
+    and why: the oldest number where members' histories fork (an invalidate will plan
+    from there), and the start of every log-based resync that is not finished (its
+    ``resync-HOST`` plan while ``syncstatus-HOST`` is unfinished)."""
+    k = ResourceKeys(resource)
+    pins: dict[str, int] = {}
+    split = forks(meta, resource)
+    if split:
+        pins["split brain"] = split[0].number
+    for mv in meta.items(k.dir):
+        host = ResourceKeys.member_of(mv.key)
+        if host is None or mv.value is None:
+            continue
+        plan = ResyncPlan.decode(meta.get(k.resync(host)))
+        sync = SyncStatus.decode(meta.get(k.syncstatus(host)))
+        if plan is not None and plan.mode == RESYNC_LOG and plan.since is not None \
+                and sync is not None and not sync.finished:
+            pins[f"the resync of {host}"] = plan.since.number
+    return pins
+
+
 def deletable_logfiles(meta: MetaStore, paths: MarsPaths, resource: str) -> list[Path]:
     """Logfiles of ``resource`` on this host that every member has applied: older than
-    the oldest ``replay-HOST`` position, never the newest logfile. None while no member
-    has a position."""
+    the oldest ``replay-HOST`` position, never the newest logfile, and none a log-based
+    resync may still read (:func:`resync_pins`). None while no member has a position."""
     positions = member_positions(meta, resource)
     if not positions:
         return []
-    oldest = min(p.number for p in positions.values())
+    oldest = min([p.number for p in positions.values()]
+                 + list(resync_pins(meta, resource).values()))
     files = paths.logfiles(resource)
     newest = files[-1][0] if files else 0
     return [p for number, _, p in files if number < oldest and number < newest]

@@ -1,4 +1,10 @@
-"""One resource on a secondary host: initial fast full sync, then fetch and replay."""
+"""One resource on a secondary host: initial fast full sync, then fetch and replay.
+
+An ``invalidate`` while it replays (``syncstatus-HOST`` unfinished again) is a resync in
+place: fetch and replay stop (the replay after its batch), the sync runs (log-based when
+``resync-HOST`` plans it: :mod:`marslib.resync`), and new ones start from the sync's
+replay position. The process (a resource worker) stays.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from marslib.device import Device
 from marslib.durable import mkdir_durably
 from marslib.errors import LogCorrupt
 from marslib.fetch import Fetcher
+from marslib.history import forget_links
 from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.logretention import applied_logfiles, delete_logfiles
 from marslib.meta import MetaStore
@@ -19,10 +26,12 @@ from marslib.net.conn import PeerBundle
 from marslib.position import LogPosition
 from marslib.replay import Replayer
 from marslib.resource import logfile_usage
+from marslib.resync import LogResync, forget_saved_set, pending_log_plan
 from marslib.schema import (
     NO_PRIMARY,
     ON,
     ResourceKeys,
+    ResyncPlan,
     SyncStatus,
     flag,
     is_primary_host,
@@ -72,6 +81,8 @@ class SecondaryResource:
         self._phase = "starting"
         self.space_blocks_fetch = False  # /mars is too full to fetch
         self.size = 0  # the resource size this secondary runs with
+        self.resync_due = asyncio.Event()  # invalidated while replaying: resync in place
+        self._stopping = False
 
     @property
     def phase(self) -> str:
@@ -120,6 +131,7 @@ class SecondaryResource:
         synced_key = self.keys.synced_size(self.host)
         synced = int(self.meta.get(synced_key) or 0)
         if self._synced():
+            forget_saved_set(self.paths, self.name)  # a resync ended before deleting it
             if synced and synced < size:  # grown while this host was down: sync the tail
                 self.meta.set(self.keys.syncstatus(self.host), SyncStatus(synced, size).encode())
             elif not synced:
@@ -144,19 +156,19 @@ class SecondaryResource:
 
     async def _run(self) -> None:
         try:
-            assert self.syncer is not None and self.device is not None
-            if not self._synced():
-                self.phase = "syncing"
-                await self.syncer.run()
-            self.phase = "replaying"
-            pos = LogPosition.decode(self.meta.get(self.keys.replay(self.host)) or "")
-            assert self.fetch_bundle is not None
-            self.fetcher = Fetcher(self.name, self.host, self.paths, self.fetch_bundle,
-                                   pos.logfile, parallel=self.net.fetch_connections)
-            self.replayer = Replayer(self.name, self.host, self.paths, self.meta, self.device,
-                                     self.fetcher)
-            self.apply_switches()
-            await asyncio.gather(self.fetcher.run(), self.replayer.run())
+            while True:
+                if not self._synced():
+                    await self._sync()
+                self.phase = "replaying"
+                pos = LogPosition.decode(self.meta.get(self.keys.replay(self.host)) or "")
+                assert self.fetch_bundle is not None and self.device is not None
+                self.fetcher = Fetcher(self.name, self.host, self.paths, self.fetch_bundle,
+                                       pos.logfile, parallel=self.net.fetch_connections)
+                self.replayer = Replayer(self.name, self.host, self.paths, self.meta,
+                                         self.device, self.fetcher)
+                self.resync_due.clear()
+                self.apply_switches()
+                await self._replicate()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -167,6 +179,88 @@ class SecondaryResource:
             self.phase = "error"
             self.log.error("secondary stopped: %s", self.error)
             self.meta.set(self.keys.actual(self.host, "error"), self.error[:1000])
+
+    async def _sync(self) -> None:
+        """The full sync, log-based when ``resync-HOST`` plans it."""
+        assert self.syncer is not None
+        self.phase = "syncing"
+        state = self._sync_in_progress()
+        if state is not None and state.done == 0:
+            # from the start: this host's history is discarded. invalidate dropped its
+            # version links already, but a replay that ran until now may have written one
+            # again (at a divergence it does, every second)
+            dropped = forget_links(self.meta, self.name, self.host)
+            if dropped:
+                self.log.info("dropped %d version links of this host's old history", dropped)
+        planned = pending_log_plan(self.meta, self.paths, self.name, self.host)
+        planner = None
+        if planned is not None and planned.since is not None:
+            planner = LogResync(self.name, self.host, self.paths, self.meta, planned.since,
+                                self.size, self.syncer.block_size,
+                                self.syncer.written_on_primary)
+        try:
+            await self.syncer.run(plan=planner)
+        except BaseException:
+            if planner is not None:
+                planner.close()
+            raise
+        if planner is not None:
+            if planner.fallback is None and self.syncer.dropped:
+                # the primary compares no block sets: everything was compared
+                self.meta.set(self.keys.resync(self.host),
+                              ResyncPlan.full(self.syncer.dropped).encode(), durable=True)
+            await planner.finish()
+
+    async def _replicate(self) -> None:
+        """Fetch and replay until a resync is due; then stop both (the replay after its
+        batch) and return. What stops either of them is raised."""
+        assert self.fetcher is not None and self.replayer is not None
+        tasks = {asyncio.create_task(self.fetcher.run(), name=f"{self.name} fetch"),
+                 asyncio.create_task(self.replayer.run(), name=f"{self.name} replay")}
+        due = asyncio.create_task(self.resync_due.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(tasks | {due},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done & tasks:
+                    task.result()  # raises what stopped it
+                    tasks.discard(task)  # (neither ends by itself)
+                if due in done:
+                    break
+            self.log.info("invalidated: fetch and replay stop for a resync in place")
+            try:
+                async with asyncio.timeout(30):
+                    await self.replayer.halt()
+            except TimeoutError:
+                self.log.warning("replay did not finish its batch within 30 s: the resync "
+                                 "starts anyway")
+        finally:
+            due.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        # the sync sets the replay position: these must not save theirs any more
+        self.fetcher = None
+        self.replayer = None
+
+    def _follow_invalidate(self) -> None:
+        """``syncstatus-HOST`` asks for a sync while this secondary replays, or after it
+        stopped on an error: resync in place. A grown size is marsd's to handle (it
+        starts a new secondary of the new size)."""
+        if self._stopping or self._sync_in_progress() is None:
+            return
+        if int(self.meta.get(self.keys.size) or 0) != self.size:
+            return
+        if self.phase == "replaying":
+            self.resync_due.set()
+        elif self.phase == "error" and self._task is not None and self._task.done():
+            self.log.info("invalidated after an error: resyncing in place")
+            self.error = None
+            self.meta.delete(self.keys.actual(self.host, "error"))
+            self.fetcher = self.replayer = None
+            self._task = asyncio.create_task(self._run(), name=f"secondary-{self.name}")
 
     def apply_switches(self) -> None:
         """Follow todo-HOST/{fetch,replay,sync}: pause or resume each brick."""
@@ -182,6 +276,7 @@ class SecondaryResource:
                 asyncio.create_task(self.replayer.pause())
         if self.syncer is not None:
             self.syncer.resume() if self.switch("sync") else self.syncer.pause()
+        self._follow_invalidate()
 
     def drop_applied_logfiles(self) -> list[str]:
         """Space is short: delete local logfiles this host has applied, without waiting
@@ -211,6 +306,7 @@ class SecondaryResource:
         return (p.number, p.offset) >= (t.number, t.offset)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             if self.replayer is not None:
                 with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from marslib import resync
 from marslib.admin.context import Admin, Result, daemon_failure
 from marslib.admin.devnode import clients_besides_node, release_node
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
@@ -17,11 +18,21 @@ from marslib.admin.view import DISCONNECTED_AFTER, split_brain_advice, split_bra
 from marslib.errors import Refused
 from marslib.history import forget_links
 from marslib.position import LogPosition
-from marslib.schema import NO_PRIMARY, is_primary_host, sync_from_start
+from marslib.schema import (
+    NO_PRIMARY,
+    RESYNC_LOG,
+    SYNC_DONE,
+    ResyncPlan,
+    SyncResult,
+    is_primary_host,
+    sync_from_start,
+)
 from marslib.sizes import human_size
 from marslib.status import ResourceStatus, lag
 
 OPEN_COUNT_GRACE = 2.0  # seconds a handover waits for the old primary's clients to leave
+RESYNC_SETTLE = 10.0  # seconds invalidate waits for the secondary to settle its plan
+RESULT_WAIT = 5.0  # seconds invalidate --wait waits for the sync's figures after "done"
 
 
 def primary_refusal(snap: ResourceSnapshot, host: str,
@@ -238,8 +249,12 @@ def give_up_primary(admin: Admin, name: str) -> Result:
     return {"changed": True}
 
 
-def invalidate(admin: Admin, name: str, wait: bool = False) -> Result:
-    """Discard this secondary's data and history: a fast full sync from the primary."""
+def invalidate(admin: Admin, name: str, wait: bool = False, full: bool = False) -> Result:
+    """Discard this secondary's data and history and resync it from the primary: only
+    the blocks either side wrote since their histories forked when that is known and the
+    logs since then are here (:mod:`marslib.resync`), else (or with ``full``) the whole
+    device. The plan is made before the fork's evidence, this host's version links, is
+    dropped."""
     k = admin.require_resource(name)
     snap = read_resource(admin.meta, name)
     why = invalidate_refusal(snap, admin.host)
@@ -247,17 +262,65 @@ def invalidate(admin: Admin, name: str, wait: bool = False) -> Result:
         raise Refused(why)
     if wait:
         admin.require_daemon("--wait waits for the full sync marsd runs")
+    decided = resync.plan(admin.meta, admin.paths, name, admin.host, full)
     if admin.dry_run:
-        admin.say(f"would resync {name} on {admin.host} from the primary")
-        return {"changed": True, "dry_run": True}
+        admin.say(f"would resync {name} on {admin.host} from the primary: "
+                  f"{resync.describe(decided)}")
+        return {"changed": True, "dry_run": True, **_resync_result(decided)}
+    last_result = admin.meta.get(k.syncresult(admin.host))
+    resync.forget_saved_set(admin.paths, name)  # a set of an earlier resync
+    # durable before the fork's evidence goes; the unfinished sync pins the logs since
+    # the fork on every member (logretention)
+    admin.meta.set(k.resync(admin.host), decided.encode(), durable=True)
+    admin.meta.set(k.syncstatus(admin.host), sync_from_start(snap.size), durable=True)
     dropped = forget_links(admin.meta, name, admin.host)  # this host's history is discarded
-    admin.meta.set(k.syncstatus(admin.host), sync_from_start(snap.size))
-    admin.poke()
-    admin.say(f"{name}: full sync from the primary restarted on {admin.host}"
+    running = admin.poke()
+    admin.say(f"{name}: resync from the primary started on {admin.host}"
               + (f" ({dropped} version links of its old history dropped)" if dropped else ""))
     if wait:
         wait_sync(admin, name)
-    return {"changed": True}
+    elif running and admin.live(name) is not None:
+        _wait_resync_planned(admin, name)
+    final = resync.read_plan(admin.meta, name, admin.host) or decided
+    admin.say(f"{name}: {resync.describe(final)}")
+    result: Result = {"changed": True, **_resync_result(final)}
+    if wait:
+        done = _new_sync_result(admin, name, last_result)
+        if done is not None:
+            result.update(compared=done.compared, copied=done.copied, seconds=done.seconds)
+            admin.say(f"{name}: resync done: {human_size(done.compared)}B compared, "
+                      f"{human_size(done.copied)}B copied in {done.seconds:.1f}s")
+    return result
+
+
+def _resync_result(p: ResyncPlan) -> Result:
+    return {"resync": p.mode, "since": p.since.encode() if p.since else None,
+            "blocks": p.blocks, "reason": p.reason or None}
+
+
+def _new_sync_result(admin: Admin, name: str, before: str | None) -> SyncResult | None:
+    """The finished sync's figures: the sync writes them just after ``syncstatus=done``,
+    so wait a moment for a value other than ``before``."""
+    key = admin.keys(name).syncresult(admin.host)
+    deadline = time.monotonic() + min(RESULT_WAIT, admin.timeout)
+    while admin.meta.get(key) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    value = admin.meta.get(key)
+    return SyncResult.decode(value) if value != before else None
+
+
+def _wait_resync_planned(admin: Admin, name: str) -> None:
+    """Wait a moment (at most RESYNC_SETTLE seconds, and --timeout) until the secondary
+    has settled the plan: the block set computed, or a full comparison decided. No
+    error when it has not: the result then says what was planned."""
+    k = admin.keys(name)
+    deadline = time.monotonic() + min(RESYNC_SETTLE, admin.timeout)
+    while time.monotonic() < deadline:
+        p = resync.read_plan(admin.meta, name, admin.host)
+        if p is None or p.mode != RESYNC_LOG or p.blocks is not None or \
+                admin.meta.get(k.syncstatus(admin.host)) == SYNC_DONE:
+            return
+        time.sleep(0.05)
 
 
 def view_split_brain(admin: Admin, name: str) -> Result:

@@ -9,6 +9,7 @@ from marslib.meta import MetaStore
 from marslib.position import LogPosition
 from marslib.schema import (
     ResourceKeys,
+    ResyncPlan,
     SyncResult,
     SyncStatus,
     is_primary_host,
@@ -35,6 +36,7 @@ class MemberSnapshot:
     sync: SyncStatus | None = None
     syncpos: str | None = None
     last_sync: SyncResult | None = None
+    resync: ResyncPlan | None = None  # how its last (or running) resync compares
     device_size: int | None = None
     node: str | None = None
     version: str | None = None
@@ -111,6 +113,7 @@ def read_member(meta: MetaStore, name: str, host: str) -> MemberSnapshot:
         sync=SyncStatus.decode(g(k.syncstatus(host))),
         syncpos=g(k.syncpos(host)),
         last_sync=SyncResult.decode(g(k.syncresult(host))),
+        resync=ResyncPlan.decode(g(k.resync(host))),
         device_size=_int(g(k.device_size(host))),
         node=g(k.actual(host, "device")),
         version=g(version(host)),

@@ -13,6 +13,8 @@ from typing import Any
 from marslib.admin.context import Admin, daemon_failure
 from marslib.admin.snapshot import MemberSnapshot, ResourceSnapshot, read_resource
 from marslib.replay import interrupted_batch
+from marslib.resync import describe as describe_resync
+from marslib.resync import view_entry as resync_view_entry
 from marslib.schema import NO_PRIMARY
 from marslib.status import DaemonStatus, ResourceStatus, lag, lag_seconds, tree_lag
 
@@ -76,6 +78,10 @@ def member_info(snap: ResourceSnapshot, m: MemberSnapshot) -> dict[str, Any]:
         "version": m.version,
         "last_sync": asdict(m.last_sync) if m.last_sync else None,
         "device_node": m.node,
+        # how the last or running resync compares (log-based since the fork, or the whole
+        # device and why), and while it runs a line for people
+        "resync": resync_view_entry(m.resync),
+        "resync_note": describe_resync(m.resync) if m.syncing else None,
     }
 
 
