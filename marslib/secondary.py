@@ -31,6 +31,7 @@ from marslib.schema import (
 from marslib.schema import ip as ip_key
 from marslib.status import ResourceStatus, SecondaryStatus
 from marslib.sync import SyncClient
+from marslib.verify import VerifyRunner  # verify
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class SecondaryResource:
         self._phase = "starting"
         self.space_blocks_fetch = False  # /mars is too full to fetch
         self.size = 0  # the resource size this secondary runs with
+        self.verifier = VerifyRunner(name, host, paths, meta)  # verify
 
     @property
     def phase(self) -> str:
@@ -182,6 +184,8 @@ class SecondaryResource:
                 asyncio.create_task(self.replayer.pause())
         if self.syncer is not None:
             self.syncer.resume() if self.switch("sync") else self.syncer.pause()
+        # verify: start or resume what verifystatus-HOST asks for, once replaying
+        self.verifier.follow(self.device, self.syncer, self.fetcher, self.replayer)
 
     def drop_applied_logfiles(self) -> list[str]:
         """Space is short: delete local logfiles this host has applied, without waiting
@@ -201,6 +205,8 @@ class SecondaryResource:
         redo."""
         if not self._synced():
             return False
+        if self.verifier.repairing:  # verify: differing blocks are being copied
+            return False
         if self.replayer is not None and self.replayer.redoing:
             return False
         target = self.meta.get(self.keys.syncpos(self.host))
@@ -211,6 +217,7 @@ class SecondaryResource:
         return (p.number, p.offset) >= (t.number, t.offset)
 
     async def stop(self) -> None:
+        await self.verifier.stop()  # verify
         if self._task is not None:
             if self.replayer is not None:
                 with contextlib.suppress(Exception):
@@ -244,4 +251,5 @@ class SecondaryResource:
             else None,
             fetcher=self.fetcher.status() if self.fetcher is not None else None,
             replayer=self.replayer.status() if self.replayer is not None else None,
+            verifier=self.verifier.status(),  # verify
         )
