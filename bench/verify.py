@@ -25,7 +25,9 @@ lab is taken down on any exit (error, Ctrl-C, SIGTERM).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import re
 import subprocess
 import sys
 import time
@@ -62,17 +64,38 @@ def wait_log_grows(rl: ReplLab, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def verify_span(rl: ReplLab) -> tuple[float, float] | None:
+    """When (``time.time()``) lab2's last verify started and ended, from its marsd log."""
+    log = rl.lab.marsd_log("lab2")
+    stamp = r"^(\S+ \S+) marsd-worker INFO \S+ marslib\.verify: "
+    starts = re.findall(stamp + r"verify of \d+ bytes against the primary starts", log, re.M)
+    ends = re.findall(stamp + r"verify done in", log, re.M)
+    if not starts or not ends:
+        return None
+
+    def wall(text: str) -> float:
+        return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    return wall(starts[-1]), wall(ends[-1])
+
+
 def verify(rl: ReplLab) -> dict[str, Any]:
-    """``marsadm verify r0`` on lab2: its result, seconds, the CPU of both marsd and the
-    load average around it."""
+    """``marsadm verify r0`` on lab2: its result, seconds, the CPU of both marsd, the
+    load average around it, and how long marsadm took before and after the verify ran in
+    lab2's marsd (its own start, the request, marsd noticing it; reading the result)."""
     pids = {"lab1": rl.marsd_pid("lab1"), "lab2": rl.marsd_pid("lab2")}
     cpu0 = {k: b.cpu_seconds(p) for k, p in pids.items()}
     load_before = b.load_average()
+    wall0 = time.time()
     t = time.monotonic()
     out = rl.lab.marsadm("lab2", "verify", RES, "--timeout", "600", timeout=630)
     secs = time.monotonic() - t
+    wall1 = time.time()
     cpu = {k: 100 * (b.cpu_seconds(p) - cpu0[k]) / secs for k, p in pids.items()}
-    return {**out, "s": secs, "cpu": cpu, "load": [load_before, b.load_average()]}
+    span = verify_span(rl)
+    before, after = (span[0] - wall0, wall1 - span[1]) if span else (None, None)
+    return {**out, "s": secs, "cpu": cpu, "load": [load_before, b.load_average()],
+            "before_s": before, "after_s": after}
 
 
 def main() -> int:
@@ -174,10 +197,17 @@ def report(res: dict[str, Any]) -> None:
     b.say("(time: the whole marsadm command; verify: the verify's own seconds in its result; "
           "MB/s: device bytes per second, the floor's counts both devices; CPU: marsd and its "
           "workers, % of one CPU over the command)")
+    for label, m in (("idle", idle), ("writer", busy)):
+        if m.get("before_s") is not None:
+            b.say(f"({label}: marsadm's start and the request until the verify ran "
+                  f"{m['before_s']:.2f} s, from its end to marsadm's exit {m['after_s']:.2f} "
+                  "s)")
     b.say()
     rows = [["ratio", "value", "target", "verdict"]]
     rows.append(ratio_row("writer: verify time / disk floor", busy["s"] / floor, TARGET,
                           higher_is_better=False))
+    rows.append(ratio_row("writer: the verify's own time / disk floor", busy["seconds"] / floor,
+                          None))
     rows.append(ratio_row("idle: verify time / disk floor", idle["s"] / floor, None))
     rows.append(ratio_row("writer: false differences, bytes", float(busy["differing"]), 0.0,
                           higher_is_better=False, fmt="{:.0f}"))

@@ -185,7 +185,8 @@ class SecondaryResource:
         if self.syncer is not None:
             self.syncer.resume() if self.switch("sync") else self.syncer.pause()
         # verify: start or resume what verifystatus-HOST asks for, once replaying
-        self.verifier.follow(self.device, self.syncer, self.fetcher, self.replayer)
+        self.verifier.follow(self.device, self.syncer, self.fetcher, self.replayer,
+                             replaying=self.phase == "replaying")
 
     def drop_applied_logfiles(self) -> list[str]:
         """Space is short: delete local logfiles this host has applied, without waiting

@@ -37,7 +37,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,6 +77,7 @@ COVER_TIMEOUT = 30.0  # seconds a window waits for the local log to reach the pr
 WAIT_PRIMARY = 5.0  # seconds between looks while the primary cannot be verified against
 CATCH_UP_WAIT = 10.0  # before a retry pass: at most this long for replay to reach the last P
 RESTART_AFTER = 10.0  # seconds before a verify that failed unexpectedly starts again
+LOGGED_BLOCKS = 16  # differing blocks named in marsd's log (all are in the result)
 STATE_VERSION = 1
 # fault injection for tests: the secondary kills itself (SIGKILL, its whole process group)
 # once this many windows were compared and DONE moved, right after saving the progress
@@ -137,6 +138,7 @@ class VerifyState:
     seconds: float = 0.0  # spent before this run (a resumed verify)
     resumed_at: int = 0  # DONE when this verify was resumed (0: it was not)
     repaired: int = 0  # bytes copied by the repair
+    synced_at: str | None = None  # syncpos-HOST when it started: a resync since voids it
 
     def __post_init__(self) -> None:
         if self.differ.size != self.size or self.differ.block_size != self.block_size:
@@ -159,7 +161,7 @@ class VerifyState:
             "retry": block_runs(sorted(self.retry)), "touched": self.touched,
             "window_retries": self.window_retries, "passes": self.passes,
             "seconds": round(self.seconds, 3), "resumed_at": self.resumed_at,
-            "repaired": self.repaired,
+            "repaired": self.repaired, "synced_at": self.synced_at,
         }
 
     @classmethod
@@ -176,7 +178,7 @@ class VerifyState:
                         retry=retry, touched=int(obj["touched"]),
                         window_retries=int(obj["window_retries"]), passes=int(obj["passes"]),
                         seconds=float(obj["seconds"]), resumed_at=int(obj["resumed_at"]),
-                        repaired=int(obj["repaired"]))
+                        repaired=int(obj["repaired"]), synced_at=obj.get("synced_at"))
         except (KeyError, TypeError, binascii.Error) as exc:
             raise ValueError(f"damaged verify state: {exc!r}") from None
         if (differ.size, differ.block_size) != (state.size, state.block_size) or \
@@ -238,6 +240,7 @@ class VerifyClient:
         self._next_id = 0
         self._io: set[asyncio.Future[Any]] = set()  # device reads in threads
         self._lost_repair = False  # a repair was cut short and its list is gone
+        self._logged_blocks = 0
         kill_after = os.environ.get(FAULT_KILL_AFTER)
         self._kill_after = int(kill_after) if kill_after else None
         if self._kill_after is not None:
@@ -270,27 +273,24 @@ class VerifyClient:
         if asked is None or asked.finished:
             return False
         saved = load_state(self.path)
-        if asked.repairing:
-            if saved is None or saved.size != self.size or saved.phase not in (
-                    PHASE_REPAIR, PHASE_FINISHED):
-                # the copy may have been cut short, and which blocks were to be copied is
-                # unknown: consistent again once replayed past the primary's end now (no
-                # block copied before can reflect more), and a new verify finds the rest
-                self.log.error("the verify was repairing, and its list of differences (%s) "
-                               "is gone: verifying again from the start, with repair",
-                               self.path)
-                self._lost_repair = True
-                self.state = VerifyState(self.size, self.block_size, repair=True)
-                self.done_at_start = 0
-                self.started = time.monotonic()
-                return True
+        if asked.repairing and (saved is None or saved.size != self.size or saved.phase
+                                not in (PHASE_REPAIR, PHASE_FINISHED)):
+            # the copy may have been cut short, and which blocks were to be copied is
+            # unknown: consistent again once replayed past the primary's end now (no block
+            # copied before can reflect more), and a new verify finds the rest
+            self.log.error("the verify was repairing, and its list of differences (%s) is "
+                           "gone: verifying again from the start, with repair", self.path)
+            self._lost_repair = True
+            self.state = VerifyState(self.size, self.block_size, repair=True)
+        elif asked.repairing:
+            assert saved is not None
             self.state = saved
             self.state.phase = PHASE_REPAIR  # the copy is redone: it may be incomplete
             self.log.warning("the repair of %d differing blocks was interrupted: copying "
                              "them again", saved.differ.count)
         elif asked.done > 0 and saved is not None and saved.size == self.size and \
                 saved.repair == asked.repair and saved.done >= asked.done and \
-                saved.phase != PHASE_FINISHED:
+                saved.phase != PHASE_FINISHED and saved.synced_at == self._synced_at():
             self.state = saved
             self.state.resumed_at = saved.done
             self.log.info("verify resumes at %d of %d bytes (%d differing blocks, %d to "
@@ -299,16 +299,26 @@ class VerifyClient:
         else:
             if asked.done > 0:
                 self.log.warning("verify at %d bytes, but its state file is missing or "
-                                 "stale: starting over", asked.done)
+                                 "stale, or the replica was resynced since: starting over",
+                                 asked.done)
             if asked.size and asked.size != self.size:
                 self.log.warning("verify asked for %d bytes, the resource has %d: verifying "
                                  "%d", asked.size, self.size, self.size)
-            self.state = VerifyState(self.size, self.block_size, repair=asked.repair)
+            self.state = VerifyState(self.size, self.block_size, repair=asked.repair,
+                                     synced_at=self._synced_at())
             self.log.info("verify of %d bytes against the primary starts%s", self.size,
                           " (differences are repaired)" if asked.repair else "")
         self.done_at_start = self.state.done
         self.started = time.monotonic()
         return True
+
+    def _synced_at(self) -> str | None:
+        return self.meta.get(self.keys.syncpos(self.host))
+
+    def _primary_emergency(self) -> bool:
+        primary = self.meta.get(self.keys.primary)
+        return is_primary_host(primary) and \
+            self.meta.get(self.keys.actual(str(primary), "emergency")) == ON
 
     async def _primary_checks(self) -> None:
         """Wait while the primary cannot be verified against: none, or in emergency mode
@@ -317,7 +327,7 @@ class VerifyClient:
             primary = self.meta.get(self.keys.primary)
             if not is_primary_host(primary) or primary == self.host:
                 self.error = "the resource has no primary to verify against: waiting"
-            elif self.meta.get(self.keys.actual(str(primary), "emergency")) == ON:
+            elif self._primary_emergency():
                 self.error = (f"the primary {primary} is in emergency mode (writes bypass "
                               "its log): waiting")
             else:
@@ -344,25 +354,32 @@ class VerifyClient:
         return TouchIndex(self.paths, self.resource, self.replayer.position, self.block_size)
 
     async def _first_pass(self) -> None:
-        """Compare every window from DONE on, several at once; DONE moves over the
-        windows finished in order, and is saved every SAVE_EVERY seconds."""
+        """Compare every window from DONE on, WINDOWS_IN_FLIGHT at once; DONE moves over
+        the windows finished in order, and is saved every SAVE_EVERY seconds."""
         st = self.state
         size = self.size
         finished: set[int] = set()
-        sem = asyncio.Semaphore(WINDOWS_IN_FLIGHT)
         saved_at = time.monotonic()
 
         async def one(offset: int) -> None:
-            async with sem:
-                result = await self._compare(offset, min(WINDOW, size - offset))
-            self._take(result)
+            self._take(await self._compare(offset, min(WINDOW, size - offset)))
             finished.add(offset)
 
-        tasks = [asyncio.ensure_future(one(o)) for o in range(st.done, size, WINDOW)]
+        offsets = iter(range(st.done, size, WINDOW))
+        pending: set[asyncio.Future[None]] = set()
         try:
-            for task in asyncio.as_completed(tasks):
-                await task
-                self.windows_done += 1
+            while True:
+                for offset in offsets:
+                    pending.add(asyncio.ensure_future(one(offset)))
+                    if len(pending) >= WINDOWS_IN_FLIGHT:
+                        break
+                if not pending:
+                    return
+                ended, pending = await asyncio.wait(pending,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+                for task in ended:
+                    task.result()  # a window's failure ends the pass (the caller retries)
+                self.windows_done += len(ended)
                 self.error = None
                 while st.done in finished:
                     finished.discard(st.done)
@@ -377,7 +394,7 @@ class VerifyClient:
                     await self._save()
                     saved_at = time.monotonic()
         finally:
-            for task in tasks:
+            for task in pending:
                 task.cancel()
 
     async def _retry_passes(self) -> None:
@@ -438,8 +455,12 @@ class VerifyClient:
                 st.retry.discard(i)
                 if i not in st.differ:
                     st.differ.add(i)
-                    self.log.warning("verify: block %d (%d+%d) differs from the primary's",
-                                     i, i * self.block_size, st.block_bytes(i))
+                    self._logged_blocks += 1
+                    if self._logged_blocks <= LOGGED_BLOCKS:
+                        self.log.warning("verify: block %d (%d+%d) differs from the "
+                                         "primary's%s", i, i * self.block_size,
+                                         st.block_bytes(i), "" if self._logged_blocks <
+                                         LOGGED_BLOCKS else " (the result lists the others)")
         for i in result.touched:
             if only is None or i in only:
                 st.retry.add(i)
@@ -460,12 +481,15 @@ class VerifyClient:
                 self._newest_p = p
             self.state.compared += length
             first = offset // self.block_size
-            equal, differing = [], []
+            equal: list[int] = []
+            differing: list[int] = []
             for k, (a, b) in enumerate(zip(sums_p, sums_q, strict=True)):
                 (equal if a == b else differing).append(first + k)
             if not differing:
                 return WindowResult(equal, [], [], False)
-            touched = None if redoing else await self._touched(p, q, offset, length)
+            # the primary's writes bypass its log in emergency mode: nothing to compare at
+            touched = None if redoing or self._primary_emergency() else \
+                await self._touched(p, q, offset, length)
             if touched is None:
                 return WindowResult(equal, [], differing, True)
             busy = set(touched)
@@ -546,6 +570,7 @@ class VerifyClient:
         """``syncpos-HOST`` := the primary's log end now; then the verify starts over."""
         end = await self.syncer.primary_position()
         self.meta.set(self.keys.syncpos(self.host), end.encode(), durable=True)
+        self.state.synced_at = end.encode()
         await self._save(durable=True)  # repairing no more: DONE/SIZE,repair
         self._lost_repair = False
         self.log.warning("verify: consistent again once replayed past %s; verifying from "
@@ -651,9 +676,10 @@ class VerifyRunner:
         return self._task is not None and not self._task.done()
 
     def follow(self, device: Device | None, syncer: SyncClient | None,
-               fetcher: Fetcher | None, replayer: Replayer | None) -> None:
-        """Start (or resume) the verify the tree asks for once the secondary replays;
-        cancel it when the request is gone."""
+               fetcher: Fetcher | None, replayer: Replayer | None,
+               replaying: bool = True) -> None:
+        """Start (or resume) the verify the tree asks for once the secondary replays
+        (``replaying``: fetch and replay run); cancel it when the request is gone."""
         st = self.asked()
         wanted = st is not None and st.running
         if not wanted:
@@ -663,7 +689,7 @@ class VerifyRunner:
                 assert self._task is not None
                 self._task.cancel()
             return
-        if self.running or None in (device, syncer, fetcher, replayer):
+        if self.running or not replaying or None in (device, syncer, fetcher, replayer):
             return
         if self._failed_at and time.monotonic() - self._failed_at < RESTART_AFTER:
             return
@@ -706,8 +732,7 @@ class VerifyRunner:
             await self.client.wait_io(10.0)
 
 
-async def _all_or_cancel(coros: list[Coroutine[Any, Any, None]] | list[Awaitable[None]]
-                         ) -> None:
+async def _all_or_cancel(coros: list[Awaitable[None]]) -> None:
     """Run ``coros`` concurrently; the first failure cancels the rest and is raised."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:

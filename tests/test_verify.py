@@ -301,6 +301,9 @@ def live(consistent: bool = True) -> ResourceStatus:
     (lambda: verify_refusal(snap(), "beta", live(consistent=False), True),
      "not consistent on beta"),
     (lambda: verify_refusal(snap(), "beta", None, True), "not running here"),
+    (lambda: verify_refusal(snap(), "beta", ResourceStatus(role="secondary", secondary=(
+        SecondaryStatus(phase="error", error="boom", consistent=True))), True),
+     "not replaying here (it is error: boom)"),
     (lambda: verify_refusal(snap(beta=member("beta", syncpos="log-000000004-alpha,0,9")),
                             "beta", None, False), "not consistent on beta"),
     (lambda: verify_refusal(snap(beta=member("beta", verify=VerifyStatus(

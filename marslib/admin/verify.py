@@ -67,6 +67,9 @@ def verify_refusal(snap: ResourceSnapshot, host: str, live: ResourceStatus | Non
     if local:
         if live is None or live.secondary is None:
             return f"{name} is not running here as a secondary: run 'marsadm up {name}'"
+        if live.secondary.phase != "replaying":
+            why = f": {live.secondary.error}" if live.secondary.error else ""
+            return f"{name} is not replaying here (it is {live.secondary.phase}{why})"
         if not live.secondary.consistent:
             return (f"{name} is not consistent on {host} yet (replaying up to its syncpos, "
                     f"or redoing a batch a crash interrupted): wait with 'marsadm "
