@@ -241,6 +241,8 @@ class VerifyClient:
         self._io: set[asyncio.Future[Any]] = set()  # device reads in threads
         self._lost_repair = False  # a repair was cut short and its list is gone
         self._logged_blocks = 0
+        self._save_lock = asyncio.Lock()
+        self._saving: asyncio.Future[None] | None = None  # a save in the background
         kill_after = os.environ.get(FAULT_KILL_AFTER)
         self._kill_after = int(kill_after) if kill_after else None
         if self._kill_after is not None:
@@ -391,11 +393,13 @@ class VerifyClient:
                                      "%d windows, at %d bytes", self.windows_done, st.done)
                     os.killpg(0, signal.SIGKILL)
                 if time.monotonic() - saved_at > SAVE_EVERY:
-                    await self._save()
+                    self._save_soon()
                     saved_at = time.monotonic()
         finally:
             for task in pending:
                 task.cancel()
+            if self._saving is not None:
+                await asyncio.wait([self._saving])  # (a failure is logged: _saved)
 
     async def _retry_passes(self) -> None:
         """Compare the blocks that were being written again, up to RETRY_PASSES times."""
@@ -601,14 +605,26 @@ class VerifyClient:
 
     async def _save(self, durable: bool = False) -> None:
         """The state file (always durably: the lists must survive what the key says),
-        then DONE in ``verifystatus-HOST`` (``durable``: that too)."""
-        st = self.state
-        data = json.dumps({**st.to_json(), "seconds": round(self.seconds, 3)}).encode()
-        await asyncio.to_thread(write_file_durably, self.path, data)
-        if st.phase in (PHASE_COMPARE, PHASE_RETRY):
-            self.meta.set(self.keys.verifystatus(self.host),
-                          VerifyStatus(st.done, self.size, repair=st.repair).encode(),
-                          durable=durable)
+        then DONE as of that file in ``verifystatus-HOST`` (``durable``: that too).
+        One save at a time, in order."""
+        async with self._save_lock:
+            st = self.state
+            data = json.dumps({**st.to_json(), "seconds": round(self.seconds, 3)}).encode()
+            value = VerifyStatus(st.done, self.size, repair=st.repair).encode() \
+                if st.phase in (PHASE_COMPARE, PHASE_RETRY) else None
+            await asyncio.to_thread(write_file_durably, self.path, data)
+            if value is not None:
+                self.meta.set(self.keys.verifystatus(self.host), value, durable=durable)
+
+    def _save_soon(self) -> None:
+        """A save in the background (the windows go on meanwhile), unless one runs."""
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.ensure_future(self._save())
+            self._saving.add_done_callback(self._saved)
+
+    def _saved(self, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self.log.warning("verify: progress not saved: %s", fut.exception())
 
     async def _finish(self) -> None:
         st = self.state

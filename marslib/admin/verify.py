@@ -11,6 +11,7 @@ on the secondary itself, of marsd's live status (:func:`verify_refusal`).
 from __future__ import annotations
 
 import json
+import time
 
 from marslib.admin.context import Admin, Result
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
@@ -23,6 +24,7 @@ from marslib.sizes import human_size
 from marslib.status import ResourceStatus
 
 SHOWN_RANGES = 8  # ranges in the lines for people (all of the key's in the JSON)
+STATUS_EVERY = 0.5  # seconds between looks at marsd's status while waiting (progress)
 
 
 def _before(a: str | None, b: str | None) -> bool:
@@ -129,6 +131,7 @@ def _wait_result(admin: Admin, name: str, host: str, request: MetaValue, local: 
     ``request`` (the tree value), and return it."""
     k = admin.keys(name)
     last_error: list[str] = []
+    looked = [0.0]  # when marsd's status was last asked for (not at every poll of the key)
 
     def newer(key: str) -> bool:  # written (or deleted) by the verify asked for
         mv = admin.meta.read(key)
@@ -140,6 +143,9 @@ def _wait_result(admin: Admin, name: str, host: str, request: MetaValue, local: 
             return f"the verify request of {name} on {host} was withdrawn"
         if st.finished:
             return newer(k.verifyresult(host)) and newer(k.verifydiff(host))
+        if time.monotonic() - looked[0] < STATUS_EVERY:
+            return False
+        looked[0] = time.monotonic()
         res = admin.live(name) if local else None
         v = res.verifier if res is not None else None
         if v is not None and v.verify_error:
