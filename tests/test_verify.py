@@ -27,8 +27,9 @@ from conftest import (
     wait_until,
 )
 
+from marslib.admin.context import Admin
 from marslib.admin.snapshot import MemberSnapshot, ResourceSnapshot
-from marslib.admin.verify import verify_refusal
+from marslib.admin.verify import state_file, verify_refusal
 from marslib.blockset import BlockSet
 from marslib.device import Device
 from marslib.layout import MarsPaths
@@ -36,7 +37,7 @@ from marslib.meta import MAX_VALUE_LEN, MetaStore
 from marslib.replay import DeviceQuiesce, Replayer
 from marslib.schema import ResourceKeys, SyncStatus, VerifyDiff, VerifyStatus
 from marslib.status import OnlineVerifyStatus, ResourceStatus, SecondaryStatus
-from marslib.verify import FAULT_KILL_AFTER, VerifyState, diff_value
+from marslib.verify import FAULT_KILL_AFTER, VerifyState, diff_value, state_path
 
 SIZE = 64 << 20  # four verify windows of 16 MiB
 BS = 64 << 10
@@ -421,6 +422,13 @@ def test_the_saved_state_round_trips_and_the_diff_key_fits() -> None:
     decoded = VerifyDiff.decode(value)
     assert decoded is not None and list(decoded.ranges) == ranges[:len(decoded.ranges)]
     assert decoded.more == 200 - len(decoded.ranges) > 0
+
+
+def test_marsadm_and_marsd_agree_on_the_state_file(tmp_path: Path) -> None:
+    paths = MarsPaths(tmp_path / "mars", tmp_path / "run")
+    admin = Admin(paths, "beta", MetaStore(paths.root))
+    assert state_file(admin, "r0", "beta") == state_path(paths, "r0", "beta") == \
+        paths.root / "resource-r0" / "verify-beta.json"
 
 
 def test_status_fields_travel_through_the_flat_json() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from marslib.admin.context import Admin, Result
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
@@ -196,11 +197,16 @@ def _result(admin: Admin, name: str, host: str, local: bool, repair: bool) -> Re
     return out
 
 
+def state_file(admin: Admin, name: str, host: str) -> Path:
+    """``marslib.verify.state_path`` (named here: importing the verify itself, with the
+    sync, fetch and replay code, would slow every marsadm down)."""
+    return admin.paths.resource_dir(name) / f"verify-{host}.json"
+
+
 def _local_details(admin: Admin, name: str, host: str) -> Result:
     """Figures only the verify's state file on the host itself holds: blocks retried
     because they were being written, windows retried whole, where it resumed."""
-    from marslib.verify import state_path  # here only: marsadm starts faster without it
-    path = state_path(admin.paths, name, host)
+    path = state_file(admin, name, host)
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
