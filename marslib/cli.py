@@ -32,6 +32,7 @@ from marslib.admin import (
     roles,
     switches,
 )
+from marslib.admin import verify as online_verify
 from marslib.admin.context import Admin, Result
 from marslib.admin.view import (
     VIEW_SCHEMA_VERSION,
@@ -380,6 +381,21 @@ def _resize(admin: Admin, a: argparse.Namespace) -> Result:
     return resize.resize(admin, a.resource, a.size)
 
 
+# ------------------------------------------------------------------- verify
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("resource", type=RESOURCE)
+    p.add_argument("--repair", action="store_true",
+                   help="resync the blocks found different from the primary at the end")
+    p.add_argument("--no-wait", action="store_true",
+                   help="start it and return ('marsadm view' shows its progress)")
+
+
+@verb("verify", "compare a secondary (this host, or --host H) with the primary while "
+      "the application writes; --repair resyncs what differs", _verify_args)
+def _verify(admin: Admin, a: argparse.Namespace) -> Result:
+    return online_verify.verify(admin, a.resource, admin.host, a.repair, not a.no_wait)
+
+
 # --------------------------------------------------------------------- logs
 @verb("log-rotate", "start the next logfile of a resource (on its primary)", _resource_arg)
 def _log_rotate(admin: Admin, a: argparse.Namespace) -> Result:
@@ -462,6 +478,36 @@ def _lag_text(info: dict[str, Any]) -> str:
     return text
 
 
+def _verify_note(name: str, host: str, info: dict[str, Any]) -> str | None:
+    """The view's line about a member's online verify: while it runs, and after one that
+    found differences (or blocks it could not compare)."""
+    if info.get("verifying"):
+        if info.get("verify_repairing") or (info.get("verify_progress") is None
+                                            and info.get("consistent") is False):
+            return "verify: copying the differing blocks from the primary (repair)"
+        progress = info.get("verify_progress")
+        text = "verify running" + (f": {progress * 100:.1f}%" if progress is not None else "")
+        if info.get("verify_differing"):
+            text += f", {human_size(info['verify_differing'])}B differ so far"
+        if info.get("verify_pass"):
+            text += f", pass {info['verify_pass'] + 1}"
+        if info.get("verify_error"):
+            text += f" ({info['verify_error']})"
+        return text
+    last = info.get("last_verify")
+    if not last or not (last["differing"] or last["unsettled"]):
+        return None
+    text = "last verify: "
+    if last["differing"]:
+        text += f"{human_size(last['differing'])}B in {last['ranges']} range(s) differed"
+        text += ", repaired" if last["repaired"] else \
+            f" (repair: 'marsadm verify {name} --host {host} --repair')"
+    if last["unsettled"]:
+        text += ("; " if last["differing"] else "") + \
+            f"{human_size(last['unsettled'])}B were being written at every comparison"
+    return text
+
+
 def render_view(result: dict[str, Any]) -> list[str]:
     """``view`` for people: a header, one row per member, notes and split-brain advice."""
     lines = []
@@ -494,6 +540,9 @@ def render_view(result: dict[str, Any]) -> list[str]:
             if info.get("error"):
                 notes.append(f"note: {v['resource']}@{host}: {info['error']}"
                              + advice_host(info["error"], host, result["host"]))
+            verify_note = _verify_note(v["resource"], host, info)
+            if verify_note:
+                notes.append(f"note: {v['resource']}@{host}: {verify_note}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
               for row in rows]

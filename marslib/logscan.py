@@ -248,6 +248,8 @@ class TouchIndex:
             headers, end, problem = scan_headers(path, self._offset, None)
             for at, h in headers:
                 rec_end = at + h.record_len
+                if rec_end > end:
+                    break  # a torn last record: indexed once it is complete
                 if h.data_len:
                     first = h.offset // self.block_size
                     last = (h.offset + h.data_len - 1) // self.block_size

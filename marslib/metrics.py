@@ -59,6 +59,13 @@ class MarsCollector(Collector):
                                       labels=res_labels)
         sync_size = GaugeMetricFamily("mars_sync_size_bytes", "full sync total",
                                       labels=res_labels)
+        verify_done = GaugeMetricFamily("mars_verify_done_bytes", "online verify progress "
+                                        "(a prefix of the device)", labels=res_labels)
+        verify_size = GaugeMetricFamily("mars_verify_size_bytes", "online verify total",
+                                        labels=res_labels)
+        verify_diff = GaugeMetricFamily("mars_verify_differing_bytes", "bytes the running "
+                                        "online verify found different so far",
+                                        labels=res_labels)
         emergency = GaugeMetricFamily("mars_emergency", "1 while the primary bypasses the log",
                                       labels=res_labels)
         open_count = GaugeMetricFamily("mars_open_count", "NBD clients", labels=res_labels)
@@ -91,8 +98,13 @@ class MarsCollector(Collector):
             if r.syncer is not None:
                 sync_done.add_metric([name], float(r.syncer.sync_done))
                 sync_size.add_metric([name], float(r.syncer.sync_size))
+            if r.verifier is not None:
+                verify_done.add_metric([name], float(r.verifier.verify_done))
+                verify_size.add_metric([name], float(r.verifier.verify_size))
+                verify_diff.add_metric([name], float(r.verifier.verify_differing))
         yield from (role, lagb, lags, consistent, fetched, replayed, written, writes, commits,
-                    pending, sync_done, sync_size, emergency, open_count, logfiles, log_bytes)
+                    pending, sync_done, sync_size, verify_done, verify_size, verify_diff,
+                    emergency, open_count, logfiles, log_bytes)
         free = GaugeMetricFamily("mars_free_bytes", "free bytes in /mars")
         free.add_metric([], float(st.space_free))
         level = GaugeMetricFamily("mars_space_level", "0 ok, 1 warn, 2 drop, 3 no-fetch, "

@@ -11,16 +11,23 @@ same bytes to the same offsets again), and until then the replica is not consist
 does not honour a pause.
 A record that fails its checksum in a fetched logfile is never applied: the bytes from
 there on are fetched again.
+Readers that need the device at a known position (online verify) take
+:meth:`Replayer.quiesced`: no batch starts while they hold it, and it tells them the
+position the device holds (several readers at once; a waiting batch goes first).
+Replay moves on from a finished logfile only along the fetcher's chain: never to a number
+the fetcher has not reached, and at the fetcher's number only to the fetcher's logfile (a
+stale local logfile of the same number from another history is not replayed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -90,6 +97,65 @@ def interrupted_batch(value: str | None) -> LogPosition | None:
     return end if end.offset > pos.offset else None
 
 
+class DeviceQuiesce:
+    """A shared/exclusive lock over the replica's device: replay batches take it exclusive,
+    readers that want the device between batches take it shared. Phase-fair: a batch that
+    waits keeps new readers out, and the readers that waited for a batch go before the
+    next one, so that neither side starves the other while the replay is busy."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._admit = 0  # readers that waited for the last batch: in before the next one
+
+    def _may_read(self) -> bool:
+        return not self._writing and (self._admit > 0 or not self._writers_waiting)
+
+    def _may_write(self) -> bool:
+        return not self._writing and not self._readers and not self._admit
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._readers_waiting += 1
+            try:
+                await self._cond.wait_for(self._may_read)
+            except BaseException:
+                self._readers_waiting -= 1
+                self._admit = min(self._admit, self._readers_waiting)
+                self._cond.notify_all()
+                raise
+            self._readers_waiting -= 1
+            self._admit = max(0, self._admit - 1)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._writers_waiting += 1
+            try:
+                await self._cond.wait_for(self._may_write)
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writing = False
+                self._admit = self._readers_waiting
+                self._cond.notify_all()
+
+
 @dataclass
 class ReplayStats:
     records: int = 0
@@ -128,6 +194,7 @@ class Replayer:
         self._resume.set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._quiesce = DeviceQuiesce()
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
         self._write_dev = device
         kill_after = os.environ.get(FAULT_KILL_AFTER)
@@ -176,6 +243,22 @@ class Replayer:
         if not self._halting:
             self._resume.set()
 
+    @contextlib.asynccontextmanager
+    async def quiesced(self) -> AsyncIterator[LogPosition]:
+        """Hold off replay batches: while this is held the device holds exactly the state
+        at the position it yields (see :attr:`redoing`: after a crash in a batch, not
+        until that batch is redone). Several holders at once; a batch waiting for the
+        device keeps new ones out."""
+        async with self._quiesce.shared():
+            yield self.position
+
+    @contextlib.asynccontextmanager
+    async def device_held(self) -> AsyncIterator[LogPosition]:
+        """Hold off replay batches and every :meth:`quiesced` reader: the caller alone may
+        write the device (a repair copies blocks), at the position it yields."""
+        async with self._quiesce.exclusive():
+            yield self.position
+
     async def run(self) -> None:
         while True:
             self._note_caught_up()
@@ -195,7 +278,7 @@ class Replayer:
             progress = self.fetcher.progress
             self._idle.clear()
             try:
-                applied, bad = await asyncio.to_thread(self._apply_batch)
+                applied, bad = await self._apply_batch()
             finally:
                 self._idle.set()
             if bad is not None:
@@ -228,9 +311,23 @@ class Replayer:
     def _path(self, pos: LogPosition):  # type: ignore[no-untyped-def]
         return self.paths.logfile(self.resource, pos.number, pos.host)
 
-    def _apply_batch(self) -> tuple[int, tuple[str, int, str] | None]:
-        """Apply the next batch of complete records (runs in a thread); return how many
-        were applied and where a record failed its checks, if one did."""
+    async def _apply_batch(self) -> tuple[int, tuple[str, int, str] | None]:
+        """Apply the next batch of complete records; return how many were applied and
+        where a record failed its checks, if one did. The records are read and the batch's
+        end recorded first; only the device writes hold the device (readers that quiesce
+        it see the state before the batch or after it); the flush comes after them."""
+        batch, count, new_pos, bad = await asyncio.to_thread(self._read_batch)
+        if count:
+            async with self._quiesce.exclusive():
+                await asyncio.to_thread(self._write_batch, batch, count, new_pos)
+            await asyncio.to_thread(self._write_dev.flush)
+        return count, bad
+
+    def _read_batch(self) -> tuple[ExtentMap, int, LogPosition,
+                                   tuple[str, int, str] | None]:
+        """Read the next batch of complete records (in a thread): their data, how many,
+        where they end, and where a record failed its checks, if one did. With records,
+        the batch's end is durable in ``replay-HOST`` when this returns."""
         pos = self.position
         redo = self.redo_to
         path = self._path(pos)
@@ -240,7 +337,7 @@ class Replayer:
                               f"offset {redo.offset}) cannot be redone, the device is not "
                               f"consistent; resync this host with 'marsadm invalidate "
                               f"{self.resource}'")
-            return 0, None
+            return ExtentMap(), 0, pos, None
         limit = self.fetcher.complete_end(path.name)
         scanner = LogScanner(path, pos.offset, pos.seq + 1 if pos.seq else None, limit)
         batch = ExtentMap()
@@ -278,13 +375,17 @@ class Replayer:
             # durable before the first device write: a crash from here on leaves the
             # device torn, and the next start must know up to where to redo
             self.meta.set(self.keys.replay(self.host), replay_value(pos, batch_end), durable=True)
-            write_sorted(self._write_dev, batch, 1 << 20, self.counters)
-            self.position = new_pos
-            self.stats.records += count
-            self.stats.batches += 1
-            if not self.blocked:
-                self.error = None
-        return count, bad
+        return batch, count, new_pos, bad
+
+    def _write_batch(self, batch: ExtentMap, count: int, new_pos: LogPosition) -> None:
+        """Write a batch read by :meth:`_read_batch` (in a thread, the device held); the
+        device then holds the state at ``new_pos`` (flushed by the caller)."""
+        write_sorted(self._write_dev, batch, 1 << 20, self.counters, flush=False)
+        self.position = new_pos
+        self.stats.records += count
+        self.stats.batches += 1
+        if not self.blocked:
+            self.error = None
 
     def _bad_record(self, name: str, offset: int, what: str) -> None:
         times = self.fetcher.refetch_from(name, offset)
@@ -314,18 +415,35 @@ class Replayer:
             self.blocked = True
             return False
         gap = int(self.meta.get(self.keys.history_gap) or 0)
+        nxt = self._next_in_chain(pos.number)
+        if nxt is None:
+            return False
+        number, host = nxt
+        if number >= gap > pos.number:
+            self.error = (
+                f"outdated: the primary ran in emergency mode and its history has a "
+                f"gap before logfile {number}; this replica stays consistent at "
+                f"{pos.encode()}: run 'marsadm invalidate {self.resource}'")
+            return False
+        self.position = LogPosition(number, 0, pos.seq, host)
+        self.meta.set(self.keys.replay(self.host), self.position.encode())
+        return True
+
+    def _next_in_chain(self, after: int) -> tuple[int, str] | None:
+        """The local logfile (number, host) to replay after number ``after``: the lowest
+        number above it, not beyond the one the fetcher is at, and at the fetcher's number
+        the fetcher's logfile itself (another host's file of that number is a stale one
+        from another history)."""
+        fetching = parse_logfile_name(self.fetcher.logfile)
         for number, host, _ in self.paths.logfiles(self.resource):
-            if number > pos.number:
-                if number >= gap > pos.number:
-                    self.error = (
-                        f"outdated: the primary ran in emergency mode and its history has a "
-                        f"gap before logfile {number}; this replica stays consistent at "
-                        f"{pos.encode()}: run 'marsadm invalidate {self.resource}'")
-                    return False
-                self.position = LogPosition(number, 0, pos.seq, host)
-                self.meta.set(self.keys.replay(self.host), self.position.encode())
-                return True
-        return False
+            if number <= after:
+                continue
+            if fetching is None or number < fetching[0]:
+                return number, host
+            if number == fetching[0]:
+                return number, fetching[1]  # the fetcher created it before switching
+            return None
+        return None
 
     def status(self) -> ReplayStatus:
         secs = max(time.monotonic() - self.started, 1e-6)

@@ -40,6 +40,7 @@ from marslib.schema import (
 from marslib.schema import ip as ip_key
 from marslib.status import ResourceStatus, SecondaryStatus
 from marslib.sync import SyncClient
+from marslib.verify import VerifyRunner  # verify
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class SecondaryResource:
         self.size = 0  # the resource size this secondary runs with
         self.resync_due = asyncio.Event()  # invalidated while replaying: resync in place
         self._stopping = False
+        self.verifier = VerifyRunner(name, host, paths, meta)  # verify
 
     @property
     def phase(self) -> str:
@@ -277,6 +279,9 @@ class SecondaryResource:
         if self.syncer is not None:
             self.syncer.resume() if self.switch("sync") else self.syncer.pause()
         self._follow_invalidate()
+        # verify: start or resume what verifystatus-HOST asks for, once replaying
+        self.verifier.follow(self.device, self.syncer, self.fetcher, self.replayer,
+                             replaying=self.phase == "replaying")
 
     def drop_applied_logfiles(self) -> list[str]:
         """Space is short: delete local logfiles this host has applied, without waiting
@@ -296,6 +301,8 @@ class SecondaryResource:
         redo."""
         if not self._synced():
             return False
+        if self.verifier.repairing:  # verify: differing blocks are being copied
+            return False
         if self.replayer is not None and self.replayer.redoing:
             return False
         target = self.meta.get(self.keys.syncpos(self.host))
@@ -307,6 +314,7 @@ class SecondaryResource:
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.verifier.stop()  # verify
         if self._task is not None:
             if self.replayer is not None:
                 with contextlib.suppress(Exception):
@@ -340,4 +348,5 @@ class SecondaryResource:
             else None,
             fetcher=self.fetcher.status() if self.fetcher is not None else None,
             replayer=self.replayer.status() if self.replayer is not None else None,
+            verifier=self.verifier.status(),  # verify
         )

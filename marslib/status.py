@@ -1,9 +1,10 @@
 """The status marsd reports: one typed record per brick, one per resource, one per daemon.
 
 Each brick's ``status()`` returns its record (:class:`LoggerStatus`, :class:`FullSyncStatus`,
-:class:`FetchStatus`, :class:`ReplayStatus`); :class:`marslib.resource.PrimaryResource`
-and :class:`marslib.secondary.SecondaryResource` compose them into a
-:class:`ResourceStatus`, and marsd's reply to ``status`` is a :class:`DaemonStatus`.
+:class:`FetchStatus`, :class:`ReplayStatus`, :class:`OnlineVerifyStatus`);
+:class:`marslib.resource.PrimaryResource` and :class:`marslib.secondary.SecondaryResource`
+compose them into a :class:`ResourceStatus`, and marsd's reply to ``status`` is a
+:class:`DaemonStatus`.
 
 JSON exists only where a status leaves a process: marsd's control socket
 (:meth:`DaemonStatus.to_json`) and the channel from a resource worker to marsd
@@ -127,6 +128,27 @@ class FullSyncStatus:
 
 
 @dataclass(frozen=True)
+class OnlineVerifyStatus:
+    """A running online verify of a secondary against its primary (marslib.verify): the
+    ``verify_*`` figures. Not to be confused with the tree's ``verifystatus-HOST`` value
+    (``schema.VerifyStatus``)."""
+
+    verify_done: int = 0  # bytes of the device passed (a prefix) in the first pass
+    verify_size: int = 0
+    verify_compared: int = 0  # bytes compared, retries included
+    verify_differing: int = 0  # bytes found different so far
+    verify_unsettled: int = 0  # bytes written during every comparison so far (retried)
+    verify_touched: int = 0  # blocks written while being compared, retried at least once
+    verify_pass: int = 0  # 0: the first pass over the device; 1-5: retries of busy blocks
+    verify_rate: int = 0  # bytes passed per second
+    verify_eta: float | None = None  # seconds; None while the rate is unknown
+    verify_repair: bool = False  # the differences are resynced at the end
+    verify_repairing: bool = False  # they are being copied now (not consistent)
+    verify_resumed_at: int = 0  # where this verify resumed after a restart (0: fresh)
+    verify_error: str | None = None  # why it waits or stopped (retried by itself)
+
+
+@dataclass(frozen=True)
 class FetchStatus:
     """A secondary's fetcher (marslib.fetch)."""
 
@@ -201,6 +223,7 @@ class ResourceStatus:
     syncer: FullSyncStatus | None = None
     fetcher: FetchStatus | None = None
     replayer: ReplayStatus | None = None
+    verifier: OnlineVerifyStatus | None = None  # an online verify of this secondary
     worker_pid: int | None = None  # the resource's worker process (absent in-process)
     worker_error: str | None = None  # the worker did not answer: the figures may be old
     device_node: DeviceNodeStatus | None = None  # a primary's block device node
@@ -220,7 +243,7 @@ class ResourceStatus:
             out.update(_record_json(self.secondary))
         out["device"] = self.device
         out["open_count"] = self.open_count
-        for part in (self.logger, self.syncer, self.fetcher, self.replayer):
+        for part in (self.logger, self.syncer, self.fetcher, self.replayer, self.verifier):
             if part is not None:
                 out.update(_record_json(part))
         if self.primary is not None:
@@ -259,6 +282,7 @@ class ResourceStatus:
             syncer=part(FullSyncStatus, as_secondary),
             fetcher=part(FetchStatus, as_secondary),
             replayer=part(ReplayStatus, as_secondary),
+            verifier=part(OnlineVerifyStatus, as_secondary),
             worker_pid=obj.get("worker_pid"),
             worker_error=obj.get("worker_error"),
             device_node=_record(DeviceNodeStatus, obj["device_node"])

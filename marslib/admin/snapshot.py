@@ -12,6 +12,9 @@ from marslib.schema import (
     ResyncPlan,
     SyncResult,
     SyncStatus,
+    VerifyDiff,
+    VerifyResult,
+    VerifyStatus,
     is_primary_host,
     switch_on,
     version,
@@ -40,6 +43,10 @@ class MemberSnapshot:
     device_size: int | None = None
     node: str | None = None
     version: str | None = None
+    # online verify (marsadm verify): the request or its progress, the last result
+    verify: VerifyStatus | None = None
+    last_verify: VerifyResult | None = None
+    verify_diff: VerifyDiff | None = None
 
     @property
     def synced(self) -> bool:
@@ -117,6 +124,10 @@ def read_member(meta: MetaStore, name: str, host: str) -> MemberSnapshot:
         device_size=_int(g(k.device_size(host))),
         node=g(k.actual(host, "device")),
         version=g(version(host)),
+        # online verify
+        verify=VerifyStatus.decode(g(k.verifystatus(host))),
+        last_verify=VerifyResult.decode(g(k.verifyresult(host))),
+        verify_diff=VerifyDiff.decode(g(k.verifydiff(host))),
     )
 
 

@@ -82,7 +82,23 @@ def member_info(snap: ResourceSnapshot, m: MemberSnapshot) -> dict[str, Any]:
         # device and why), and while it runs a line for people
         "resync": resync_view_entry(m.resync),
         "resync_note": describe_resync(m.resync) if m.syncing else None,
+        **verify_info(m),
     }
+
+
+def verify_info(m: MemberSnapshot) -> dict[str, Any]:
+    """A member's online verify fields (marsadm verify), from the tree."""
+    v, diff = m.verify, m.verify_diff
+    info: dict[str, Any] = {
+        "verifying": v is not None and v.running,
+        "verify_progress": v.progress if v is not None else None,
+        "last_verify": asdict(m.last_verify) if m.last_verify else None,
+        "verify_diff": {"ranges": [list(r) for r in diff.ranges], "more": diff.more}
+        if diff is not None and m.last_verify is not None else None,
+    }
+    if v is not None and v.repairing:
+        info["consistent"] = False  # differing blocks are being copied
+    return info
 
 
 def add_live(info: dict[str, Any], live: ResourceStatus | None, failure: str | None,
