@@ -476,12 +476,13 @@ class SyncClient:
         p1 = await self._status()
         self.meta.set(self.keys.syncpos(self.host), p1.encode())
         self.meta.set(self.keys.synced_size(self.host), str(size))
-        self.meta.set(self.keys.syncstatus(self.host), SYNC_DONE, durable=True)
-        # what this sync moved, for operators and playbooks (view: members' last_sync)
+        # what this sync moved, for operators and playbooks (view: members' last_sync),
+        # before "done": whoever waits for "done" finds the figures with it
         seconds = time.monotonic() - self.progress.started if self.progress.started else 0.0
         compared = self.progress.compared if self.blocks is not None else size
         self.meta.set(self.keys.syncresult(self.host),
                       SyncResult(compared, self.progress.copied, seconds).encode())
+        self.meta.set(self.keys.syncstatus(self.host), SYNC_DONE, durable=True)
         self.log.info("full sync done: %d bytes compared, %d copied; consistent once "
                       "replayed past %s", compared, self.progress.copied, p1.encode())
 

@@ -32,7 +32,6 @@ from marslib.status import ResourceStatus, lag
 
 OPEN_COUNT_GRACE = 2.0  # seconds a handover waits for the old primary's clients to leave
 RESYNC_SETTLE = 10.0  # seconds invalidate waits for the secondary to settle its plan
-RESULT_WAIT = 5.0  # seconds invalidate --wait waits for the sync's figures after "done"
 
 
 def primary_refusal(snap: ResourceSnapshot, host: str,
@@ -299,13 +298,9 @@ def _resync_result(p: ResyncPlan) -> Result:
 
 
 def _new_sync_result(admin: Admin, name: str, before: str | None) -> SyncResult | None:
-    """The finished sync's figures: the sync writes them just after ``syncstatus=done``,
-    so wait a moment for a value other than ``before``."""
-    key = admin.keys(name).syncresult(admin.host)
-    deadline = time.monotonic() + min(RESULT_WAIT, admin.timeout)
-    while admin.meta.get(key) == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    value = admin.meta.get(key)
+    """The finished sync's figures (the sync writes them before ``syncstatus=done``);
+    None when the value is still the one from before this resync."""
+    value = admin.meta.get(admin.keys(name).syncresult(admin.host))
     return SyncResult.decode(value) if value != before else None
 
 
