@@ -12,8 +12,9 @@ does not honour a pause.
 A record that fails its checksum in a fetched logfile is never applied: the bytes from
 there on are fetched again.
 Readers that need the device at a known position (online verify) take
-:meth:`Replayer.quiesced`: no batch starts while they hold it, and it tells them the
-position the device holds (several readers at once; a waiting batch goes first).
+:meth:`Replayer.quiesced`: no batch writes the device while they hold it, and it tells
+them the position the device holds (several readers at once; a batch waiting to write
+goes first, and the readers that waited for it go before the next one).
 Replay moves on from a finished logfile only along the fetcher's chain: never to a number
 the fetcher has not reached, and at the fetcher's number only to the fetcher's logfile (a
 stale local logfile of the same number from another history is not replayed).
@@ -245,10 +246,10 @@ class Replayer:
 
     @contextlib.asynccontextmanager
     async def quiesced(self) -> AsyncIterator[LogPosition]:
-        """Hold off replay batches: while this is held the device holds exactly the state
-        at the position it yields (see :attr:`redoing`: after a crash in a batch, not
-        until that batch is redone). Several holders at once; a batch waiting for the
-        device keeps new ones out."""
+        """Hold off the device writes of replay batches: while this is held the device
+        holds exactly the state at the position it yields (see :attr:`redoing`: after a
+        crash in a batch, not until that batch is redone). Several holders at once; a
+        batch waiting to write keeps new ones out."""
         async with self._quiesce.shared():
             yield self.position
 

@@ -80,7 +80,8 @@ RESTART_AFTER = 10.0  # seconds before a verify that failed unexpectedly starts 
 LOGGED_BLOCKS = 16  # differing blocks named in marsd's log (all are in the result)
 STATE_VERSION = 1
 # fault injection for tests: the secondary kills itself (SIGKILL, its whole process group)
-# once this many windows were compared and DONE moved, right after saving the progress
+# once this many windows were compared (one at a time) and DONE moved, right after saving
+# the progress
 FAULT_KILL_AFTER = "MARS_FAULT_VERIFY_KILL_AFTER"
 
 PHASE_COMPARE, PHASE_RETRY, PHASE_REPAIR, PHASE_FINISHED = (
@@ -369,11 +370,13 @@ class VerifyClient:
 
         offsets = iter(range(st.done, size, WINDOW))
         pending: set[asyncio.Future[None]] = set()
+        # a fault-injected kill comes after exactly that many windows: one at a time then
+        in_flight = 1 if self._kill_after is not None else WINDOWS_IN_FLIGHT
         try:
             while True:
                 for offset in offsets:
                     pending.add(asyncio.ensure_future(one(offset)))
-                    if len(pending) >= WINDOWS_IN_FLIGHT:
+                    if len(pending) >= in_flight:
                         break
                 if not pending:
                     return
