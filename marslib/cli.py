@@ -540,6 +540,8 @@ def render_view(result: dict[str, Any]) -> list[str]:
             if info.get("error"):
                 notes.append(f"note: {v['resource']}@{host}: {info['error']}"
                              + advice_host(info["error"], host, result["host"]))
+            if info.get("resync_note"):
+                notes.append(f"note: {v['resource']}@{host}: {info['resync_note']}")
             verify_note = _verify_note(v["resource"], host, info)
             if verify_note:
                 notes.append(f"note: {v['resource']}@{host}: {verify_note}")

@@ -230,6 +230,7 @@ class SecondaryResource:
                 if due in done:
                     break
             self.log.info("invalidated: fetch and replay stop for a resync in place")
+            await self.verifier.stop()  # verify: it holds the fetcher and the replayer
             try:
                 async with asyncio.timeout(30):
                     await self.replayer.halt()

@@ -745,7 +745,11 @@ class VerifyRunner:
         task.cancel()
         try:
             await task
-        except BaseException:  # cancelled, or failed (logged by _ended)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise  # the caller is being cancelled, not only the verify
+        except Exception:  # failed (logged by _ended)
             pass
         if self.client is not None:
             await self.client.wait_io(10.0)

@@ -14,5 +14,6 @@ command line, calls one function here and renders what it returns.
 - :mod:`.switches`: up, down, pause and resume, waiting for a condition;
 - :mod:`.resize`: growing a resource;
 - :mod:`.housekeeping`: log rotation and deletion (marsd owns logfiles);
-- :mod:`.devnode`: the block device node of a resource.
+- :mod:`.devnode`: the block device node of a resource;
+- :mod:`.verify`: online verify of a secondary against the primary.
 """
