@@ -44,17 +44,7 @@ from marslib.sizes import parse_size
 
 BLOCK = 64 << 10
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3 carries libnbd's binding
-WRITE_BLOCKS = """
-import random, sys
-import nbd
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-seed = int(sys.argv[2])
-for i in map(int, sys.argv[3:]):
-    h.pwrite(random.Random(seed * 1000003 + i).randbytes(65536), i * 65536)
-h.flush()
-h.shutdown()
-"""
+NBD_CLIENT = Path(__file__).resolve().parent.parent / "tests" / "tools" / "nbd_client.py"
 
 
 class Host:
@@ -130,7 +120,7 @@ def wait(what: str, cond: Any, timeout: float = 120.0) -> None:
 
 def write_blocks(host: Host, blocks: list[int], seed: int) -> None:
     for i in range(0, len(blocks), 200):
-        b.run([SYSTEM_PYTHON, "-c", WRITE_BLOCKS, host.uri(), str(seed),
+        b.run([SYSTEM_PYTHON, str(NBD_CLIENT), host.uri(), "blocks", str(seed),
                *map(str, blocks[i:i + 200])], timeout=300)
 
 

@@ -508,7 +508,7 @@ class SyncClient:
 
         offsets = [o for o in range(0, self.progress.size, window)
                    if blocks.any_in(o, min(window, self.progress.size - o))]
-        await _all_or_cancel([one(o) for o in offsets])
+        await all_or_cancel([one(o) for o in offsets])
         await asyncio.to_thread(self.device.flush)
         return CopyResult(self.progress.compared - compared, self.progress.copied - copied)
 
@@ -790,7 +790,7 @@ def _position(value: str | None) -> LogPosition | None:
         return None
 
 
-async def _all_or_cancel(coros: list[Awaitable[None]]) -> None:
+async def all_or_cancel(coros: list[Awaitable[None]]) -> None:
     """Run ``coros`` concurrently; the first failure cancels the rest and is raised."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:

@@ -37,7 +37,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,7 +63,14 @@ from marslib.schema import (
     is_primary_host,
 )
 from marslib.status import OnlineVerifyStatus
-from marslib.sync import BLOCK_SIZE, SUMS_WINDOW, SyncClient, block_runs, block_sums
+from marslib.sync import (
+    BLOCK_SIZE,
+    SUMS_WINDOW,
+    SyncClient,
+    all_or_cancel,
+    block_runs,
+    block_sums,
+)
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +426,7 @@ class VerifyClient:
             spans = self._retry_spans(sorted(st.retry))
             self.log.info("verify pass %d: %d blocks that were being written, in %d runs",
                           st.passes + 1, len(st.retry), len(spans))
-            await _all_or_cancel([one(o, n) for o, n in spans])
+            await all_or_cancel([one(o, n) for o, n in spans])
             st.passes += 1
             await self._save(durable=True)
         if st.retry:
@@ -753,14 +760,3 @@ class VerifyRunner:
             pass
         if self.client is not None:
             await self.client.wait_io(10.0)
-
-
-async def _all_or_cancel(coros: list[Awaitable[None]]) -> None:
-    """Run ``coros`` concurrently; the first failure cancels the rest and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        for task in asyncio.as_completed(tasks):
-            await task
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -51,22 +51,9 @@ ALPHA_ALONE = [[30, 31, 1400], [600, 2000], [800, 801, 2600, 3200], [1020, 2400,
 #   alpha alone: one chunk per logfile; with the others, every sync window has a block
 DIVERGED = set(ALPHA_BEFORE_KILL) | set(BETA_AFTER_FORCE) | {b for c in ALPHA_ALONE for b in c}
 
-WRITE_BLOCKS = """
-import random, sys
-import nbd
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-seed = int(sys.argv[2])
-for i in map(int, sys.argv[3:]):
-    h.pwrite(random.Random(seed * 1000003 + i).randbytes(65536), i * 65536)
-h.flush()
-h.shutdown()
-"""
-
-
 def write_blocks(host: MarsHost, blocks: list[int], seed: int) -> None:
     """Write the 64 KiB blocks ``blocks`` of r0 through ``host``'s NBD export."""
-    subprocess.run([SYSTEM_PYTHON, "-c", WRITE_BLOCKS, host.nbd_uri("r0"), str(seed),
+    subprocess.run([SYSTEM_PYTHON, str(NBD_CLIENT), host.nbd_uri("r0"), "blocks", str(seed),
                     *map(str, blocks)], check=True, timeout=60, capture_output=True)
 
 

@@ -4,7 +4,10 @@
 usage: nbd_client.py URI info
        nbd_client.py URI pwrite OFFSET HEX [fua]
        nbd_client.py URI pread OFFSET LENGTH            (prints hex)
+       nbd_client.py URI blocks SEED BLOCK...          (64 KiB blocks, then a flush)
        nbd_client.py URI writer SEED QD SLOTS SLOT_SIZE [SECONDS [MIN_ACKS]]
+"blocks" writes each 64 KiB block number BLOCK with random.Random(SEED * 1000003 +
+BLOCK).randbytes(65536), so that two runs with the same arguments write the same bytes.
 The writer issues random writes, never two at once into the same slot, and prints
 "I counter slot offset length" before issuing and "A counter" when acknowledged;
 the data of a write is random.Random(counter).randbytes(length). It runs until SECONDS
@@ -83,6 +86,11 @@ def main(argv):
     elif cmd == "pwrite":
         flags = nbd.CMD_FLAG_FUA if len(argv) > 5 and argv[5] == "fua" else 0
         h.pwrite(bytes.fromhex(argv[4]), int(argv[3]), flags)
+        h.flush()
+    elif cmd == "blocks":
+        seed = int(argv[3])
+        for i in map(int, argv[4:]):
+            h.pwrite(random.Random(seed * 1000003 + i).randbytes(65536), i * 65536)
         h.flush()
     elif cmd == "pread":
         print(h.pread(int(argv[4]), int(argv[3])).hex())
