@@ -72,6 +72,18 @@ def unpack_sums(payload: bytes | bytearray | memoryview) -> tuple[int, ...]:
     return struct.unpack(f"<{len(payload) // 4}I", payload)
 
 
+def device_block_sums(device: Device, offset: int, length: int, block_size: int) -> list[int]:
+    """The crc32c of each block of ``device`` in ``[offset, offset+length)``, read in
+    pieces of half the largest I/O; no copy of the data leaves the device's aligned
+    buffer. Blocking: call it in a thread."""
+    step = max(block_size, (MAX_IO // 2) // block_size * block_size)
+    sums: list[int] = []
+    for start in range(offset, offset + length, step):
+        view = device.pread_view(start, min(step, offset + length - start))
+        sums.extend(block_sums(view, block_size))
+    return sums
+
+
 def block_runs(indexes: Sequence[int]) -> list[tuple[int, int]]:
     """Ascending block indexes as runs ``(first, count)`` of adjacent ones."""
     runs: list[tuple[int, int]] = []
@@ -579,15 +591,8 @@ class SyncClient:
         await self._sync_window_two_step(offset, length)
 
     def _local_sums(self, offset: int, length: int) -> list[int]:
-        """The crc32c of each block of the local window (in a thread: no copy of the data
-        leaves the thread's aligned buffer)."""
-        bs = self.block_size
-        step = max(bs, (MAX_IO // 2) // bs * bs)
-        sums: list[int] = []
-        for start in range(offset, offset + length, step):
-            view = self.device.pread_view(start, min(step, offset + length - start))
-            sums.extend(block_sums(view, bs))
-        return sums
+        """The crc32c of each block of the local window (in a thread)."""
+        return device_block_sums(self.device, offset, length, self.block_size)
 
     def _local_sums_of(self, offset: int, length: int, idx: list[int]) -> list[int]:
         """The crc32c of the listed window-relative blocks only."""

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from marslib.blockset import BlockSet
-from marslib.device import MAX_IO, Device
+from marslib.device import Device
 from marslib.durable import write_file_durably
 from marslib.errors import DeviceError
 from marslib.eventwait import wait_set
@@ -69,7 +69,7 @@ from marslib.sync import (
     SyncClient,
     all_or_cancel,
     block_runs,
-    block_sums,
+    device_block_sums,
 )
 
 log = logging.getLogger(__name__)
@@ -528,13 +528,7 @@ class VerifyClient:
         return sums, q, redoing
 
     def _read_sums(self, offset: int, length: int) -> list[int]:
-        bs = self.block_size
-        step = max(bs, (MAX_IO // 2) // bs * bs)
-        sums: list[int] = []
-        for start in range(offset, offset + length, step):
-            view = self.device.pread_view(start, min(step, offset + length - start))
-            sums.extend(block_sums(view, bs))
-        return sums
+        return device_block_sums(self.device, offset, length, self.block_size)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a thread that :meth:`wait_io` can wait for after a cancel."""
