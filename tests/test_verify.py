@@ -18,10 +18,9 @@ from conftest import (
     BIN,
     NBD_CLIENT,
     SYSTEM_PYTHON,
-    BlockDev,
+    HostPair,
     MarsHost,
     WriterLines,
-    loopback_ips,
     needs_libnbd,
     wait_in_sync,
     wait_until,
@@ -45,13 +44,9 @@ WRITER_SLOTS = 512  # the writer writes 64 KiB slots of the first 32 MiB only
 
 
 # --------------------------------------------------------------- a real pair
-class Pair:
+class Pair(HostPair):
     def __init__(self, base: Path) -> None:
-        ip_a, ip_b = loopback_ips(2)
-        self.a = MarsHost(base / "a", "alpha", ip_a)
-        self.b = MarsHost(base / "b", "beta", ip_b)
-        self.dev_a = BlockDev(base / "a.img", SIZE)
-        self.dev_b = BlockDev(base / "b.img", SIZE)
+        super().__init__(base, SIZE)
 
     def writer(self, seed: int, seconds: float = 600) -> WriterLines:
         """The application on alpha: random writes at queue depth 8 to the first 32 MiB."""
@@ -72,13 +67,6 @@ class Pair:
 
     def view_member(self, host: MarsHost, member: str) -> dict:  # type: ignore[type-arg]
         return host.marsadm("view", "r0")["resources"]["r0"]["members"][member]
-
-    def close(self) -> None:
-        for h in (self.a, self.b):
-            h.stop()
-        self.dev_a.close()
-        self.dev_b.close()
-
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
