@@ -18,7 +18,7 @@ test: setup
 		bin/mars-demo bin/mars-demo-local bin/mars-lab bin/mars-app bin/_checkout.py bin/marsadm bin/marsd
 	scripts/collection-sanity.sh
 	scripts/collection-lint.sh
-	$(PY) -m pytest -q -rs --durations=15
+	$(PY) -m pytest -q -rs --durations=40
 
 # every Molecule scenario (the test suite runs `default` and `handover`), against the
 # collection built and installed from this checkout (scripts/install-collection.sh)
