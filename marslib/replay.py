@@ -9,6 +9,8 @@ position (``replay_value``). A crash in the middle of a batch leaves the device 
 any part of it; the next start redoes the records from the position up to that end (the
 same bytes to the same offsets again), and until then the replica is not consistent and
 does not honour a pause.
+While the fetch is far behind the primary, a batch waits for GATHER_BYTES of log (at
+most GATHER_MAX_S): the fetch, which protects the data, gets the CPU it needs to catch up.
 A record that fails its checksum in a fetched logfile is never applied: the bytes from
 there on are fetched again.
 Readers that need the device at a known position (online verify) take
@@ -49,6 +51,13 @@ from marslib.writeback import WritebackCounters, write_sorted
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 32 << 20
+# While the fetch is behind the primary by GATHER_WHEN_BEHIND or more, a batch waits until
+# GATHER_BYTES of it have arrived (at most GATHER_MAX_S): the bytes keep coming, and every
+# batch costs a durable position write and a device flush. Batches of a megabyte each at
+# link speed would take the CPU the fetch needs to catch up.
+GATHER_WHEN_BEHIND = 8 << 20
+GATHER_BYTES = 16 << 20
+GATHER_MAX_S = 0.5
 MAX_REFETCH = 3
 # fault injection for tests: marsd kills itself (SIGKILL) in the middle of a replay batch,
 # before the device write after this many of them; its whole process group, so that with
@@ -183,6 +192,7 @@ class Replayer:
         # the end of a batch a crash interrupted: redone before anything else
         self.redo_to = interrupted_batch(value)
         self._batch_end: LogPosition | None = None  # the batch being applied ends there
+        self._gather_since: float | None = None  # the next batch waits for bytes since then
         self._halting = False
         self.stats = ReplayStats()
         self.counters = WritebackCounters()
@@ -277,6 +287,11 @@ class Replayer:
                 await asyncio.sleep(1.0)
                 continue
             progress = self.fetcher.progress
+            gather = self._gather_wait()
+            if gather > 0:  # then from the top: a pause may come meanwhile
+                await wait_set(progress, gather)
+                continue
+            self._gather_since = None
             self._idle.clear()
             try:
                 applied, bad = await self._apply_batch()
@@ -303,6 +318,26 @@ class Replayer:
             if self._advance_logfile():
                 continue
             await wait_set(progress, 1.0)
+
+    @property
+    def gathering(self) -> bool:
+        """The next batch waits for more of its bytes (the fetch is behind)."""
+        return self._gather_since is not None and self._idle.is_set()
+
+    def _gather_wait(self) -> float:
+        """How long the next batch waits for more of its bytes (0: apply it now). It waits
+        only while the fetch is behind the primary and fewer than GATHER_BYTES are ready
+        in the logfile being fetched, and no longer than GATHER_MAX_S in all."""
+        f = self.fetcher
+        if self.redo_to is not None or self.position.logfile != f.logfile:
+            return 0.0  # a redo, or a finished logfile: it will not grow
+        ready = f.local_end - self.position.offset
+        if ready >= GATHER_BYTES or f.remote_end - f.local_end < GATHER_WHEN_BEHIND:
+            return 0.0
+        now = time.monotonic()
+        if self._gather_since is None:
+            self._gather_since = now
+        return max(0.0, self._gather_since + GATHER_MAX_S - now)
 
     def _note_caught_up(self) -> None:
         f = self.fetcher
