@@ -66,6 +66,31 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 1
     return proc
 
 
+def banner(title: str, setup: str) -> None:
+    """The head of a benchmark's output: what runs, when, on which machine and code, with
+    which setup, and a warning when the machine is busy."""
+    say(f"marslib {title} benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
+    say(f"machine: {machine_description()}")
+    say(f"marslib: {code_version()}; {setup}")
+    warn_if_busy()
+
+
+def read_at_once(paths: list[Any], timeout: float = 600) -> float:
+    """Seconds for ``dd`` (O_DIRECT, 16 MiB blocks) to read every one of ``paths`` at the
+    same time: the disk floor of any tool that compares them."""
+    t = time.monotonic()
+    procs = [subprocess.Popen(["dd", f"if={p}", "of=/dev/null", "bs=16M", "iflag=direct"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for p in paths]
+    try:
+        for p in procs:
+            p.wait(timeout)
+    finally:
+        for p in procs:
+            stop_process(p, timeout=5)
+    return time.monotonic() - t
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
     """SIGTERM, wait, then SIGKILL: only this process, by its pid."""
     if proc.poll() is not None:

@@ -689,11 +689,8 @@ def main() -> int:
     b.install_signal_handlers()
     b.check_tools("fio", "nbdcopy")
 
-    b.say(f"marslib replication benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
-    b.say(f"machine: {b.machine_description()}")
-    b.say(f"marslib: {b.code_version()}; rates {', '.join(rates)}; marsd --connections "
-          f"{', '.join(map(str, conns))}")
-    b.warn_if_busy()
+    b.banner("replication", f"rates {', '.join(rates)}; marsd --connections "
+             f"{', '.join(map(str, conns))}")
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     with lab_session(args.lab_dir, "1G") as rl:

@@ -133,19 +133,6 @@ def fill_random(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def read_both(paths: list[Path]) -> float:
-    """Seconds to read both devices at once (what any tool comparing them must do)."""
-    t = time.monotonic()
-    procs = [subprocess.Popen(["dd", f"if={p}", "of=/dev/null", "bs=16M", "iflag=direct"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for p in paths]
-    try:
-        for p in procs:
-            p.wait(600)
-    finally:
-        for p in procs:
-            b.stop_process(p, timeout=5)
-    return time.monotonic() - t
 
 
 def in_sync(primary: Host, secondary: Host) -> bool:
@@ -244,7 +231,7 @@ class Bench:
         self.wait_split_brain()
 
     def invalidate(self, *extra: str) -> dict[str, Any]:
-        floor = read_both([self.img_a, self.img_b])
+        floor = b.read_at_once([self.img_a, self.img_b])
         load = os.getloadavg()
         t, at = time.monotonic(), time.time()
         r = self.a.marsadm("invalidate", "r0", "--wait", *extra)
@@ -275,11 +262,8 @@ def main() -> int:
     if not Path(SYSTEM_PYTHON).exists():
         sys.exit(f"{SYSTEM_PYTHON} with libnbd's binding is needed (apt-get install "
                  "python3-libnbd)")
-    b.say(f"marslib log-based resync benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
-    b.say(f"machine: {b.machine_description()}")
-    b.say(f"marslib: {b.code_version()}; {args.size} devices, {args.fraction:.1%} of the "
-          f"{size // BLOCK} blocks of 64 KiB written on each side of the split brain")
-    b.warn_if_busy()
+    b.banner("log-based resync", f"{args.size} devices, {args.fraction:.1%} of the "
+             f"{size // BLOCK} blocks of 64 KiB written on each side of the split brain")
     started = time.monotonic()
     res: dict[str, Any] = {"size": size, "fraction": args.fraction}
     with b.work_dir(args.dir) as base:

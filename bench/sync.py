@@ -199,17 +199,7 @@ def nbdcopy_over_link(rl: ReplLab, size: int) -> float:
 def read_both(rl: ReplLab) -> float:
     """Seconds to read lab1's and lab2's devices at the same time (what any tool comparing
     them has to do; the lab's two hosts share one disk)."""
-    t = time.monotonic()
-    procs = [subprocess.Popen(["dd", f"if={dev}", "of=/dev/null", "bs=16M", "iflag=direct"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for dev in (rl.l1.devices[0], rl.l2.devices[0])]
-    try:
-        for p in procs:
-            p.wait(300)
-    finally:
-        for p in procs:
-            b.stop_process(p, timeout=5)
-    return time.monotonic() - t
+    return b.read_at_once([rl.l1.devices[0], rl.l2.devices[0]], timeout=300)
 
 
 def zero_device(dev: str) -> None:
@@ -272,11 +262,8 @@ def main() -> int:
     b.install_signal_handlers()
     b.check_tools("fio", "nbdcopy", "nbdkit", "nbdinfo", "rsync", "ssh", "cmp", "blockdev")
 
-    b.say(f"marslib fast full sync benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
-    b.say(f"machine: {b.machine_description()}")
-    b.say(f"marslib: {b.code_version()}; {size_text} devices, {args.rate} link, "
-          f"{args.fraction:.0%} of {size // BLOCK} blocks of 64 KiB changed")
-    b.warn_if_busy()
+    b.banner("fast full sync", f"{size_text} devices, {args.rate} link, "
+             f"{args.fraction:.0%} of {size // BLOCK} blocks of 64 KiB changed")
     started = time.monotonic()
     res: dict[str, Any] = {"size": size, "link": link, "rate": args.rate,
                            "fraction": args.fraction}

@@ -113,11 +113,8 @@ def main() -> int:
     b.install_signal_handlers()
     b.check_tools("fio", "nbdcopy", "cmp", "dd")
 
-    b.say(f"marslib online verify benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
-    b.say(f"machine: {b.machine_description()}")
-    b.say(f"marslib: {b.code_version()}; {size_text} devices, writer "
-          f"{args.writer_rate / MB:.0f} MB/s of 64 KiB random writes")
-    b.warn_if_busy()
+    b.banner("online verify", f"{size_text} devices, writer "
+             f"{args.writer_rate / MB:.0f} MB/s of 64 KiB random writes")
     started = time.monotonic()
     res: dict[str, Any] = {"size": size, "writer_target": args.writer_rate}
     with lab_session(args.lab_dir, size_text) as rl:

@@ -323,11 +323,8 @@ def main() -> int:
     b.check_tools("fio", "losetup", *(["nbdkit"] if "nbdkit" in cases else []))
 
     started = time.strftime("%Y-%m-%d %H:%M")
-    b.say(f"marslib data path benchmark, {started}")
-    b.say(f"machine: {b.machine_description()}")
-    b.say(f"marslib: {b.code_version()}; {runtime:g} s per job, first 1 GiB of a 2 GiB "
-          f"loop device (direct I/O) per case, images and log under {args.dir}")
-    b.warn_if_busy()
+    b.banner("data path", f"{runtime:g} s per job, first 1 GiB of a 2 GiB "
+             f"loop device (direct I/O) per case, images and log under {args.dir}")
     load_start = b.load_average()
     results: dict[str, dict[str, b.FioResult]] = {}
     view: dict[str, Any] = {}

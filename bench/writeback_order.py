@@ -152,12 +152,9 @@ def main() -> int:
     b.install_signal_handlers()
     b.check_tools("fio", "losetup")
 
-    b.say(f"marslib writeback order benchmark, {time.strftime('%Y-%m-%d %H:%M')}")
-    b.say(f"machine: {b.machine_description()}")
-    b.say(f"marslib: {b.code_version()}; fio randwrite 4k iodepth 32 for {runtime:g} s on the "
-          f"first {args.size} of a 2 GiB loop device ({args.distribution} offsets), "
-          f"marsd --memory-limit {args.memory_limit}")
-    b.warn_if_busy()
+    b.banner("writeback order", f"fio randwrite 4k iodepth 32 for {runtime:g} s on the "
+             f"first {args.size} of a 2 GiB loop device ({args.distribution} offsets), "
+             f"marsd --memory-limit {args.memory_limit}")
     results: list[dict[str, Any]] = []
     with b.work_dir(args.dir) as work:
         for dev_name, iops in devices:

@@ -194,6 +194,12 @@ class HostPair:
         self.dev_a = BlockDev(base / "a.img", size)
         self.dev_b = BlockDev(base / "b.img", size)
 
+    def replicate(self) -> None:
+        """alpha serves its device as the primary of r0; beta joins with its own (full
+        sync)."""
+        self.a.serve(self.dev_a.path)
+        self.b.join(self.a, self.dev_b.path)
+
     def close(self) -> None:
         for h in (self.a, self.b):
             h.stop()

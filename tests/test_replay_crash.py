@@ -35,8 +35,7 @@ SLOTS = 512  # the writes spread over 32 MiB: a batch takes many separate device
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
     p = Pair(tmp_path)
-    p.a.serve(p.dev_a.path)
-    p.b.join(p.a, p.dev_b.path)
+    p.replicate()
     yield p
     p.close()
 

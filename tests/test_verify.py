@@ -71,8 +71,7 @@ class Pair(HostPair):
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
     p = Pair(tmp_path)
-    p.a.serve(p.dev_a.path)
-    p.b.join(p.a, p.dev_b.path)
+    p.replicate()
     yield p
     p.close()
 
