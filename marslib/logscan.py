@@ -149,8 +149,12 @@ def written_blocks(paths: MarsPaths, resource: str, since: LogPosition,
             continue
         if until is not None and number == until.number and until.offset == 0:
             continue  # nothing of it is asked for
-        name = logfile_name(number, (until.host if until is not None
-                                     and number == until.number else since.host) or "*")
+        # since and until name their writers; one in the middle may come from any writer
+        # (a handover in between)
+        writer = since.host if number == since.number else ""
+        if until is not None and number == until.number:
+            writer = until.host
+        name = logfile_name(number, writer or "*")
         result.missing = f"{name} is not here"
         return result
     if since.offset > 0 and since.host and not any(
