@@ -34,7 +34,7 @@ from marslib.device import MAX_IO, Device
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import MarsPaths, check_resource_name
 from marslib.logscan import WrittenBlocks, written_blocks
-from marslib.meta import MetaStore
+from marslib.meta import MetaStore, MetaValue
 from marslib.net.conn import PeerBundle, RemoteError
 from marslib.net.handshake import PeerInfo
 from marslib.pausing import PauseSwitch
@@ -226,6 +226,16 @@ class SyncService:
             raise RuntimeError(f"resource {name} is not primary on this host")
         return logger
 
+    def _closed_link(self, frame: Frame, closed: LogPosition) -> list[object] | None:
+        """This primary's version link of the logfile it just closed, as ``[key, value,
+        stamp]``: the secondary needs it at once (the metadata push brings it later)."""
+        if self.paths is None:
+            return None
+        key = ResourceKeys(str(frame.get("resource"))).version_link(closed.number,
+                                                                    closed.host)
+        mv = MetaStore(self.paths.root).read(key)
+        return None if mv is None or mv.value is None else [mv.key, mv.value, mv.stamp]
+
     @staticmethod
     def _unexpected(frame: Frame) -> Frame:
         return Frame(FrameType.ERROR, {"error": f"{UNSUPPORTED} {frame.type} (version "
@@ -243,12 +253,14 @@ class SyncService:
             end = logger.log_end
             # not if already at the start of a logfile (a retried request), nor in
             # emergency mode (writes bypass the log), nor before the log is known
+            header: dict[str, object] = {}
             if frame.get("rotate") is True and not logger.emergency and end is not None \
                     and end.offset > 0:
                 await logger.rotate()
+                header["link"] = self._closed_link(frame, end)
             end = logger.log_end
-            return Frame(FrameType.STATUS, {"log_end": end.encode() if end else None,
-                                            "size": logger.size})
+            header.update(log_end=end.encode() if end else None, size=logger.size)
+            return Frame(FrameType.STATUS, header)
         if frame.type == FrameType.SYNC_SUMS_REQ:
             offset = int(frame.get("offset", 0))
             bs = int(frame.get("block_size", BLOCK_SIZE))
@@ -394,6 +406,7 @@ class SyncClient:
         if rotate:
             header["rotate"] = True
         reply = await self.bundle.request(Frame(FrameType.STATUS_REQ, header))
+        self._take_link(reply.get("link"))
         value = reply.get("log_end")
         if not value:
             raise RemoteError("the primary has no log end yet")
@@ -401,6 +414,22 @@ class SyncClient:
             return LogPosition.decode(str(value))
         except ValueError as exc:
             raise RemoteError(f"the primary sent a bad log end: {exc}") from None
+
+    def _take_link(self, item: object) -> None:
+        """Merge the version link a rotating primary sent along (its own key, value and
+        stamp, as its metadata push would bring them; anything else is ignored)."""
+        if not isinstance(item, list) or len(item) != 3:
+            return
+        key, value, stamp = item
+        parsed = ResourceKeys.parse_version_link(key) if isinstance(key, str) else None
+        if parsed is None or not key.startswith(self.keys.version_prefix()) \
+                or not isinstance(value, str) or not isinstance(stamp, int):
+            self.log.warning("ignoring a malformed version link from the primary: %r", item)
+            return
+        try:
+            self.meta.merge(MetaValue(key, value, stamp))
+        except ValueError as exc:
+            self.log.warning("ignoring the primary's version link: %s", exc)
 
     async def primary_position(self, rotate: bool = False) -> LogPosition:
         """The primary's log end; with ``rotate`` after it started a new logfile (byte 0

@@ -293,6 +293,33 @@ def test_a_plan_gets_p0_and_a_resume_keeps_done_and_p0(tmp_path: Path) -> None:
     rig_run(tmp_path, scenario)
 
 
+def test_a_rotating_primary_sends_its_link_of_the_closed_logfile_along(
+        tmp_path: Path) -> None:
+    """The loser of a resync needs the primary's version link of the logfile before P0
+    to tell its stale logfiles from the primary's history: it comes with the rotation's
+    reply, not a metadata push later."""
+    async def scenario(rig: Rig) -> None:
+        await rig.logger.write(0, random_block(1))
+        key = KEYS.version_link(1, "alpha")
+        assert rig.meta_b.get(key) is None
+        p0 = await rig.client.primary_position(rotate=True)
+        assert (p0.number, p0.offset) == (2, 0)
+        theirs, ours = rig.meta_a.read(key), rig.meta_b.read(key)
+        assert theirs is not None and theirs.value is not None
+        assert ours == theirs  # the primary's own value and stamp
+        # a reply at the start of a logfile rotates nothing and sends no link
+        await rig.client.primary_position(rotate=True)
+        assert rig.meta_b.read(KEYS.version_link(2, "alpha")) is None
+        # what is not this resource's version link is ignored
+        for bad in (["resource-r0/primary", "alpha", 1], [key, None, 1], "x",
+                    ["resource-r1/version-000000001-alpha", "v", 1], [key, "v", "1"]):
+            rig.client._take_link(bad)
+        assert rig.meta_b.get("resource-r0/primary") is None
+        assert rig.meta_b.read(key) == theirs
+
+    rig_run(tmp_path, scenario)
+
+
 def test_copy_blocks_is_one_pass_without_replay_keys(tmp_path: Path) -> None:
     async def scenario(rig: Rig) -> None:
         await diverge(rig)
