@@ -398,7 +398,9 @@ class LogScanner:
             file_size = os.fstat(f.fileno()).st_size
             size = file_size if self.limit is None else min(file_size, self.limit)
             pos = self.start
-            buf = b""
+            # each chunk is a buffer of its own, never written again once read: records
+            # yielded earlier keep views into theirs (no copy of their data)
+            buf: bytes | memoryview = b""
             base = pos  # file offset of buf[0]
             while True:
                 rel = pos - base
@@ -407,14 +409,18 @@ class LogScanner:
                 except RecordError as exc:
                     if exc.problem is Problem.SHORT and base + len(buf) < size:
                         now = os.fstat(f.fileno()).st_size
-                        more = os.pread(f.fileno(), min(READ_CHUNK, size - base - len(buf)),
-                                        base + len(buf))
-                        if now < size or not more:  # growth is harmless: we stop at size
+                        left = memoryview(buf)[rel:]  # a record cut by the chunk's end
+                        chunk = bytearray(len(left) + min(READ_CHUNK,
+                                                          size - base - len(buf)))
+                        chunk[: len(left)] = left
+                        n = os.preadv(f.fileno(), [memoryview(chunk)[len(left):]],
+                                      base + len(buf))
+                        if now < size or not n:  # growth is harmless: we stop at size
                             self.stop = ScanStop(StopKind.CHANGED, pos, now,
                                                  f"size {file_size} became {now} during the "
                                                  "scan")
                             return
-                        buf = buf[rel:] + more
+                        buf = memoryview(chunk)[: len(left) + n]
                         base = pos
                         continue
                     self.stop = self._classify(exc, pos, size)

@@ -388,7 +388,7 @@ class Replayer:
                 self.blocked = True
                 break
             if rec.data_len and not rec.is_end:
-                batch.insert(rec.offset, bytes(rec.data))
+                batch.insert(rec.offset, rec.data)  # a view into the scanner's chunk
                 self.stats.bytes += rec.data_len
             count += 1
             self.stats.last_stamp_ns = rec.stamp_ns or self.stats.last_stamp_ns
