@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from marslib.durable import fsync_dir
+from marslib.durable import fsync_dir, start_writeback
 from marslib.formats.frame import Frame, FrameType
 from marslib.layout import MarsPaths, check_resource_name, parse_logfile_name
 from marslib.logfile import valid_end
@@ -40,6 +40,10 @@ MAX_CHUNK = 8 << 20  # the most one reply carries
 REQUEST_BYTES = 1 << 20  # the most per request: a reply is written to disk while it is still
 #                          in the CPU cache (4 MiB replies cost about 3x the pwrite CPU)
 WINDOW_BYTES = 16 << 20  # the most requested and not yet received while behind
+# the fetched bytes go to the page cache; their writeback is started every WRITEOUT_BYTES
+# (no wait, no flush), so that the fsync at the end of a logfile does not push out up to
+# --max-logfile-size at once and stall every other writer of the disk for a while
+WRITEOUT_BYTES = 8 << 20
 MIN_WINDOW = 4 << 20  # the least in flight while behind (what a 100 Mbit/s link needs)
 WINDOW_SECONDS = 0.25  # in flight: about this long a transfer at the recent reply rate
 MAX_WAIT = 10.0
@@ -338,6 +342,7 @@ class Fetcher:
         next_off = self.local_end
         pace = self.pace
         fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        written_out = self.local_end  # writeback of the bytes before it has been started
         try:
             while not self._restart and name == self.logfile and not self.paused:
                 # only bytes known to be durable on the primary are asked for in bulk
@@ -377,7 +382,12 @@ class Fetcher:
                 if int(reply.get("offset", -1)) != self.local_end:
                     return  # out of step (cannot happen with in-order appends): start over
                 if data:
-                    await asyncio.to_thread(_write_all, fd, data, first)
+                    end = first + len(data)
+                    writeout = end - written_out >= WRITEOUT_BYTES
+                    await asyncio.to_thread(_store, fd, data, first,
+                                            written_out if writeout else end)
+                    if writeout:
+                        written_out = end
                     if self._restart or name != self.logfile or self.local_end != first:
                         return  # a refetch cut the copy meanwhile: start over from its end
                     self.local_end += len(data)
@@ -442,9 +452,13 @@ def _create_durably(path: Path) -> None:
         fsync_dir(path.parent)
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """pwrite all of ``data`` (as received, no copy) at ``offset``."""
+def _store(fd: int, data: bytes | bytearray | memoryview, offset: int,
+           writeout_from: int) -> None:
+    """pwrite all of ``data`` (as received, no copy) at ``offset``; then start the
+    writeback of the file from ``writeout_from`` to the end of ``data``."""
     view = memoryview(data)
+    end = offset + len(view)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+    start_writeback(fd, writeout_from, end - writeout_from)

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,10 +23,12 @@ from pathlib import Path
 import pytest
 from conftest import loopback_ips
 
+from marslib import fetch
 from marslib.fetch import (
     MIN_WINDOW,
     REQUEST_BYTES,
     WINDOW_BYTES,
+    WRITEOUT_BYTES,
     Fetcher,
     FetchPace,
     FetchService,
@@ -33,6 +36,8 @@ from marslib.fetch import (
 from marslib.formats.frame import MAGIC, Frame, FrameError, FrameParser, FrameType, encode_frame
 from marslib.layout import MarsPaths
 from marslib.net.conn import (
+    RTO_MAX_MS,
+    TCP_RTO_MAX_MS,
     ConnectionClosed,
     FileReply,
     FrameReader,
@@ -339,6 +344,86 @@ def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path)
             bundle.close()
             server.close()
     run(main())
+
+
+def test_the_fetcher_starts_the_writeback_of_what_it_stored_as_it_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fetched bytes are not left dirty in the page cache until the logfile's fsync: the
+    writeback of every WRITEOUT_BYTES is started while the fetch goes on."""
+    size = 3 * WRITEOUT_BYTES + 5 * REQUEST_BYTES // 2
+    content = random.Random(5).randbytes(size)
+    primary = MarsPaths(tmp_path / "a", tmp_path / "a-run")
+    primary.resource_dir("r0").mkdir(parents=True)
+    end = LogPosition(1, size, 9, HOST)
+    primary.logfile("r0", 1, HOST).write_bytes(content)
+    secondary = MarsPaths(tmp_path / "b", tmp_path / "b-run")
+    secondary.resource_dir("r0").mkdir(parents=True)
+    started: list[tuple[int, int]] = []
+    real = fetch.start_writeback
+
+    def recorded(fd: int, offset: int, length: int) -> None:
+        if length:
+            started.append((offset, length))
+        real(fd, offset, length)  # the kernel call itself must take these arguments
+
+    monkeypatch.setattr(fetch, "start_writeback", recorded)
+
+    async def main() -> None:
+        log = StillLog(end)
+        server, ip, port = await _server(FetchService(primary, lambda _: log).handle)
+        bundle = _bundle(ip, port)
+        fetcher = Fetcher("r0", "beta", secondary, bundle, end.logfile)
+        task = asyncio.create_task(fetcher.run())
+        try:
+            while fetcher.local_end < size:
+                await fetcher.progress.wait()
+        finally:
+            task.cancel()
+            bundle.close()
+            server.close()
+
+    run(main())
+    assert secondary.logfile("r0", 1, HOST).read_bytes() == content
+    # one range after another from byte 0, each at least WRITEOUT_BYTES, up to less than
+    # WRITEOUT_BYTES before the end (the rest goes with the fsync of the finished logfile)
+    assert started and started[0][0] == 0, started
+    for (o1, n1), (o2, _) in zip(started, started[1:], strict=False):
+        assert o1 + n1 == o2, started
+    assert all(n >= WRITEOUT_BYTES for _, n in started), started
+    covered = started[-1][0] + started[-1][1]
+    assert size - WRITEOUT_BYTES < covered <= size, (covered, size)
+
+
+def test_connections_back_off_at_most_a_second_between_retransmissions() -> None:
+    probe = socket.socket()
+    try:
+        probe.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RTO_MAX_MS)
+    except OSError:
+        pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux 6.15 and later)")
+    finally:
+        probe.close()
+    seen: list[int] = []
+
+    async def handler(frame: Frame, peer: PeerInfo) -> Reply:
+        return Frame(FrameType.PONG, {})
+
+    async def main() -> None:
+        server, ip, port = await _server(handler)
+        try:
+            conn = await connect(ip, port, host="beta", uuid=UUID, secret=SECRET,
+                                 channel="fetch")
+            try:
+                # both ends are a FrameProtocol, which tunes its socket when connected
+                assert conn.protocol.transport is not None
+                ours = conn.protocol.transport.get_extra_info("socket")
+                seen.append(ours.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS))
+            finally:
+                conn.close()
+        finally:
+            server.close()
+
+    run(main())
+    assert seen == [RTO_MAX_MS]
 
 
 def test_fetch_service_answers_with_the_file_range(tmp_path: Path) -> None:
