@@ -9,8 +9,10 @@ position (``replay_value``). A crash in the middle of a batch leaves the device 
 any part of it; the next start redoes the records from the position up to that end (the
 same bytes to the same offsets again), and until then the replica is not consistent and
 does not honour a pause.
-While the fetch is far behind the primary, a batch waits for GATHER_BYTES of log (at
-most GATHER_MAX_S): the fetch, which protects the data, gets the CPU it needs to catch up.
+A batch waits for more of its bytes (GATHER_BYTES while the fetch is far behind the
+primary, else STEADY_BYTES; at most GATHER_MAX_S or STEADY_MAX_S): the fetch, which
+protects the data, gets the CPU it needs to catch up, and the device is not flushed for
+every fetched reply.
 A record that fails its checksum in a fetched logfile is never applied: the bytes from
 there on are fetched again.
 Readers that need the device at a known position (online verify) take
@@ -51,13 +53,17 @@ from marslib.writeback import WritebackCounters, write_sorted
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 32 << 20
-# While the fetch is behind the primary by GATHER_WHEN_BEHIND or more, a batch waits until
-# GATHER_BYTES of it have arrived (at most GATHER_MAX_S): the bytes keep coming, and every
-# batch costs a durable position write and a device flush. Batches of a megabyte each at
-# link speed would take the CPU the fetch needs to catch up.
+# Every batch costs a durable position write and a device flush, so a batch waits for
+# more of its bytes. While the fetch is behind the primary by GATHER_WHEN_BEHIND or more,
+# until GATHER_BYTES have arrived (at most GATHER_MAX_S): batches of a megabyte each at
+# link speed took the CPU the fetch needed to catch up. Otherwise until STEADY_BYTES have
+# arrived (at most STEADY_MAX_S after the first of them): one batch per fetched reply at
+# 40 MB/s meant a hundred device flushes a second.
 GATHER_WHEN_BEHIND = 8 << 20
 GATHER_BYTES = 16 << 20
 GATHER_MAX_S = 0.5
+STEADY_BYTES = 4 << 20
+STEADY_MAX_S = 0.1
 MAX_REFETCH = 3
 # fault injection for tests: marsd kills itself (SIGKILL) in the middle of a replay batch,
 # before the device write after this many of them; its whole process group, so that with
@@ -325,19 +331,26 @@ class Replayer:
         return self._gather_since is not None and self._idle.is_set()
 
     def _gather_wait(self) -> float:
-        """How long the next batch waits for more of its bytes (0: apply it now). It waits
-        only while the fetch is behind the primary and fewer than GATHER_BYTES are ready
-        in the logfile being fetched, and no longer than GATHER_MAX_S in all."""
+        """How long the next batch waits for more of its bytes (0: apply it now): until
+        GATHER_BYTES are ready while the fetch is far behind, else STEADY_BYTES; no longer
+        than GATHER_MAX_S or STEADY_MAX_S since bytes were first ready. A batch of a
+        finished logfile, or a redo, goes at once."""
         f = self.fetcher
         if self.redo_to is not None or self.position.logfile != f.logfile:
             return 0.0  # a redo, or a finished logfile: it will not grow
         ready = f.local_end - self.position.offset
-        if ready >= GATHER_BYTES or f.remote_end - f.local_end < GATHER_WHEN_BEHIND:
+        if ready <= 0:
+            return 0.0  # nothing yet: the batch finds nothing and waits for the fetch
+        if f.remote_end - f.local_end >= GATHER_WHEN_BEHIND:
+            want, most = GATHER_BYTES, GATHER_MAX_S
+        else:
+            want, most = STEADY_BYTES, STEADY_MAX_S
+        if ready >= want:
             return 0.0
         now = time.monotonic()
         if self._gather_since is None:
             self._gather_since = now
-        return max(0.0, self._gather_since + GATHER_MAX_S - now)
+        return max(0.0, self._gather_since + most - now)
 
     def _note_caught_up(self) -> None:
         f = self.fetcher

@@ -1,6 +1,6 @@
-"""Replay batches while the fetch is behind: they wait for GATHER_BYTES of log instead of
-applying each fetched megabyte on its own (each batch costs a durable position write and a
-device flush); when the fetch has everything, or after GATHER_MAX_S, they go at once.
+"""Replay batches wait for more of their bytes: GATHER_BYTES while the fetch is far
+behind, STEADY_BYTES when it has everything (each batch costs a durable position write
+and a device flush), never longer than GATHER_MAX_S or STEADY_MAX_S.
 
 A real Replayer applies a real logfile to a file device; the fetcher is a stand-in that
 reveals the logfile a megabyte at a time, as replies of the real one do."""
@@ -135,16 +135,34 @@ def test_while_the_fetch_is_behind_a_batch_waits_for_gather_bytes(
     assert 2 <= rp.stats.batches <= setup.log_size // replay.GATHER_BYTES + 1, rp.stats
 
 
-def test_a_fetch_that_has_everything_is_applied_at_once(setup: Setup,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replay, "GATHER_MAX_S", 3600.0)
+def test_a_fetch_that_has_everything_gathers_steady_bytes(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replay, "STEADY_MAX_S", 3600.0)  # only the bytes decide here
 
     async def feed(f: RevealingFetcher, rp: Replayer) -> None:
         while f.local_end < f.size:
             f.reveal(MiB, caught_up=True)  # each megabyte is all the primary has
             end = f.local_end
-            # a record ends at most one record before the revealed end: applied without
-            # waiting for more
+            await until(lambda end=end: rp.position.offset > end - RECORD - 4096
+                        or rp.gathering, f"the replay takes the bytes up to {end} or gathers")
+        # the rest (less than STEADY_BYTES) goes when its time is up
+        monkeypatch.setattr(replay, "STEADY_MAX_S", 0.0)
+        f.reveal(0, caught_up=True)
+
+    rp = run_replay(setup, feed)
+    assert setup.device_holds_every_record()
+    assert 2 <= rp.stats.batches <= setup.log_size // replay.STEADY_BYTES + 1, rp.stats
+
+
+def test_without_gathering_every_fetched_megabyte_is_a_batch(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the gathering saves: with no wait at all, a batch per fetched megabyte."""
+    monkeypatch.setattr(replay, "STEADY_MAX_S", 0.0)
+
+    async def feed(f: RevealingFetcher, rp: Replayer) -> None:
+        while f.local_end < f.size:
+            f.reveal(MiB, caught_up=True)
+            end = f.local_end
             await until(lambda end=end: rp.position.offset > end - RECORD - 4096,
                         f"the records up to {end} applied")
 
@@ -156,6 +174,7 @@ def test_a_fetch_that_has_everything_is_applied_at_once(setup: Setup,
 def test_a_batch_waits_no_longer_than_gather_max_s(setup: Setup,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replay, "GATHER_MAX_S", 0.05)
+    monkeypatch.setattr(replay, "STEADY_MAX_S", 0.05)
 
     async def feed(f: RevealingFetcher, rp: Replayer) -> None:
         f.reveal(2 * MiB, caught_up=False)  # far behind, and then nothing for a while
