@@ -293,15 +293,23 @@ class HeldReplies:
             await self.changed.wait_for(cond)
 
 
-def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path) -> None:
-    size = WINDOW_BYTES + 3 * REQUEST_BYTES + 12345
-    content = random.Random(11).randbytes(size)
+def two_hosts(tmp_path: Path, size: int, seed: int) -> tuple[MarsPaths, MarsPaths, bytes,
+                                                            LogPosition]:
+    """A primary's state root holding logfile 1 of ``size`` random bytes (complete), and an
+    empty secondary's: (primary, secondary, content, the primary's log end)."""
+    content = random.Random(seed).randbytes(size)
     primary = MarsPaths(tmp_path / "a", tmp_path / "a-run")
     primary.resource_dir("r0").mkdir(parents=True)
     end = LogPosition(1, size, 99, HOST)
     primary.logfile("r0", 1, HOST).write_bytes(content)
     secondary = MarsPaths(tmp_path / "b", tmp_path / "b-run")
     secondary.resource_dir("r0").mkdir(parents=True)
+    return primary, secondary, content, end
+
+
+def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path) -> None:
+    size = WINDOW_BYTES + 3 * REQUEST_BYTES + 12345
+    primary, secondary, content, end = two_hosts(tmp_path, size, 11)
     per_window = WINDOW_BYTES // REQUEST_BYTES
 
     async def main() -> None:
@@ -351,13 +359,7 @@ def test_the_fetcher_starts_the_writeback_of_what_it_stored_as_it_goes(
     """Fetched bytes are not left dirty in the page cache until the logfile's fsync: the
     writeback of every WRITEOUT_BYTES is started while the fetch goes on."""
     size = 3 * WRITEOUT_BYTES + 5 * REQUEST_BYTES // 2
-    content = random.Random(5).randbytes(size)
-    primary = MarsPaths(tmp_path / "a", tmp_path / "a-run")
-    primary.resource_dir("r0").mkdir(parents=True)
-    end = LogPosition(1, size, 9, HOST)
-    primary.logfile("r0", 1, HOST).write_bytes(content)
-    secondary = MarsPaths(tmp_path / "b", tmp_path / "b-run")
-    secondary.resource_dir("r0").mkdir(parents=True)
+    primary, secondary, content, end = two_hosts(tmp_path, size, 5)
     started: list[tuple[int, int]] = []
     real = fetch.start_writeback
 
