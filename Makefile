@@ -20,7 +20,7 @@ test: setup
 	scripts/collection-lint.sh
 	$(PY) -m pytest -q -rs --durations=40
 
-# every Molecule scenario (the test suite runs `default` and `handover`), against the
+# every Molecule scenario (`make test` runs `default`, `make soak` also `handover`), against the
 # collection built and installed from this checkout (scripts/install-collection.sh)
 MOLECULE_COLLECTIONS := $(CURDIR)/.build/collections
 molecule: setup

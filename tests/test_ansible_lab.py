@@ -187,8 +187,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def test_site_football_expand(lab: Any) -> None:
     """site.yml, then football lab1 -> lab3 (after a --check run) and expand, each twice.
-    (site.yml twice and handover.yml twice run as Molecule's default and handover
-    scenarios, tests/test_molecule.py.)"""
+    (site.yml twice runs as Molecule's default scenario in every run, and handover.yml
+    twice as its handover scenario in `make soak`, tests/test_molecule.py; football's
+    handover goes through the same role.)"""
     times: dict[str, float] = {}
     site = playbook(lab, "site", "-e", "@" + str(REPO / "ansible" / "lab-vars.yml"))
     assert site.changed() > 0
