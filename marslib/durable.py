@@ -38,7 +38,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     return (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no wait, no cache flush, nothing
     made durable). A file written fast through the page cache is then not left with
     hundreds of megabytes dirty, which its fsync later pushes out in one burst that stalls
-    every other writer of the disk. A no-op where the call does not exist."""
+    every other writer of the disk. Advice only: its errors are ignored, and it is a no-op
+    where the call does not exist."""
     if _SYNC_FILE_RANGE is not None and length > 0:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 

@@ -327,7 +327,7 @@ class Replayer:
 
     @property
     def gathering(self) -> bool:
-        """The next batch waits for more of its bytes (the fetch is behind)."""
+        """The next batch waits for more of its bytes (see :meth:`_gather_wait`)."""
         return self._gather_since is not None and self._idle.is_set()
 
     def _gather_wait(self) -> float:
