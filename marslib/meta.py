@@ -28,6 +28,21 @@ class MetaValue:
     value: str | None  # None: deleted (tombstone)
     stamp: int  # Lamport stamp, nanoseconds
 
+    def to_wire(self) -> list[object]:
+        """``[key, value, stamp]``: how a key crosses the network (metadata pushes, the
+        link in a rotation's reply)."""
+        return [self.key, self.value, self.stamp]
+
+    @classmethod
+    def from_wire(cls, item: object) -> MetaValue:
+        """The inverse of :meth:`to_wire`; ValueError for anything else."""
+        if not isinstance(item, list) or len(item) != 3:
+            raise ValueError(f"not a [key, value, stamp] item: {item!r}"[:200])
+        key, value, stamp = str(item[0]), item[1], int(item[2])
+        if value is not None and not isinstance(value, str):
+            raise ValueError("value is not a string")
+        return cls(key, value, stamp)
+
 
 class LamportClock:
     """A clock that never goes backwards and moves past every stamp it has seen."""

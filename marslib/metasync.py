@@ -59,10 +59,7 @@ class MetaSync:
         merged = refused = 0
         for item in frame.get("items", []):
             try:
-                key, value, stamp = str(item[0]), item[1], int(item[2])
-                if value is not None and not isinstance(value, str):
-                    raise ValueError("value is not a string")
-                if self.meta.merge(MetaValue(key, value, stamp)):
+                if self.meta.merge(MetaValue.from_wire(item)):
                     merged += 1
             except (ValueError, TypeError, IndexError, OSError) as exc:
                 refused += 1
@@ -103,7 +100,7 @@ class MetaSync:
                 for i in range(0, len(items), MAX_ITEMS_PER_PUSH):
                     part = items[i : i + MAX_ITEMS_PER_PUSH]
                     await bundle.request(Frame(FrameType.META_PUSH, {
-                        "items": [[mv.key, mv.value, mv.stamp] for mv in part]}), timeout=30)
+                        "items": [mv.to_wire() for mv in part]}), timeout=30)
                     acked = max(acked, min(part[-1].stamp, settled))
                     self.acked[name] = acked
                 await asyncio.sleep(PUSH_INTERVAL)

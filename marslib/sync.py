@@ -234,7 +234,7 @@ class SyncService:
         key = ResourceKeys(str(frame.get("resource"))).version_link(closed.number,
                                                                     closed.host)
         mv = MetaStore(self.paths.root).read(key)
-        return None if mv is None or mv.value is None else [mv.key, mv.value, mv.stamp]
+        return None if mv is None or mv.value is None else mv.to_wire()
 
     @staticmethod
     def _unexpected(frame: Frame) -> Frame:
@@ -418,17 +418,15 @@ class SyncClient:
     def _take_link(self, item: object) -> None:
         """Merge the version link a rotating primary sent along (its own key, value and
         stamp, as its metadata push would bring them; anything else is ignored)."""
-        if not isinstance(item, list) or len(item) != 3:
-            return
-        key, value, stamp = item
-        parsed = ResourceKeys.parse_version_link(key) if isinstance(key, str) else None
-        if parsed is None or not key.startswith(self.keys.version_prefix()) \
-                or not isinstance(value, str) or not isinstance(stamp, int):
-            self.log.warning("ignoring a malformed version link from the primary: %r", item)
+        if item is None:
             return
         try:
-            self.meta.merge(MetaValue(key, value, stamp))
-        except ValueError as exc:
+            mv = MetaValue.from_wire(item)
+            if mv.value is None or not mv.key.startswith(self.keys.version_prefix()) \
+                    or ResourceKeys.parse_version_link(mv.key) is None:
+                raise ValueError(f"not a version link of {self.resource}: {item!r}"[:200])
+            self.meta.merge(mv)
+        except (ValueError, TypeError) as exc:
             self.log.warning("ignoring the primary's version link: %s", exc)
 
     async def primary_position(self, rotate: bool = False) -> LogPosition:
