@@ -4,6 +4,10 @@ Each verb parses and checks its options (a bad one is a usage error, exit 2, bef
 anything happens), calls one step of :mod:`marslib.admin` and prints what it returns:
 lines for people, or one JSON object with ``--json``. Exit codes come from the error
 (:attr:`marslib.errors.MarsError.exit_code`): 0 ok, 1 refused, 2 usage error, 3 timeout.
+
+A verb imports its admin module when it runs, so that a command loads only what it
+uses: playbooks and scripts start marsadm by the hundreds, and a command's start is part
+of every wait and every resync an operator times.
 """
 
 from __future__ import annotations
@@ -23,16 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from marslib import __version__
-from marslib.admin import (
-    cluster,
-    devnode,
-    housekeeping,
-    membership,
-    resize,
-    roles,
-    switches,
-)
-from marslib.admin import verify as online_verify
 from marslib.admin.context import Admin, Result
 from marslib.admin.view import (
     VIEW_SCHEMA_VERSION,
@@ -123,6 +117,7 @@ def _address(text: str) -> str:
 
 
 def _uuid(text: str) -> str:
+    from marslib.admin import cluster
     return cluster.new_uuid(text)
 
 
@@ -168,6 +163,7 @@ def _create_cluster_args(p: argparse.ArgumentParser) -> None:
 @verb("create-cluster", "start a new cluster with this host as its first member",
       _create_cluster_args)
 def _create_cluster(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import cluster
     secret = _read_secret_arg(a.secret_file) if a.secret_file else cluster.new_secret()
     return cluster.create_cluster(admin, a.ip, cluster.new_uuid(a.uuid), secret)
 
@@ -194,6 +190,7 @@ def _join_cluster_args(p: argparse.ArgumentParser) -> None:
 @verb("join-cluster", "join an existing cluster (copies its id and secret over ssh)",
       _join_cluster_args)
 def _join_cluster(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import cluster
     given = [a.uuid is not None, a.secret_file is not None, a.peer_name is not None]
     if any(given) and not all(given):
         raise UsageError("--uuid, --secret-file and --peer-name go together")
@@ -214,6 +211,7 @@ def _join_cluster(admin: Admin, a: argparse.Namespace) -> Result:
 
 @verb("leave-cluster", "leave the cluster (only when no resource is left here)")
 def _leave_cluster(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import cluster
     return cluster.leave_cluster(admin)
 
 
@@ -231,6 +229,7 @@ def _create_resource_args(p: argparse.ArgumentParser) -> None:
 @verb("create-resource", "create a resource with this host as its primary",
       _create_resource_args)
 def _create_resource(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import membership
     return membership.create_resource(admin, a.resource, a.device, a.size, a.buffered, a.wait)
 
 
@@ -244,11 +243,13 @@ def _join_resource_args(p: argparse.ArgumentParser) -> None:
 @verb("join-resource", "become a secondary of a resource: full sync, then fetch and replay",
       _join_resource_args)
 def _join_resource(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import membership
     return membership.join_resource(admin, a.resource, a.device, a.buffered, a.wait)
 
 
 @verb("leave-resource", "stop being a secondary of a resource", _resource_arg)
 def _leave_resource(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import membership
     return membership.leave_resource(admin, a.resource)
 
 
@@ -259,6 +260,7 @@ def _force_arg(p: argparse.ArgumentParser) -> None:
 
 @verb("delete-resource", "delete a resource whose last member is this host", _force_arg)
 def _delete_resource(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import membership
     return membership.delete_resource(admin, a.resource, a.force)
 
 
@@ -270,12 +272,14 @@ def _up_args(p: argparse.ArgumentParser) -> None:
 
 @verb("up", "attach the resource on this host (primary: serve it over NBD)", _up_args)
 def _up(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import switches
     return switches.up(admin, a.resource, device=getattr(a, "device", False))
 
 
 @verb("down", "stop serving the resource on this host (writes back everything first)",
       _force_arg)
 def _down(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import switches
     return switches.down(admin, a.resource, a.force)
 
 
@@ -286,17 +290,20 @@ VERBS["detach"] = (_down, _force_arg, "the same as down: write back, detach")
 @verb("attach-device", "give the resource the block device /dev/mars/RESOURCE here "
       "(on its primary)", _resource_arg)
 def _attach_device(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import devnode
     return devnode.attach_device(admin, a.resource)
 
 
 @verb("detach-device", "remove the resource's block device here (refused while mounted)",
       _resource_arg)
 def _detach_device(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import devnode
     return devnode.detach_device(admin, a.resource)
 
 
 def _switch_handler(switch: str, on: bool) -> Handler:
     def run(admin: Admin, a: argparse.Namespace) -> Result:
+        from marslib.admin import switches
         return switches.set_switch(admin, a.resource, switch, on)
     return run
 
@@ -311,15 +318,18 @@ for _switch in ("fetch", "replay", "sync"):
 @verb("disconnect", "stop fetching and syncing a resource (replay what is here)",
       _resource_arg)
 def _disconnect(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import switches
     return switches.set_connected(admin, a.resource, False)
 
 
 @verb("connect", "resume fetching and syncing a resource", _resource_arg)
 def _connect(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import switches
     return switches.set_connected(admin, a.resource, True)
 
 
 def _wait_resource_args(p: argparse.ArgumentParser) -> None:
+    from marslib.admin import switches
     p.add_argument("resource", type=RESOURCE)
     p.add_argument("condition", choices=switches.WAIT_CONDITIONS)
 
@@ -327,6 +337,7 @@ def _wait_resource_args(p: argparse.ArgumentParser) -> None:
 @verb("wait-resource", "wait until a resource reaches a condition on this host",
       _wait_resource_args)
 def _wait_resource(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import switches
     return switches.wait_resource(admin, a.resource, a.condition)
 
 
@@ -341,12 +352,14 @@ def _primary_args(p: argparse.ArgumentParser) -> None:
 @verb("primary", "make this host the primary: handover, or failover with --force",
       _primary_args)
 def _primary(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import roles
     return roles.make_primary(admin, a.resource, a.force)
 
 
 @verb("secondary", "give up the primary role (no host is primary until 'primary')",
       _resource_arg)
 def _secondary(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import roles
     return roles.give_up_primary(admin, a.resource)
 
 
@@ -361,12 +374,14 @@ def _invalidate_args(p: argparse.ArgumentParser) -> None:
 @verb("invalidate", "resync this secondary from the primary (after a split brain only the "
       "blocks written since the fork)", _invalidate_args)
 def _invalidate(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import roles
     return roles.invalidate(admin, a.resource, a.wait, a.full)
 
 
 @verb("view-split-brain", "show where the members' histories of a resource fork",
       _resource_arg)
 def _view_split_brain(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import roles
     return roles.view_split_brain(admin, a.resource)
 
 
@@ -378,6 +393,7 @@ def _resize_args(p: argparse.ArgumentParser) -> None:
 
 @verb("resize", "grow a resource online once every member's device is grown", _resize_args)
 def _resize(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import resize
     return resize.resize(admin, a.resource, a.size)
 
 
@@ -393,17 +409,20 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 @verb("verify", "compare a secondary (this host, or --host H) with the primary while "
       "the application writes; --repair resyncs what differs", _verify_args)
 def _verify(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import verify as online_verify
     return online_verify.verify(admin, a.resource, admin.host, a.repair, not a.no_wait)
 
 
 # --------------------------------------------------------------------- logs
 @verb("log-rotate", "start the next logfile of a resource (on its primary)", _resource_arg)
 def _log_rotate(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import housekeeping
     return housekeeping.log_rotate(admin, a.resource)
 
 
 @verb("log-delete", "delete logfiles that every member has applied", _resource_arg)
 def _log_delete(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import housekeeping
     return housekeeping.log_delete(admin, a.resource)
 
 
@@ -416,6 +435,7 @@ def _cron_args(p: argparse.ArgumentParser) -> None:
 
 @verb("cron", "housekeeping: rotate old or big logfiles, delete applied ones", _cron_args)
 def _cron(admin: Admin, a: argparse.Namespace) -> Result:
+    from marslib.admin import housekeeping
     return housekeeping.cron(admin, a.rotate_size, a.rotate_age)
 
 

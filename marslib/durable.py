@@ -12,7 +12,7 @@ Temporary names start with ``.`` so that the metadata tree never takes them for 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import threading
 from pathlib import Path
@@ -20,17 +20,18 @@ from pathlib import Path
 SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages
 
 
+@functools.cache
 def _sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """libc's sync_file_range, looked up on first use among the symbols the interpreter
+    already has loaded (libc among them), not with ``ctypes.util.find_library``, which
+    runs ``ldconfig`` and would cost every process that imports this module."""
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -40,8 +41,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     hundreds of megabytes dirty, which its fsync later pushes out in one burst that stalls
     every other writer of the disk. Advice only: its errors are ignored, and it is a no-op
     where the call does not exist."""
-    if _SYNC_FILE_RANGE is not None and length > 0:
-        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+    fn = _sync_file_range()
+    if fn is not None and length > 0:
+        fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _tmp_name(path: Path) -> Path:

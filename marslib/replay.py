@@ -46,7 +46,7 @@ from marslib.layout import MarsPaths, parse_logfile_name
 from marslib.logfile import LogScanner, StopKind
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
-from marslib.schema import ResourceKeys
+from marslib.schema import ResourceKeys, interrupted_batch, replay_value
 from marslib.status import ReplayStatus
 from marslib.writeback import WritebackCounters, write_sorted
 
@@ -86,31 +86,6 @@ class _KillAfterWrites:
             os.killpg(0, signal.SIGKILL)
         self._left -= 1
         self._device.write_gathered(start, end, pieces)
-
-
-def replay_value(pos: LogPosition, batch_end: LogPosition | None = None) -> str:
-    """The ``replay-HOST`` value of a secondary: ``pos``, and while the device may hold
-    records beyond it (a batch in progress, in the same logfile), where they end:
-    ``logfile,offset,seq,END_OFFSET,END_SEQ``. Readers of a position ignore the extra
-    fields."""
-    if batch_end is None or batch_end.offset <= pos.offset:
-        return pos.encode()
-    return f"{pos.encode()},{batch_end.offset},{batch_end.seq}"
-
-
-def interrupted_batch(value: str | None) -> LogPosition | None:
-    """From a ``replay-HOST`` value: the end of the batch that was in progress when it was
-    saved, if there was one. The device may then hold any part of the records from the
-    position up to there: it is not consistent until they are applied again."""
-    parts = (value or "").split(",")
-    if len(parts) < 5:
-        return None
-    try:
-        pos = LogPosition.decode(",".join(parts[:3]))
-        end = LogPosition(pos.number, int(parts[3]), int(parts[4]), pos.host)
-    except ValueError:
-        return None
-    return end if end.offset > pos.offset else None
 
 
 class DeviceQuiesce:

@@ -26,7 +26,8 @@ from marslib.net.conn import PeerBundle
 from marslib.position import LogPosition
 from marslib.replay import Replayer
 from marslib.resource import logfile_usage
-from marslib.resync import LogResync, forget_saved_set, pending_log_plan
+from marslib.resync import LogResync
+from marslib.resyncplan import forget_saved_set, pending_log_plan
 from marslib.schema import (
     NO_PRIMARY,
     ON,

@@ -10,7 +10,7 @@ import pytest
 from marslib.history import effective_fork_point, fork_point, forks, write_link
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
-from marslib.replay import replay_value
+from marslib.schema import replay_value
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from conftest import (
 from test_replication import Pair
 
 from marslib.position import LogPosition
-from marslib.replay import FAULT_KILL_AFTER, interrupted_batch, replay_value
+from marslib.replay import FAULT_KILL_AFTER
+from marslib.schema import interrupted_batch, replay_value
 
 pytestmark = needs_libnbd
 SIZE = 64 << 20

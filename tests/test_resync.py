@@ -8,7 +8,7 @@ and both see the split brain. Each side wrote known 64 KiB blocks, so the diverg
 known exactly. That takes a while, so it is made once per module and copied (state roots
 and the data devices, plain files here) for each test, with both marsd stopped.
 
-The plan's rules (:func:`marslib.resync.plan`) and the retention pins are tested on a bare
+The plan's rules (:func:`marslib.resyncplan.plan`) and the retention pins are tested on a bare
 tree first.
 """
 
@@ -37,7 +37,7 @@ from marslib.layout import MarsPaths
 from marslib.logretention import deletable_logfiles, resync_pins
 from marslib.meta import MetaStore
 from marslib.position import LogPosition
-from marslib.resync import plan
+from marslib.resyncplan import plan
 from marslib.schema import ON, ResourceKeys, ResyncPlan, SyncStatus
 from marslib.sync import FAULT_KILL_AFTER
 

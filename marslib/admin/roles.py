@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from marslib import resync
+from marslib import resyncplan
 from marslib.admin.context import Admin, Result, daemon_failure
 from marslib.admin.devnode import clients_besides_node, release_node
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
@@ -261,13 +261,13 @@ def invalidate(admin: Admin, name: str, wait: bool = False, full: bool = False) 
         raise Refused(why)
     if wait:
         admin.require_daemon("--wait waits for the full sync marsd runs")
-    decided = resync.plan(admin.meta, admin.paths, name, admin.host, full)
+    decided = resyncplan.plan(admin.meta, admin.paths, name, admin.host, full)
     if admin.dry_run:
         admin.say(f"would resync {name} on {admin.host} from the primary: "
-                  f"{resync.describe(decided)}")
+                  f"{resyncplan.describe(decided)}")
         return {"changed": True, "dry_run": True, **_resync_result(decided)}
     last_result = admin.meta.get(k.syncresult(admin.host))
-    resync.forget_saved_set(admin.paths, name)  # a set of an earlier resync
+    resyncplan.forget_saved_set(admin.paths, name)  # a set of an earlier resync
     # durable before the fork's evidence goes; the unfinished sync pins the logs since
     # the fork on every member (logretention)
     admin.meta.set(k.resync(admin.host), decided.encode(), durable=True)
@@ -280,8 +280,8 @@ def invalidate(admin: Admin, name: str, wait: bool = False, full: bool = False) 
         wait_sync(admin, name)
     elif running and admin.live(name) is not None:
         _wait_resync_planned(admin, name)
-    final = resync.read_plan(admin.meta, name, admin.host) or decided
-    admin.say(f"{name}: {resync.describe(final)}")
+    final = resyncplan.read_plan(admin.meta, name, admin.host) or decided
+    admin.say(f"{name}: {resyncplan.describe(final)}")
     result: Result = {"changed": True, **_resync_result(final)}
     if wait:
         done = _new_sync_result(admin, name, last_result)
@@ -311,7 +311,7 @@ def _wait_resync_planned(admin: Admin, name: str) -> None:
     k = admin.keys(name)
     deadline = time.monotonic() + min(RESYNC_SETTLE, admin.timeout)
     while time.monotonic() < deadline:
-        p = resync.read_plan(admin.meta, name, admin.host)
+        p = resyncplan.read_plan(admin.meta, name, admin.host)
         if p is None or p.mode != RESYNC_LOG or p.blocks is not None or \
                 admin.meta.get(k.syncstatus(admin.host)) == SYNC_DONE:
             return

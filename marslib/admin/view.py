@@ -12,10 +12,9 @@ from typing import Any
 
 from marslib.admin.context import Admin, daemon_failure
 from marslib.admin.snapshot import MemberSnapshot, ResourceSnapshot, read_resource
-from marslib.replay import interrupted_batch
-from marslib.resync import describe as describe_resync
-from marslib.resync import view_entry as resync_view_entry
-from marslib.schema import NO_PRIMARY
+from marslib.resyncplan import describe as describe_resync
+from marslib.resyncplan import view_entry as resync_view_entry
+from marslib.schema import NO_PRIMARY, interrupted_batch
 from marslib.status import DaemonStatus, ResourceStatus, lag, lag_seconds, tree_lag
 
 VIEW_SCHEMA_VERSION = 1  # of ``view --json``; bumped when a field changes meaning
