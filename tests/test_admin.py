@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import pytest
 
 from marslib.admin import cluster, membership, roles
-from marslib.admin.context import Admin
+from marslib.admin.context import POLL_MAX, POLL_MIN, Admin, poll_interval
 from marslib.admin.resize import device_sizes, plan_resize
 from marslib.admin.snapshot import MemberSnapshot, ResourceSnapshot, read_resource
 from marslib.admin.switches import condition_reached
@@ -198,3 +200,31 @@ def test_create_cluster_and_resource_write_the_schema_keys(admin: Admin,
     assert membership.delete_resource(admin, "r0")["changed"]
     assert cluster.leave_cluster(admin)["changed"]
     assert not cluster.leave_cluster(admin)["changed"]
+
+
+def test_a_wait_checks_again_after_a_tenth_of_its_time_so_far() -> None:
+    assert poll_interval(0.0) == POLL_MIN
+    assert poll_interval(0.3) == pytest.approx(0.03)
+    assert poll_interval(3600.0) == POLL_MAX
+    waits = [poll_interval(t / 10) for t in range(100)]
+    assert waits == sorted(waits)
+
+
+# what a command must not load: the data path (an event loop, the log scanner and its
+# checksums, fetch and replay); each costs every marsadm start tens of milliseconds
+DATA_PATH = ("asyncio", "crc32c", "zstandard", "marslib.logscan", "marslib.replay",
+             "marslib.fetch", "marslib.resync", "marslib.sync", "marslib.net.conn")
+
+
+@pytest.mark.parametrize("modules", [
+    ["marslib.cli"],
+    ["marslib.cli", "marslib.admin.roles", "marslib.admin.view", "marslib.admin.switches",
+     "marslib.admin.verify", "marslib.admin.membership", "marslib.admin.cluster"],
+])
+def test_the_command_line_loads_no_data_path(modules: list[str]) -> None:
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert set(modules) <= set(out)
+    assert sorted(set(DATA_PATH) & set(out)) == []

@@ -16,6 +16,13 @@ from marslib.status import DaemonStatus, ResourceStatus
 
 Result = dict[str, Any]  # what a step returns: "changed" and its figures; JSON for --json
 
+# A wait checks its condition again after a tenth of the time it has waited so far,
+# within these bounds: a short wait (a resync of a few blocks) ends a few milliseconds
+# after its condition, and a wait of hours asks marsd four times a second, not twenty.
+POLL_MIN = 0.005
+POLL_MAX = 0.25
+STATUS_EVERY = 0.5  # seconds between looks at marsd's status only for a progress line
+
 
 @dataclass
 class Admin:
@@ -99,7 +106,8 @@ class Admin:
     # ------------------------------------------------------------------ waits
     def wait_for(self, what: str, check: Callable[[], str | None | bool]) -> None:
         """Poll ``check`` until it returns True; a string is an error to report."""
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
         while True:
             outcome = check()
             if outcome is True:
@@ -108,7 +116,12 @@ class Admin:
                 raise Refused(outcome)
             if time.monotonic() >= deadline:
                 raise TimedOut(f"timed out after {self.timeout:g}s waiting for {what}")
-            time.sleep(0.05)
+            time.sleep(poll_interval(time.monotonic() - started))
+
+
+def poll_interval(waited: float) -> float:
+    """Seconds until a wait that has lasted ``waited`` seconds checks again."""
+    return min(POLL_MAX, max(POLL_MIN, waited / 10))
 
 
 def daemon_failure(st: DaemonStatus, name: str) -> str | None:

@@ -14,18 +14,22 @@ import json
 import time
 from pathlib import Path
 
-from marslib.admin.context import Admin, Result
+from marslib.admin.context import STATUS_EVERY, Admin, Result
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
 from marslib.errors import Refused, TimedOut
 from marslib.meta import MetaValue
 from marslib.position import LogPosition
-from marslib.replay import interrupted_batch
-from marslib.schema import VerifyDiff, VerifyResult, VerifyStatus, verify_from_start
+from marslib.schema import (
+    VerifyDiff,
+    VerifyResult,
+    VerifyStatus,
+    interrupted_batch,
+    verify_from_start,
+)
 from marslib.sizes import human_size
 from marslib.status import ResourceStatus
 
 SHOWN_RANGES = 8  # ranges in the lines for people (all of the key's in the JSON)
-STATUS_EVERY = 0.5  # seconds between looks at marsd's status while waiting (progress)
 
 
 def _before(a: str | None, b: str | None) -> bool:
