@@ -19,12 +19,13 @@ a block of the set are skipped, and the others compare only the set's blocks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 64 << 10
 BLOCKS_PER_REQUEST = 256  # 16 MiB of device per checksum request
 WINDOWS_IN_FLIGHT = 8
+# blocks of windows in flight at once: 8 whole windows, or many more windows of a sparse
+# block set (a resync's few blocks per window would otherwise wait on round trips)
+BLOCKS_IN_FLIGHT = WINDOWS_IN_FLIGHT * BLOCKS_PER_REQUEST
 MAX_READ = 16 << 20
 SUMS_WINDOW = 16 << 20  # a SYNC_SUMS reply carries a position for at most this much
 FRAME_VERSION = 1  # "v" of the frames this release added (SYNC_DIFF_SET_REQ, SYNC_WRITTEN_REQ)
@@ -533,12 +537,12 @@ class SyncClient:
             raise ValueError("the block set does not match the device")
         compared, copied = self.progress.compared, self.progress.copied
         window = self.block_size * BLOCKS_PER_REQUEST
-        sem = asyncio.Semaphore(WINDOWS_IN_FLIGHT)
+        budget = BlockBudget(BLOCKS_IN_FLIGHT)
 
         async def one(offset: int) -> None:
             length = min(window, self.progress.size - offset)
             idx = [i - offset // self.block_size for i in blocks.indices_in(offset, length)]
-            async with sem:
+            async with budget.take(len(idx)):
                 await self._switch.wait()
                 try:
                     await self._sync_window_set(offset, length, idx)
@@ -557,17 +561,18 @@ class SyncClient:
         window = self.block_size * BLOCKS_PER_REQUEST
         bs = self.block_size
         finished: set[int] = set()
-        sem = asyncio.Semaphore(WINDOWS_IN_FLIGHT)
+        budget = BlockBudget(BLOCKS_IN_FLIGHT)
         saved_at = time.monotonic()
 
         async def one(offset: int) -> None:
             length = min(window, size - offset)
-            async with sem:
+            idx = None if blocks is None else \
+                [i - offset // bs for i in blocks.indices_in(offset, length)]
+            async with budget.take(-(-length // bs) if idx is None else len(idx)):
                 await self._switch.wait()
-                if blocks is None:
+                if idx is None:
                     await self._sync_window(offset, length)
                 else:
-                    idx = [i - offset // bs for i in blocks.indices_in(offset, length)]
                     await self._sync_window_set(offset, length, idx)
             finished.add(offset)
 
@@ -820,6 +825,29 @@ def _position(value: str | None) -> LogPosition | None:
         return LogPosition.decode(value) if value else None
     except ValueError:
         return None
+
+
+class BlockBudget:
+    """How many blocks the windows in flight may hold together: a window takes its
+    blocks (at most the whole budget) before it starts and gives them back when done."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, blocks: int) -> AsyncIterator[None]:
+        n = max(1, min(blocks, self.total))
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.free += n
+                self._cond.notify_all()
 
 
 async def all_or_cancel(coros: list[Awaitable[None]]) -> None:
