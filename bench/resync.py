@@ -19,7 +19,7 @@ both times (the whole marsadm command, and the sync's own seconds), the ratio lo
 before each run) and the machine's load. Exits 0 whenever the measurement itself worked.
 
     .venv/bin/python bench/resync.py [--size 1G] [--fraction 0.005] [--dir /var/tmp]
-                                     [--json FILE] [--logs DIR]
+                                     [--json FILE] [--logs DIR] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -61,9 +61,14 @@ class Host:
                     "MARS_RUN_DIR": str(self.run_dir), "MARS_HOST": name}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def marsadm(self, *args: str, timeout: float = 600.0) -> dict[str, Any]:
-        out = b.run([b.MARSADM, *args, "--json", "--timeout", str(timeout)], env=self.env,
-                    timeout=timeout + 30)
+    def marsadm(self, *args: str, timeout: float = 600.0,
+                profile: Path | None = None) -> dict[str, Any]:
+        """One marsadm command's JSON reply; with ``profile``, run under cProfile and
+        keep its figures in that file."""
+        prefix = [str(b.VENV_BIN / "python"), "-m", "cProfile", "-o", str(profile)] \
+            if profile else []
+        out = b.run([*prefix, b.MARSADM, *args, "--json", "--timeout", str(timeout)],
+                    env=self.env, timeout=timeout + 30)
         reply: dict[str, Any] = json.loads(out.stdout)
         return reply
 
@@ -230,11 +235,11 @@ class Bench:
         wait("alpha runs r0 as secondary", lambda: self.a.status().get("role") == "secondary")
         self.wait_split_brain()
 
-    def invalidate(self, *extra: str) -> dict[str, Any]:
+    def invalidate(self, *extra: str, profile: Path | None = None) -> dict[str, Any]:
         floor = b.read_at_once([self.img_a, self.img_b])
         load = os.getloadavg()
         t, at = time.monotonic(), time.time()
-        r = self.a.marsadm("invalidate", "r0", "--wait", *extra)
+        r = self.a.marsadm("invalidate", "r0", "--wait", *extra, profile=profile)
         secs = time.monotonic() - t
         wait("alpha caught up", lambda: in_sync(self.b, self.a), timeout=300)
         self.a.marsadm("pause-replay", "r0")
@@ -255,6 +260,9 @@ def main() -> int:
                     "the devices (not tmpfs)")
     ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     ap.add_argument("--logs", type=Path, help="keep both marsd logs in this directory")
+    ap.add_argument("--profile", type=Path, help="run each invalidate command under cProfile "
+                    "and keep its figures in this directory (log.prof, full.prof); the "
+                    "profiler slows the command down")
     args = ap.parse_args()
     size = parse_size(args.size)
     b.install_signal_handlers()
@@ -276,12 +284,12 @@ def main() -> int:
             copy = base / "copy"
             bench.snapshot(copy)
             bench.start()
-            res["log"] = bench.invalidate()
+            res["log"] = bench.invalidate(profile=prof(args.profile, "log"))
             b.say(f"[log]  {fmt(res['log'])}")
             bench.keep_logs(args.logs, "log")
             bench.restore(copy)
             bench.start()
-            res["full"] = bench.invalidate("--full")
+            res["full"] = bench.invalidate("--full", profile=prof(args.profile, "full"))
             b.say(f"[full] {fmt(res['full'])}")
         finally:
             bench.stop()
@@ -291,6 +299,13 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     return 0
+
+
+def prof(directory: Path | None, case: str) -> Path | None:
+    if directory is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory.resolve() / f"{case}.prof"
 
 
 def fmt(m: dict[str, Any]) -> str:
