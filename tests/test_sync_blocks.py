@@ -32,6 +32,7 @@ from marslib.sync import (
     BLOCK_SIZE,
     BLOCKS_PER_REQUEST,
     FAULT_KILL_AFTER,
+    BlockBudget,
     SyncClient,
     SyncService,
     block_sums,
@@ -220,6 +221,38 @@ class OldPrimary(SyncService):
 
 
 # --------------------------------------------------------------- the sync
+def test_windows_in_flight_share_a_budget_of_blocks() -> None:
+    """Sparse windows go many at once, whole ones a few at a time, and a window bigger
+    than the budget still goes, alone."""
+    async def go() -> tuple[int, int, list[int]]:
+        budget = BlockBudget(10)
+        held = {"blocks": 0, "windows": 0, "most_blocks": 0, "most_windows": 0}
+        order: list[int] = []
+
+        async def window(n: int) -> None:
+            async with budget.take(n):
+                held["blocks"] += min(n, 10)
+                held["windows"] += 1
+                held["most_blocks"] = max(held["most_blocks"], held["blocks"])
+                held["most_windows"] = max(held["most_windows"], held["windows"])
+                await asyncio.sleep(0.001)
+                order.append(n)
+                held["blocks"] -= min(n, 10)
+                held["windows"] -= 1
+
+        await asyncio.gather(*(window(1) for _ in range(10)))
+        sparse = held["most_windows"]
+        held["most_windows"] = 0
+        await asyncio.gather(*(window(n) for n in (4, 4, 4, 50, 4)))
+        assert budget.free == 10
+        return sparse, held["most_blocks"], order
+
+    sparse, most_blocks, order = asyncio.run(go())
+    assert sparse == 10  # ten one-block windows at once
+    assert most_blocks <= 10  # never more blocks than the budget
+    assert sorted(order[-5:]) == [4, 4, 4, 4, 50]  # the big window went too
+
+
 def test_restricted_sync_copies_only_the_set_while_the_devices_differ_elsewhere(
         tmp_path: Path) -> None:
     async def scenario(rig: Rig) -> None:
