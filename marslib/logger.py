@@ -799,6 +799,30 @@ class Logger:
             buf = await self.read(offset, length)
             return buf, self._log_end
 
+    async def read_many(self, reads: list[tuple[int, int]]) -> list[bytearray]:
+        """:meth:`read` of each ``(offset, length)``, in up to ``READ_WAYS`` threads at
+        once (:meth:`submit_reads`); the first read that failed raises its OSError."""
+        for offset, length in reads:
+            if offset < 0 or offset + length > self.size:
+                raise OSError(errno.EINVAL, "read beyond the end of the device")
+        if not reads:
+            return []
+        got: asyncio.Future[Sequence[bytes | bytearray | memoryview | OSError]] = \
+            asyncio.get_running_loop().create_future()
+
+        def done(out: Sequence[bytes | bytearray | memoryview | OSError]) -> None:
+            if not got.done():
+                got.set_result(out)
+
+        self.submit_reads(reads, done)
+        out: list[bytearray] = []
+        for buf in await got:
+            if isinstance(buf, OSError):
+                raise buf
+            assert isinstance(buf, bytearray)
+            out.append(buf)
+        return out
+
     def submit_reads(self, reads: list[tuple[int, int]], done: ReadsDone) -> None:
         """Read each (offset, length) like :meth:`read`, in up to ``READ_WAYS`` threads at
         once (the device gets several requests in flight); ``done`` gets the data or an

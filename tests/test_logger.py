@@ -77,6 +77,10 @@ def test_write_read_and_writeback(setup: Setup) -> None:
         got = await lg.read(4096 * 5 - 3, 6)
         assert got == block(5)[:3] + block(6)[:3]
         assert (await lg.read(U, 40))[10:25] == b"unaligned bytes"
+        # many reads at once (the sync's): the same data, in the order asked
+        ranges = [(U, 40), (4096 * 5 - 3, 6), (0, 4096), *((i * 4096, 4096) for i in range(9))]
+        assert await lg.read_many(ranges) == [await lg.read(o, n) for o, n in ranges]
+        assert await lg.read_many([]) == []
         st = lg.status()
         assert st.writes == 65
         assert 1 <= st.commits < 65, "concurrent writes were not grouped into commits"
@@ -260,6 +264,9 @@ def test_io_beyond_the_end(setup: Setup) -> None:
         assert exc.value.errno == errno.ENOSPC
         with pytest.raises(OSError) as exc:
             await lg.read(lg.size, 1)
+        assert exc.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as exc:
+            await lg.read_many([(0, 4096), (lg.size - 10, 11)])
         assert exc.value.errno == errno.EINVAL
         await lg.stop()
         lg.device.close()
