@@ -164,18 +164,21 @@ class LogResync:
         saved = self._saved()
         if current.blocks is not None and saved is None:
             # the loser's stale logfiles may be gone already: only the set held their writes
-            return self._full("the saved block set of this resync is gone")
+            self._full("the saved block set of this resync is gone")
+            return None
         if saved is not None and not fresh:
             self.log.info("the resync resumes with its saved set of %d blocks", saved.count)
             self._start_cleanup(p0)  # (again: it may not have ended before the restart)
             return saved
         winner = self.meta.get(self.keys.primary) or "the primary"
         if self.meta.get(self.keys.actual(winner, "emergency")) == ON:
-            return self._full(f"{winner} is in emergency mode: writes bypass its log")
+            self._full(f"{winner} is in emergency mode: writes bypass its log")
+            return None
         sides = await self._both_sides(p0, winner, saved)
         if sides.blocks is None:
             assert sides.reason is not None
-            return self._full(sides.reason)
+            self._full(sides.reason)
+            return None
         blocks = sides.blocks
         await asyncio.to_thread(blocks.save, self.path)
         self.meta.set(self.keys.resync(self.host),

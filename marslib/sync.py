@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from marslib.blockset import BlockSet
 from marslib.checksum import crc32c
@@ -44,6 +44,7 @@ from marslib.schema import SYNC_DONE, ResourceKeys, SyncResult, SyncStatus
 from marslib.status import FullSyncStatus
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BLOCK_SIZE = 64 << 10
 BLOCKS_PER_REQUEST = 256  # 16 MiB of device per checksum request
@@ -51,12 +52,24 @@ WINDOWS_IN_FLIGHT = 8
 # blocks of windows in flight at once: 8 whole windows, or many more windows of a sparse
 # block set (a resync's few blocks per window would otherwise wait on round trips)
 BLOCKS_IN_FLIGHT = WINDOWS_IN_FLIGHT * BLOCKS_PER_REQUEST
+IO_WAYS = 4  # threads reading the local blocks of one window, and writing its copies
+# listed blocks that a window of a sparse set gathers at most: several such requests in
+# flight keep both hosts' disks, the channel and the link busy at once
+SET_REQUEST_BLOCKS = 32
 MAX_READ = 16 << 20
 SUMS_WINDOW = 16 << 20  # a SYNC_SUMS reply carries a position for at most this much
-FRAME_VERSION = 1  # "v" of the frames this release added (SYNC_DIFF_SET_REQ, SYNC_WRITTEN_REQ)
+# "v" of the frames added after the first release, by what the primary must know:
+# 1: SYNC_DIFF_SET_REQ and SYNC_WRITTEN_REQ; 2: a SYNC_DIFF_SET_REQ window wider than
+# MAX_READ, up to SET_SPAN_MAX (its listed blocks still MAX_READ at most). A primary answers
+# a "v" above its own FRAME_VERSION as a frame it does not know.
+FRAME_VERSION = 2
+SET_VERSION = 1
+WIDE_SET_VERSION = 2
+SET_SPAN_MAX = 1 << 30  # bytes of device one request of a sparse block set may span
 WRITTEN_TIMEOUT = 600.0  # the primary's scan of its logs may take a while
 # fault injection for tests: the replica kills itself (SIGKILL, its whole process group)
-# once this many windows were compared and DONE moved, right after saving the progress
+# once this many windows were compared and DONE moved, right after saving the progress;
+# until then the windows go one at a time, in order, a MAX_READ each
 FAULT_KILL_AFTER = "MARS_FAULT_SYNC_KILL_AFTER"
 UNSUPPORTED = "unexpected frame"  # how an older peer answers a frame it does not know
 
@@ -99,11 +112,37 @@ def block_runs(indexes: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _check_window(offset: int, block_size: int, count: int, size: int) -> None:
+def _check_window(offset: int, block_size: int, count: int, size: int,
+                  span_max: int = MAX_READ) -> None:
     if block_size <= 0 or block_size > (8 << 20) or count <= 0 or \
-            block_size * count > MAX_READ or offset < 0 or offset % block_size \
+            block_size * count > span_max or offset < 0 or offset % block_size \
             or offset >= max(size, 1):
         raise ValueError(f"bad window: {count} blocks of {block_size} at {offset}")
+
+
+def set_windows(blocks: BlockSet, start: int, size: int, wide: bool
+                ) -> list[tuple[int, int, list[int]]]:
+    """The windows a sync restricted to ``blocks`` goes through from ``start`` (a window
+    boundary) on: ``(offset, length, indexes)``, the indexes of the set's blocks relative
+    to the window; they cover ``[start, size)`` without gaps. Each window is one or more
+    whole windows of BLOCKS_PER_REQUEST blocks; with ``wide``, as many as fit while their
+    listed blocks are at most SET_REQUEST_BLOCKS and the window at most SET_SPAN_MAX, so
+    that a sparse set takes few requests."""
+    bs = blocks.block_size
+    base = bs * BLOCKS_PER_REQUEST
+    out: list[tuple[int, int, list[int]]] = []
+    for o in range(start, size, base):
+        n = min(base, size - o)
+        absolute = blocks.indices_in(o, n) if blocks.any_in(o, n) else []
+        if out and wide:
+            first, length, idx = out[-1]
+            if len(idx) + len(absolute) <= SET_REQUEST_BLOCKS and \
+                    length + n <= SET_SPAN_MAX:
+                idx.extend(i - first // bs for i in absolute)
+                out[-1] = (first, length + n, idx)
+                continue
+        out.append((o, n, [i - o // bs for i in absolute]))
+    return out
 
 
 def check_block_indexes(blocks: object, count: int) -> list[int]:
@@ -161,6 +200,13 @@ class BlockOps(Protocol):
         their data, back to back."""
 
 
+@runtime_checkable
+class ManyReads(Protocol):
+    """A source that reads many ranges at once, in a few threads (the Logger)."""
+
+    async def read_many(self, reads: list[tuple[int, int]]) -> list[bytearray]: ...
+
+
 class ReadBlockOps:
     """:class:`BlockOps` by reading through a source (in the process that holds it)."""
 
@@ -188,9 +234,12 @@ class ReadBlockOps:
             starts = [offset + first * bs for first, _ in runs]
             lengths = [min(n * bs, offset + length - s) for s, (_, n) in zip(starts, runs,
                                                                             strict=True)]
-            datas = await asyncio.gather(*(self.source.read(s, n)
-                                           for s, n in zip(starts, lengths, strict=True)))
-            pieces = list(datas)
+            ranges = list(zip(starts, lengths, strict=True))
+            if isinstance(self.source, ManyReads):
+                pieces = list(await self.source.read_many(ranges))
+            else:
+                pieces = list(await asyncio.gather(*(self.source.read(s, n)
+                                                     for s, n in ranges)))
             listed = blocks
 
         def compare() -> tuple[list[int], bytes]:
@@ -281,7 +330,7 @@ class SyncService:
                 parts = [(await ops.block_sums(o, min(step, offset + length - o), bs))[0]
                          for o in range(offset, offset + length, step)]
                 sums, pos = b"".join(parts), None
-            header: dict[str, object] = {"offset": offset, "block_size": bs}
+            header = {"offset": offset, "block_size": bs}
             if pos is not None:
                 header["position"] = pos.encode()
             return Frame(FrameType.SYNC_SUMS, header, sums)
@@ -294,7 +343,8 @@ class SyncService:
             count = frame.get("count", BLOCKS_PER_REQUEST)
             if not isinstance(count, int) or isinstance(count, bool):
                 raise ValueError(f"bad block count {count!r}")
-            return await self._diff(frame, logger, count, frame.get("blocks"))
+            return await self._diff(frame, logger, count, frame.get("blocks"),
+                                    wide=frame.get("v") == WIDE_SET_VERSION)
         if frame.type == FrameType.SYNC_READ_REQ:
             offset = int(frame.get("offset", 0))
             length = int(frame.get("length", 0))
@@ -306,17 +356,21 @@ class SyncService:
         return Frame(FrameType.ERROR, {"error": f"{UNSUPPORTED} {frame.type} on sync"})
 
     async def _diff(self, frame: Frame, logger: SyncSource, count: int,
-                    listed: object) -> Frame:
+                    listed: object, wide: bool = False) -> Frame:
         """Answer SYNC_DIFF_REQ (``listed`` None: every block of the window) or
-        SYNC_DIFF_SET_REQ (the listed window-relative blocks) with the blocks that differ
-        from the asker's checksums."""
+        SYNC_DIFF_SET_REQ (the listed window-relative blocks; ``wide``: the window may
+        span SET_SPAN_MAX) with the blocks that differ from the asker's checksums."""
         offset = int(frame.get("offset", 0))
         bs = int(frame.get("block_size", BLOCK_SIZE))
-        _check_window(offset, bs, count, logger.size)
+        _check_window(offset, bs, count, logger.size,
+                      SET_SPAN_MAX if wide and listed is not None else MAX_READ)
         count = min(count, -(-(logger.size - offset) // bs))
         blocks: list[int] | None = None
         if listed is not None:
             blocks = check_block_indexes(listed, count)
+            if len(blocks) * bs > MAX_READ:
+                raise ValueError(f"{len(blocks)} blocks of {bs} listed: at most {MAX_READ} "
+                                 "bytes")
             if len(frame.payload) != 4 * len(blocks):
                 raise ValueError(f"{len(frame.payload)} bytes of checksums for {len(blocks)} "
                                  "blocks")
@@ -390,6 +444,7 @@ class SyncClient:
         self.progress = SyncProgress(size=size, started=time.monotonic())
         self.diff_supported = True
         self.set_supported = True
+        self.wide_sets = True  # the primary takes set windows wider than MAX_READ
         self.dropped: str | None = None  # why a restricted sync became a full one
         self.blocks: BlockSet | None = None  # the restriction of the current run
         self._switch = PauseSwitch()
@@ -462,7 +517,7 @@ class SyncClient:
         out about the primary (``dropped``)."""
         self.progress = SyncProgress(size=self.progress.size, started=time.monotonic())
         self.dropped = None
-        self.diff_supported = self.set_supported = True
+        self.diff_supported = self.set_supported = self.wide_sets = True
         while True:
             try:
                 await self._run_once(blocks, plan)
@@ -536,38 +591,40 @@ class SyncClient:
         if (blocks.size, blocks.block_size) != (self.progress.size, self.block_size):
             raise ValueError("the block set does not match the device")
         compared, copied = self.progress.compared, self.progress.copied
-        window = self.block_size * BLOCKS_PER_REQUEST
         budget = BlockBudget(BLOCKS_IN_FLIGHT)
 
-        async def one(offset: int) -> None:
-            length = min(window, self.progress.size - offset)
-            idx = [i - offset // self.block_size for i in blocks.indices_in(offset, length)]
+        async def one(offset: int, length: int, idx: list[int]) -> None:
             async with budget.take(len(idx)):
                 await self._switch.wait()
                 try:
                     await self._sync_window_set(offset, length, idx)
-                except _SetUnsupported:
-                    await self._sync_window(offset, length)  # the whole window
+                except _SetUnsupported:  # the whole window, a MAX_READ at a time
+                    for o, n, _ in self._narrow(offset, length):
+                        await self._sync_window(o, n)
 
-        offsets = [o for o in range(0, self.progress.size, window)
-                   if blocks.any_in(o, min(window, self.progress.size - o))]
-        await all_or_cancel([one(o) for o in offsets])
+        windows = set_windows(blocks, 0, self.progress.size, self.wide_sets)
+        await all_or_cancel([one(*w) for w in windows if w[2]])
         await asyncio.to_thread(self.device.flush)
         return CopyResult(self.progress.compared - compared, self.progress.copied - copied)
 
     async def _windows(self, done: int, size: int, blocks: BlockSet | None,
                        track: bool) -> None:
         """Compare (and copy) the windows from ``done`` on; advance and save DONE."""
-        window = self.block_size * BLOCKS_PER_REQUEST
         bs = self.block_size
+        # with the fault injection, narrow windows one at a time, in order: the kill then
+        # lands between two of them, with DONE in the middle of the device
+        in_order = self._kill_after is not None
+        windows: list[tuple[int, int, list[int] | None]] = []
+        if blocks is None:
+            windows.extend(self._narrow(done, size - done, None))
+        else:
+            windows.extend(set_windows(blocks, done, size, self.wide_sets and not in_order))
+        ends = {offset: offset + length for offset, length, _ in windows}
         finished: set[int] = set()
-        budget = BlockBudget(BLOCKS_IN_FLIGHT)
+        budget = BlockBudget(1 if in_order else BLOCKS_IN_FLIGHT)
         saved_at = time.monotonic()
 
-        async def one(offset: int) -> None:
-            length = min(window, size - offset)
-            idx = None if blocks is None else \
-                [i - offset // bs for i in blocks.indices_in(offset, length)]
+        async def one(offset: int, length: int, idx: list[int] | None) -> None:
             async with budget.take(-(-length // bs) if idx is None else len(idx)):
                 await self._switch.wait()
                 if idx is None:
@@ -576,21 +633,21 @@ class SyncClient:
                     await self._sync_window_set(offset, length, idx)
             finished.add(offset)
 
-        offsets = list(range(done, size, window))
-        work = offsets if blocks is None else \
-            [o for o in offsets if blocks.any_in(o, min(window, size - o))]
-        finished.update(set(offsets) - set(work))  # nothing of the set there: done
-        tasks = [asyncio.create_task(one(o)) for o in work]
-        try:
-            while self.progress.done in finished:  # leading windows with nothing to do
+        work = [w for w in windows if w[2] is None or w[2]]
+        finished.update(o for o, _, idx in windows if idx == [])  # nothing of the set there
+        tasks = [asyncio.create_task(one(*w)) for w in work]
+
+        def advance() -> None:
+            while self.progress.done in finished:
                 finished.discard(self.progress.done)
-                self.progress.done = min(self.progress.done + window, size)
+                self.progress.done = ends[self.progress.done]
+
+        try:
+            advance()  # leading windows with nothing to do
             for task in asyncio.as_completed(tasks):
                 await task
                 self.windows_done += 1
-                while self.progress.done in finished:
-                    finished.discard(self.progress.done)
-                    self.progress.done = min(self.progress.done + window, size)
+                advance()
                 if self._kill_after is not None and self.windows_done >= self._kill_after \
                         and self.progress.done > done:
                     await asyncio.to_thread(self.device.flush)
@@ -652,23 +709,52 @@ class SyncClient:
         await self._apply_diff(offset, length, reply, None)
         self.progress.compared += length
 
+    def _narrow(self, offset: int, length: int, idx: list[int] | None = None
+                ) -> list[tuple[int, int, list[int] | None]]:
+        """``[offset, offset + length)`` as windows of BLOCKS_PER_REQUEST blocks at most,
+        each with its part of the window-relative indexes ``idx`` (None: no set)."""
+        bs = self.block_size
+        base = bs * BLOCKS_PER_REQUEST
+        out: list[tuple[int, int, list[int] | None]] = []
+        for o in range(offset, offset + length, base):
+            first = (o - offset) // bs
+            part = None if idx is None else \
+                [i - first for i in idx if first <= i < first + BLOCKS_PER_REQUEST]
+            out.append((o, min(base, offset + length - o), part))
+        return out
+
     async def _sync_window_set(self, offset: int, length: int, idx: list[int]) -> None:
         """Send the checksums of the listed blocks only; the primary answers with those
-        of them that differ."""
+        of them that differ. A window wider than MAX_READ goes in one request if the
+        primary takes it, else a MAX_READ at a time."""
         if not idx:
             return
         if not self.set_supported:
             raise _SetUnsupported()
         bs = self.block_size
-        local = await asyncio.to_thread(self._local_sums_of, offset, length, idx)
+        wide = length > MAX_READ
+        if wide and not self.wide_sets:
+            for o, n, part in self._narrow(offset, length, idx):
+                assert part is not None
+                await self._sync_window_set(o, n, part)
+            return
+        parts = await asyncio.gather(*(asyncio.to_thread(self._local_sums_of, offset, length, p)
+                                       for p in _shares(idx, IO_WAYS)))
+        local = [crc for part in parts for crc in part]
         try:
             reply = await self.bundle.request(Frame(FrameType.SYNC_DIFF_SET_REQ, {
-                "v": FRAME_VERSION, "resource": self.resource, "offset": offset,
-                "block_size": bs, "count": -(-length // bs), "blocks": idx},
-                pack_sums(local)))
+                "v": WIDE_SET_VERSION if wide else SET_VERSION, "resource": self.resource,
+                "offset": offset, "block_size": bs, "count": -(-length // bs),
+                "blocks": idx}, pack_sums(local)))
         except RemoteError as exc:
             if UNSUPPORTED not in str(exc):
                 raise
+            if wide:
+                self.wide_sets = False
+                self.log.info("the primary takes block-set windows of %d bytes at most",
+                              MAX_READ)
+                await self._sync_window_set(offset, length, idx)
+                return
             self.set_supported = False
             raise _SetUnsupported() from None
         await self._apply_diff(offset, length, reply, idx)
@@ -701,9 +787,9 @@ class SyncClient:
             raise RemoteError(f"sync diff at {offset}: {len(data)} bytes for {len(blocks)} "
                               "blocks")
 
-        def apply() -> None:
+        def apply(share: list[tuple[int, memoryview]]) -> None:
             run_start, run = -1, bytearray()
-            for start, chunk in writes:  # merge adjacent blocks into one device write
+            for start, chunk in share:  # merge adjacent blocks into one device write
                 if run and run_start + len(run) == start:
                     run += chunk
                     continue
@@ -714,7 +800,8 @@ class SyncClient:
                 self.device.pwrite(run_start, run)
 
         if writes:
-            await asyncio.to_thread(apply)
+            await asyncio.gather(*(asyncio.to_thread(apply, share)
+                                   for share in _shares(writes, IO_WAYS)))
         self.progress.copied += pos
 
     async def _sync_window_two_step(self, offset: int, length: int) -> None:
@@ -786,7 +873,7 @@ class SyncClient:
         result with ``missing`` saying so."""
         size = self.progress.size
         header: dict[str, object] = {
-            "v": FRAME_VERSION, "resource": self.resource, "since": since.encode(),
+            "v": SET_VERSION, "resource": self.resource, "since": since.encode(),
             "until": until.encode() if until is not None else None,
             "block_size": self.block_size, "size": size}
         try:
@@ -825,6 +912,13 @@ def _position(value: str | None) -> LogPosition | None:
         return LogPosition.decode(value) if value else None
     except ValueError:
         return None
+
+
+def _shares(items: list[T], ways: int) -> list[list[T]]:
+    """``items`` in at most ``ways`` consecutive slices of about equal length."""
+    n = max(1, min(ways, len(items)))
+    step = -(-len(items) // n)
+    return [items[i : i + step] for i in range(0, len(items), step)]
 
 
 class BlockBudget:

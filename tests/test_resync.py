@@ -41,7 +41,7 @@ from marslib.resyncplan import plan
 from marslib.schema import ON, ResourceKeys, ResyncPlan, SyncStatus
 from marslib.sync import FAULT_KILL_AFTER
 
-SIZE = 256 << 20  # 16 sync windows of 16 MiB (256 blocks), twice as many as are in flight
+SIZE = 256 << 20  # 16 sync windows of 16 MiB (256 blocks)
 BLOCK = 64 << 10
 COMMON = [3, 700, 1000]  # written before the split: equal on both sides
 ALPHA_BEFORE_KILL = [10, 11, 12, 300]  # in alpha's log only (beta's fetch was paused)
@@ -281,8 +281,8 @@ def test_a_killed_loser_resumes_the_resync_with_its_saved_set(split: Split) -> N
     a.proc.wait(timeout=60)
     a.proc = None
     state = SyncStatus.decode(tree(a).get(ResourceKeys("r0").syncstatus("alpha")))
-    # killed after its first window: in the middle (windows are done out of order, but
-    # only 8 at a time)
+    # killed after its first window: in the middle (with the fault injection, the sync
+    # takes windows of 16 MiB one at a time, in order)
     assert state is not None and not state.finished and 0 < state.done < SIZE, state
     saved = ResyncPlan.decode(tree(a).get(ResourceKeys("r0").resync("alpha")))
     assert saved is not None and saved.mode == "log" and saved.blocks, saved

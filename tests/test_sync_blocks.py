@@ -17,6 +17,7 @@ import pytest
 from conftest import HostPair, needs_libnbd, state_at, wait_in_sync, wait_until
 
 from marslib import blockset
+from marslib import sync as sync_mod
 from marslib.blockset import BlockSet
 from marslib.device import Device
 from marslib.formats.frame import Frame, FrameType
@@ -211,6 +212,15 @@ def only(*indexes: int) -> BlockSet:
     return out
 
 
+class SetPrimary(SyncService):
+    """A primary of the release that brought block sets, in windows of 16 MiB only."""
+
+    async def handle(self, frame: Frame, peer: PeerInfo) -> Frame:
+        if frame.type == FrameType.SYNC_DIFF_SET_REQ and frame.get("v") != 1:
+            return Frame(FrameType.ERROR, {"error": f"unexpected frame {frame.type} on sync"})
+        return await super().handle(frame, peer)
+
+
 class OldPrimary(SyncService):
     """A primary of the release before block sets: it knows neither new frame."""
 
@@ -264,7 +274,10 @@ def test_restricted_sync_copies_only_the_set_while_the_devices_differ_elsewhere(
             assert rig.replica_block(i) == await rig.primary_block(i), f"block {i}"
         for i in (700, 900):  # outside the set: left alone although they differ
             assert rig.replica_block(i) != await rig.primary_block(i), f"block {i} copied"
-        assert rig.types().count(FrameType.SYNC_DIFF_SET_REQ) == 2  # windows 0 and 1
+        # the whole device in one request: few blocks, however wide apart
+        sets = [f for f in rig.requests if f.type == FrameType.SYNC_DIFF_SET_REQ]
+        assert [(f.get("offset"), f.get("count"), f.get("v")) for f in sets] == \
+            [(0, 4 * BLOCKS_PER_REQUEST, 2)]
         assert FrameType.SYNC_DIFF_REQ not in rig.types()
         result = SyncResult.decode(rig.meta_b.get(KEYS.syncresult("beta")))
         assert result is not None and (result.compared, result.copied) == (4 * BS, 3 * BS)
@@ -277,6 +290,56 @@ def test_restricted_sync_copies_only_the_set_while_the_devices_differ_elsewhere(
         assert rig.logger.log_end is not None and rig.logger.log_end.number == p0.number
 
     rig_run(tmp_path, scenario)
+
+
+def test_a_primary_without_wide_windows_gets_them_a_window_at_a_time(tmp_path: Path
+                                                                     ) -> None:
+    async def scenario(rig: Rig) -> None:
+        await diverge(rig)
+        await rig.client.run(only(3, 10, 300, 700))
+        for i in (3, 10, 300, 700):
+            assert rig.replica_block(i) == await rig.primary_block(i), f"block {i}"
+        assert rig.replica_block(900) != await rig.primary_block(900)  # not in the set
+        sets = [(f.get("offset") // WINDOW, f.get("v")) for f in rig.requests
+                if f.type == FrameType.SYNC_DIFF_SET_REQ]
+        assert sets == [(0, 2), (0, 1), (1, 1), (2, 1)]  # refused once, then narrow
+        assert rig.client.dropped is None and not rig.client.wide_sets
+        result = SyncResult.decode(rig.meta_b.get(KEYS.syncresult("beta")))
+        assert result is not None and (result.compared, result.copied) == (4 * BS, 4 * BS)
+
+    rig_run(tmp_path, scenario, SetPrimary)
+
+
+def test_set_windows_grow_while_their_blocks_are_few() -> None:
+    size = 64 * WINDOW  # 1 GiB
+    sparse = BlockSet(size, BS)
+    for i in (5, 300, 40 * BLOCKS_PER_REQUEST + 7, 64 * BLOCKS_PER_REQUEST - 1):
+        sparse.add(i)
+    assert sync_mod.set_windows(sparse, 0, size, wide=True) == \
+        [(0, size, [5, 300, 40 * BLOCKS_PER_REQUEST + 7, 64 * BLOCKS_PER_REQUEST - 1])]
+    narrow = sync_mod.set_windows(sparse, 0, size, wide=False)
+    assert [(o // WINDOW, n) for o, n, _ in narrow] == [(w, WINDOW) for w in range(64)]
+    assert [idx for _, _, idx in narrow if idx] == [[5], [44], [7], [255]]
+    # from a resume point on; a full window of the set closes the wide one before it
+    dense = BlockSet(size, BS)
+    for i in [3, *range(2 * BLOCKS_PER_REQUEST, 3 * BLOCKS_PER_REQUEST), 3 * 256 + 1]:
+        dense.add(i)
+    got = sync_mod.set_windows(dense, WINDOW, size, wide=True)
+    assert [(o // WINDOW, n // WINDOW, len(idx)) for o, n, idx in got] == \
+        [(1, 1, 0), (2, 1, 256), (3, 61, 1)]  # block 3 lies before the resume point
+    assert sum(n for _, n, _ in got) == size - WINDOW  # no gaps, nothing beyond the end
+    # a sparse set of many blocks: a few blocks per request, several requests
+    many = BlockSet(size, BS)
+    for i in range(0, 64 * BLOCKS_PER_REQUEST, 97):
+        many.add(i)
+    got = sync_mod.set_windows(many, 0, size, wide=True)
+    assert 1 < len(got) < 64
+    assert all(len(idx) <= sync_mod.SET_REQUEST_BLOCKS for _, _, idx in got)
+    assert sum(len(idx) for _, _, idx in got) == many.count
+    # no window spans more than SET_SPAN_MAX
+    huge = 3 * sync_mod.SET_SPAN_MAX
+    assert [n for _, n, _ in sync_mod.set_windows(BlockSet(huge, BS), 0, huge, True)] == \
+        [sync_mod.SET_SPAN_MAX] * 3
 
 
 def test_an_older_primary_makes_it_a_full_sync_reported(tmp_path: Path) -> None:
@@ -496,7 +559,10 @@ def test_damaged_frames_get_errors_or_close_one_connection_only(tmp_path: Path) 
                 ({"offset": 7, "blocks": [1]}, four, "bad window"),
                 ({"offset": SIZE, "blocks": [1]}, four, "bad window"),
                 ({"offset": 0, "blocks": [1], "count": 10 ** 6}, four, "bad window"),
-                ({"offset": 0, "blocks": [1], "v": 2}, four, "unexpected frame")):
+                ({"offset": 0, "blocks": [1], "count": 10 ** 6, "v": 2}, four, "bad window"),
+                ({"offset": 0, "blocks": list(range(300)), "count": 1024, "v": 2},
+                 b"\0" * 1200, "at most"),
+                ({"offset": 0, "blocks": [1], "v": 3}, four, "unexpected frame")):
             reply = await ask(conn, set_req, header, payload)
             assert reply.type == FrameType.ERROR and why in reply.get("error"), (header, reply)
         for header, why in (({"since": "garbage"}, "invalid log position"),

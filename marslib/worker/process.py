@@ -52,7 +52,7 @@ from marslib.malloc_tuning import tune_malloc
 from marslib.meta import LamportClock, MetaStore
 from marslib.net.conn import read_secret
 from marslib.secondary import NetConfig
-from marslib.sync import ReadBlockOps, check_block_indexes
+from marslib.sync import SET_SPAN_MAX, ReadBlockOps, check_block_indexes
 from marslib.worker.channel import STREAM_LIMIT, Channel, ChannelClosed, RemoteFailure
 from marslib.worker.local import LocalPrimary, LocalSecondary
 from marslib.worker.messages import (
@@ -200,9 +200,12 @@ class Worker:
             return SumsData(**self.state(), position=pos.encode() if pos else None,
                             payload=sums)
         if isinstance(msg, Diff):
-            _check_window(msg.offset, msg.length, msg.block_size)
+            _check_window(msg.offset, msg.length, msg.block_size,
+                          READ_CHUNK if msg.blocks is None else SET_SPAN_MAX)
             listed = None if msg.blocks is None else \
                 check_block_indexes(msg.blocks, -(-msg.length // msg.block_size))
+            if listed is not None and len(listed) * msg.block_size > READ_CHUNK:
+                raise UsageError(f"{len(listed)} blocks listed: at most {READ_CHUNK} bytes")
             blocks, data = await ReadBlockOps(logger).diff_blocks(
                 msg.offset, msg.length, msg.block_size, bytes(msg.payload), listed)
             return DiffData(**self.state(), blocks=blocks, payload=data)
@@ -327,8 +330,8 @@ class Worker:
                 self._changed.clear()
 
 
-def _check_window(offset: int, length: int, block_size: int) -> None:
-    if offset < 0 or not 0 < length <= READ_CHUNK or not 0 < block_size <= 8 << 20:
+def _check_window(offset: int, length: int, block_size: int, most: int = READ_CHUNK) -> None:
+    if offset < 0 or not 0 < length <= most or not 0 < block_size <= 8 << 20:
         raise UsageError(f"bad checksum window {offset}+{length} in blocks of {block_size}")
 
 

@@ -344,8 +344,9 @@ class LoggerProxy:
     async def diff_blocks(self, offset: int, length: int, block_size: int, theirs: bytes,
                           blocks: list[int] | None) -> tuple[list[int], bytes]:
         """The blocks that differ from the asker's checksums and their data, compared in
-        the worker (see marslib.sync.BlockOps): only those cross the channel."""
-        if length > READ_CHUNK:
+        the worker (see marslib.sync.BlockOps): only those cross the channel. A window of
+        listed blocks may be wider than READ_CHUNK; what is read is not."""
+        if (length if blocks is None else len(blocks) * block_size) > READ_CHUNK:
             return await ReadBlockOps(self).diff_blocks(offset, length, block_size, theirs,
                                                         blocks)
         try:
