@@ -18,9 +18,9 @@ Result = dict[str, Any]  # what a step returns: "changed" and its figures; JSON 
 
 # A wait checks its condition again after a tenth of the time it has waited so far,
 # within these bounds: a short wait (a resync of a few blocks) ends a few milliseconds
-# after its condition, and a wait of hours asks marsd four times a second, not twenty.
+# after its condition, a longer one at most 50 ms after it.
 POLL_MIN = 0.005
-POLL_MAX = 0.25
+POLL_MAX = 0.05
 STATUS_EVERY = 0.5  # seconds between looks at marsd's status only for a progress line
 
 
