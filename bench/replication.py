@@ -439,6 +439,9 @@ def lab_session(lab_dir: Path, device_size: str) -> Iterator[ReplLab]:
 
 
 def random_file(path: Path, size: int, seed: int = 0) -> Path:
+    """``size`` random bytes at ``path``, on the disk when this returns: left dirty in the
+    page cache, the kernel would write them out about 30 s later (dirty_expire), in the
+    middle of a later phase, on the disk the lab hosts share."""
     import random
     rng = random.Random(seed)
     with open(path, "wb") as f:
@@ -447,6 +450,8 @@ def random_file(path: Path, size: int, seed: int = 0) -> Path:
             n = min(left, 16 << 20)
             f.write(rng.randbytes(n))
             left -= n
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -554,6 +559,10 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
     diagnosis: the fetch alone). ``spy``: py-spy both marsd and their workers during the
     recovery into this directory. ``limit``: seconds after the restore before giving up."""
     rl.wait_up_to_date()
+    # what is still on its way to the disks when the phase starts: the primary's writeback
+    # of acknowledged writes, and dirty or in-flight pages of the whole machine
+    leftover = {"primary_pending_mb": rl.status("lab1").get("pending_bytes", 0) / MB,
+                **dirty_pages_mb()}
     if pause_replay:
         rl.lab.marsadm("lab2", "pause-replay", RES)
     slow = f"{rate_bytes(rate) * 8 / 100 / 1e6:g}mbit"
@@ -661,7 +670,17 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
             # CPU seconds per GB fetched while recovering: independent of other load
             "cpu_s_per_gb": {k[:-4]: rec[k] / 100 / max(rec["fetch_rate"], 1.0) * 1e9
                              for k in rec if k.endswith(" cpu")},
-            "load": os.getloadavg()[0]}
+            "load": os.getloadavg()[0], "at_start": leftover}
+
+
+def dirty_pages_mb() -> dict[str, float]:
+    """The machine's dirty and under-writeback page cache (/proc/meminfo), in MB."""
+    out: dict[str, float] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Dirty", "Writeback"):
+            out[f"{name.lower()}_mb"] = int(rest.split()[0]) * 1024 / MB
+    return out
 
 
 # ------------------------------------------------------------------ main
@@ -859,6 +878,11 @@ def report_catch_up(link_name: str, baseline: float, cr: dict[str, Any],
     b.say(f"CPU seconds per GB fetched while recovering: {per_gb}")
     b.say(f"100 ms bins of the recovery below half the TCP rate: {cr['slow_bins']} of "
           f"{cr['bins']}")
+    start = cr.get("at_start", {})
+    b.say(f"still on its way to the disks when the phase started: primary's writeback "
+          f"{start.get('primary_pending_mb', 0):.1f} MB, machine's page cache dirty "
+          f"{start.get('dirty_mb', 0):.1f} MB, under writeback {start.get('writeback_mb', 0):.1f}"
+          " MB")
     if timeline:
         rows = [["t s", "fetched MB/s", "applied MB/s", "fetch lag MB", "replay lag MB",
                  *[f"{p} cpu/wait" for p in PROCS], "machine"]]
