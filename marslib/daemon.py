@@ -80,6 +80,7 @@ class Marsd:
         self.metrics = metrics
         self.space_level = 0
         self.space_free = 0
+        self._space_level_unwritten = False  # the tree refused the last level (full disk)
         self.failures: dict[str, tuple[float, str]] = {}
         self._lock = asyncio.Lock()
         self._poke = asyncio.Event()
@@ -115,11 +116,11 @@ class Marsd:
                  self.paths.root, "in worker processes" if self.workers else "in-process")
         try:
             while not self._stop.is_set():
-                if self.metasync is not None:
-                    self.metasync.sync_peers()
-                await self.reconcile()
-                await self.check_space()
-                self.meta.set(schema.alive(self.host), str(int(time.time())))
+                try:
+                    await self._round()
+                except OSError as exc:  # the tree's disk (full, failing): not the daemon
+                    log.error("this round of marsd's work stopped: %s; the next one starts "
+                              "in 2 s", exc)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):  # not wait_for: see eventwait.py
                         await self._wait_poke_or_stop()
@@ -171,19 +172,40 @@ class Marsd:
                 log.warning("no metrics endpoint on %s:%d: %s", self.metrics[0],
                             self.metrics[1], exc.strerror)
 
+    async def _round(self) -> None:
+        """One round of the loop: peers, resources, space, liveness."""
+        if self.metasync is not None:
+            self.metasync.sync_peers()
+        await self.reconcile()
+        await self.check_space()
+        self.meta.set(schema.alive(self.host), str(int(time.time())))
+
     async def check_space(self) -> None:
-        """Apply the emergency levels (docs/replication.md) to this host's resources."""
+        """Apply the emergency levels (docs/replication.md) to this host's resources, then
+        publish the level. A full disk may refuse that key: the resources have the level
+        already, and the key is written again at the next round."""
         try:
             free = free_bytes(self.paths.root)
         except OSError:
             return
         level = self.space.level(free)
         self.space_free = free
-        if level != self.space_level:
+        changed = level != self.space_level
+        if changed:
             log.warning("%s free in %s: space level %s (was %s)", format_size(free),
                         self.paths.root, LEVEL_NAMES[level], LEVEL_NAMES[self.space_level])
             self.space_level = level
-            self.meta.set(schema.space_level(self.host), str(level))
+        await self._apply_space_level(level, free)
+        if changed or self._space_level_unwritten:
+            try:
+                self.meta.set(schema.space_level(self.host), str(level))
+                self._space_level_unwritten = False
+            except OSError as exc:
+                self._space_level_unwritten = True
+                log.warning("space level %s not written to the tree: %s",
+                            LEVEL_NAMES[level], exc.strerror or exc)
+
+    async def _apply_space_level(self, level: int, free: int) -> None:
         async with self._lock:
             for name, res in list(self.primaries.items()):
                 lg = res.logger
