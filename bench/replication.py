@@ -595,6 +595,7 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
         backlog, fetched_restore = last.end - last.fetched, last.fetched
         rl.lab.shape("lab2", rate=rate)
         t_restore = time.monotonic()
+        restored_at = time.time()  # to match samples taken outside (ss, diskstats)
         if spy is not None:
             spy.mkdir(parents=True, exist_ok=True)
             expect = 2 * backlog / max(link_rate - measured_write, 1.0) + 1
@@ -670,7 +671,7 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
             # CPU seconds per GB fetched while recovering: independent of other load
             "cpu_s_per_gb": {k[:-4]: rec[k] / 100 / max(rec["fetch_rate"], 1.0) * 1e9
                              for k in rec if k.endswith(" cpu")},
-            "load": os.getloadavg()[0], "at_start": leftover}
+            "load": os.getloadavg()[0], "at_start": leftover, "restored_at": restored_at}
 
 
 def dirty_pages_mb() -> dict[str, float]:
