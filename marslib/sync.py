@@ -19,6 +19,7 @@ a block of the set are skipped, and the others compare only the set's blocks
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -120,28 +121,44 @@ def _check_window(offset: int, block_size: int, count: int, size: int,
         raise ValueError(f"bad window: {count} blocks of {block_size} at {offset}")
 
 
+def narrow_windows(offset: int, length: int, block_size: int, idx: list[int] | None = None
+                   ) -> list[tuple[int, int, list[int] | None]]:
+    """``[offset, offset + length)`` as windows of BLOCKS_PER_REQUEST blocks (the last
+    one may be shorter), each with its part of ``idx``, ascending block indexes relative
+    to ``offset``, made relative to the window (None: no set)."""
+    base = block_size * BLOCKS_PER_REQUEST
+    out: list[tuple[int, int, list[int] | None]] = []
+    for o in range(offset, offset + length, base):
+        first = (o - offset) // block_size
+        part = None
+        if idx is not None:
+            lo = bisect.bisect_left(idx, first)
+            hi = bisect.bisect_left(idx, first + BLOCKS_PER_REQUEST)
+            part = [i - first for i in idx[lo:hi]]
+        out.append((o, min(base, offset + length - o), part))
+    return out
+
+
 def set_windows(blocks: BlockSet, start: int, size: int, wide: bool
                 ) -> list[tuple[int, int, list[int]]]:
     """The windows a sync restricted to ``blocks`` goes through from ``start`` (a window
     boundary) on: ``(offset, length, indexes)``, the indexes of the set's blocks relative
     to the window; they cover ``[start, size)`` without gaps. Each window is one or more
-    whole windows of BLOCKS_PER_REQUEST blocks; with ``wide``, as many as fit while their
-    listed blocks are at most SET_REQUEST_BLOCKS and the window at most SET_SPAN_MAX, so
-    that a sparse set takes few requests."""
+    of :func:`narrow_windows`; with ``wide``, as many as fit while their listed blocks are
+    at most SET_REQUEST_BLOCKS and the window at most SET_SPAN_MAX, so that a sparse set
+    takes few requests."""
     bs = blocks.block_size
-    base = bs * BLOCKS_PER_REQUEST
+    mine = [i - start // bs for i in blocks.indices_in(start, size - start)]
     out: list[tuple[int, int, list[int]]] = []
-    for o in range(start, size, base):
-        n = min(base, size - o)
-        absolute = blocks.indices_in(o, n) if blocks.any_in(o, n) else []
+    for o, n, part in narrow_windows(start, size - start, bs, mine):
+        assert part is not None
         if out and wide:
             first, length, idx = out[-1]
-            if len(idx) + len(absolute) <= SET_REQUEST_BLOCKS and \
-                    length + n <= SET_SPAN_MAX:
-                idx.extend(i - first // bs for i in absolute)
+            if len(idx) + len(part) <= SET_REQUEST_BLOCKS and length + n <= SET_SPAN_MAX:
+                idx.extend(i + (o - first) // bs for i in part)
                 out[-1] = (first, length + n, idx)
                 continue
-        out.append((o, n, [i - o // bs for i in absolute]))
+        out.append((o, n, part))
     return out
 
 
@@ -599,7 +616,7 @@ class SyncClient:
                 try:
                     await self._sync_window_set(offset, length, idx)
                 except _SetUnsupported:  # the whole window, a MAX_READ at a time
-                    for o, n, _ in self._narrow(offset, length):
+                    for o, n, _ in narrow_windows(offset, length, self.block_size):
                         await self._sync_window(o, n)
 
         windows = set_windows(blocks, 0, self.progress.size, self.wide_sets)
@@ -616,7 +633,7 @@ class SyncClient:
         in_order = self._kill_after is not None
         windows: list[tuple[int, int, list[int] | None]] = []
         if blocks is None:
-            windows.extend(self._narrow(done, size - done, None))
+            windows.extend(narrow_windows(done, size - done, bs))
         else:
             windows.extend(set_windows(blocks, done, size, self.wide_sets and not in_order))
         ends = {offset: offset + length for offset, length, _ in windows}
@@ -709,20 +726,6 @@ class SyncClient:
         await self._apply_diff(offset, length, reply, None)
         self.progress.compared += length
 
-    def _narrow(self, offset: int, length: int, idx: list[int] | None = None
-                ) -> list[tuple[int, int, list[int] | None]]:
-        """``[offset, offset + length)`` as windows of BLOCKS_PER_REQUEST blocks at most,
-        each with its part of the window-relative indexes ``idx`` (None: no set)."""
-        bs = self.block_size
-        base = bs * BLOCKS_PER_REQUEST
-        out: list[tuple[int, int, list[int] | None]] = []
-        for o in range(offset, offset + length, base):
-            first = (o - offset) // bs
-            part = None if idx is None else \
-                [i - first for i in idx if first <= i < first + BLOCKS_PER_REQUEST]
-            out.append((o, min(base, offset + length - o), part))
-        return out
-
     async def _sync_window_set(self, offset: int, length: int, idx: list[int]) -> None:
         """Send the checksums of the listed blocks only; the primary answers with those
         of them that differ. A window wider than MAX_READ goes in one request if the
@@ -734,7 +737,7 @@ class SyncClient:
         bs = self.block_size
         wide = length > MAX_READ
         if wide and not self.wide_sets:
-            for o, n, part in self._narrow(offset, length, idx):
+            for o, n, part in narrow_windows(offset, length, bs, idx):
                 assert part is not None
                 await self._sync_window_set(o, n, part)
             return

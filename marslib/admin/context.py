@@ -119,6 +119,20 @@ class Admin:
             time.sleep(poll_interval(time.monotonic() - started))
 
 
+def status_due() -> Callable[[], bool]:
+    """For a wait's progress line: True at the first call, then at most once every
+    STATUS_EVERY seconds (the condition itself is checked at every poll)."""
+    last = [float("-inf")]
+
+    def due() -> bool:
+        now = time.monotonic()
+        if now - last[0] < STATUS_EVERY:
+            return False
+        last[0] = now
+        return True
+    return due
+
+
 def poll_interval(waited: float) -> float:
     """Seconds until a wait that has lasted ``waited`` seconds checks again."""
     return min(POLL_MAX, max(POLL_MIN, waited / 10))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-from marslib.admin.context import STATUS_EVERY, Admin, Result, daemon_failure
+from marslib.admin.context import Admin, Result, daemon_failure, status_due
 from marslib.admin.devnode import attach_device, clients_besides_node, release_node
 from marslib.errors import Refused
 from marslib.schema import OFF, ON, switch_on
@@ -120,15 +118,14 @@ def progress_line(label: str, done: int, total: int, rate: float, eta: float | N
 
 def wait_sync(admin: Admin, name: str) -> None:
     k = admin.keys(name)
-    looked = [0.0]  # when marsd's status was last asked for (not at every poll of the key)
+    status_now = status_due()  # marsd's status for the progress line, not at every poll
 
     def done() -> bool:
         status = admin.meta.get(k.syncstatus(admin.host))
         if status == "done":
             return True
-        if time.monotonic() - looked[0] < STATUS_EVERY:
+        if not status_now():
             return False
-        looked[0] = time.monotonic()
         res = admin.live(name)
         sync = res.syncer if res is not None else None
         if sync is not None:

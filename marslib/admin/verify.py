@@ -11,10 +11,9 @@ on the secondary itself, of marsd's live status (:func:`verify_refusal`).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from marslib.admin.context import STATUS_EVERY, Admin, Result
+from marslib.admin.context import Admin, Result, status_due
 from marslib.admin.snapshot import ResourceSnapshot, read_resource
 from marslib.errors import Refused, TimedOut
 from marslib.meta import MetaValue
@@ -136,7 +135,7 @@ def _wait_result(admin: Admin, name: str, host: str, request: MetaValue, local: 
     ``request`` (the tree value), and return it."""
     k = admin.keys(name)
     last_error: list[str] = []
-    looked = [0.0]  # when marsd's status was last asked for (not at every poll of the key)
+    status_now = status_due()  # marsd's status for the progress line, not at every poll
 
     def newer(key: str) -> bool:  # written (or deleted) by the verify asked for
         mv = admin.meta.read(key)
@@ -148,9 +147,8 @@ def _wait_result(admin: Admin, name: str, host: str, request: MetaValue, local: 
             return f"the verify request of {name} on {host} was withdrawn"
         if st.finished:
             return newer(k.verifyresult(host)) and newer(k.verifydiff(host))
-        if time.monotonic() - looked[0] < STATUS_EVERY:
+        if not status_now():
             return False
-        looked[0] = time.monotonic()
         res = admin.live(name) if local else None
         v = res.verifier if res is not None else None
         if v is not None and v.verify_error:
