@@ -85,7 +85,10 @@ print(n - first, time.monotonic() - (t0 or 0), flush=True)
 
 SENDER = r"""
 import os, socket, sys, time
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+c = socket.socket()
+if len(sys.argv) > 4 and sys.argv[4]:  # marsd's --tcp-congestion, for a fair baseline
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[4].encode())
+c.connect((sys.argv[1], int(sys.argv[2])))
 data = os.urandom(1 << 20)
 end = time.monotonic() + float(sys.argv[3])
 while time.monotonic() < end:
@@ -109,18 +112,22 @@ def rate_bytes(rate: str) -> float:
 class ReplLab:
     """A 2-host lab with r0 primary on lab1 (and later secondary on lab2)."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, congestion: str = "") -> None:
         self.lab = lab
         self.l1 = lab.host("lab1")
         self.l2 = lab.host("lab2")
         self.procs: list[subprocess.Popen[Any]] = []  # what this script started in the lab
+        self.congestion = congestion  # marsd --tcp-congestion and the baseline's ("": host's)
+
+    def marsd_args(self, *args: str) -> tuple[str, ...]:
+        return (*args, *(("--tcp-congestion", self.congestion) if self.congestion else ()))
 
     # ---------------------------------------------------------------- set-up
     def create_primary(self, *marsd_args: str) -> None:
         lab, l1 = self.lab, self.l1
         lab.marsadm("lab1", "create-cluster", "--ip", l1.ip)
         lab.marsadm("lab1", "create-resource", RES, l1.devices[0])
-        lab.marsd_start("lab1", *marsd_args)
+        lab.marsd_start("lab1", *self.marsd_args(*marsd_args))
         lab.marsadm("lab1", "up", RES)
 
     def join_cluster(self) -> None:
@@ -246,7 +253,7 @@ class ReplLab:
                 err = recv.stderr.read() if recv.stderr else ""
                 raise RuntimeError(f"TCP receiver failed: {err}")
             self.lab.exec("lab1", SYSTEM_PYTHON, "-c", SENDER, self.l2.ip, str(port),
-                          str(seconds), timeout=seconds + 60)
+                          str(seconds), self.congestion, timeout=seconds + 60)
             out, err = recv.communicate(timeout=60)
             n, secs = out.split()
             return int(n) / float(secs)
@@ -415,10 +422,10 @@ class CatchUpProbe:
 
 
 @contextlib.contextmanager
-def lab_session(lab_dir: Path, device_size: str) -> Iterator[ReplLab]:
+def lab_session(lab_dir: Path, device_size: str, congestion: str = "") -> Iterator[ReplLab]:
     """A fresh lab in ``lab_dir``, always taken down again (also on errors and signals)."""
     lab = Lab.up(hosts=2, device_size=device_size, lab_dir=lab_dir)
-    rl = ReplLab(lab)
+    rl = ReplLab(lab, congestion)
     try:
         yield rl
     finally:
@@ -709,6 +716,12 @@ def main() -> int:
                          "diagnosis: the fetch alone)")
     ap.add_argument("--collapse-only", action="store_true",
                     help="skip the backlog transfer: TCP baseline and collapse only")
+    ap.add_argument("--tcp-congestion", default="", metavar="NAME",
+                    help="both marsd's --tcp-congestion, and the TCP baseline's (default: "
+                         "the host's congestion control)")
+    ap.add_argument("--keep-logs", type=Path, metavar="DIR",
+                    help="copy both marsd logs into DIR after each measurement (the lab's "
+                         "directory is removed at the end)")
     ap.add_argument("--catch-up-limit", type=float, default=120.0, metavar="SECONDS",
                     help="give up waiting for the catch-up after this long (default 120)")
     args = ap.parse_args()
@@ -720,14 +733,17 @@ def main() -> int:
     b.install_signal_handlers()
     b.check_tools("fio", "nbdcopy")
 
+    congestion = args.tcp_congestion or Path(
+        "/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     b.banner("replication", f"rates {', '.join(rates)}; marsd --connections "
-             f"{', '.join(map(str, conns))}")
+             f"{', '.join(map(str, conns))}; TCP congestion control {congestion}"
+             f"{'' if args.tcp_congestion else ' (the host default)'}")
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    with lab_session(args.lab_dir, "1G") as rl:
+    with lab_session(args.lab_dir, "1G", args.tcp_congestion) as rl:
         rl.create_primary()
         rl.join_cluster()
-        rl.lab.marsd_start("lab2", "--connections", str(conns[0]))
+        rl.lab.marsd_start("lab2", *rl.marsd_args("--connections", str(conns[0])))
         join_s = rl.join_resource()
         b.say(f"lab up, lab2 joined (full sync of 1 GiB of zeros) in {join_s:.1f} s")
         for rate in rates:
@@ -744,7 +760,7 @@ def main() -> int:
             n = 0
             while n < len(variants):
                 c, no_replay = variants[n]
-                rl.lab.marsd_start("lab2", "--connections", str(c))
+                rl.lab.marsd_start("lab2", *rl.marsd_args("--connections", str(c)))
                 tag = f"{rate}-c{c}" + ("-noreplay" if no_replay else "")
                 spy = args.py_spy / tag if args.py_spy else None
                 if args.collapse_only:
@@ -752,6 +768,7 @@ def main() -> int:
                 else:
                     r = measure_backlog(rl, payload, spy, no_replay)
                 r.update(link_name=rate, link=link, baseline=base, connections=c, tag=tag,
+                         tcp_congestion=congestion,
                          no_replay=no_replay, ratio=r["rate"] / base)
                 results.append(r)
                 if not args.collapse_only:
@@ -783,6 +800,11 @@ def main() -> int:
                     if args.diagnose:
                         variants.append((conns[0], True))
                 n += 1
+                if args.keep_logs:
+                    args.keep_logs.mkdir(parents=True, exist_ok=True)
+                    for host in ("lab1", "lab2"):
+                        (args.keep_logs / f"{tag}-{host}-marsd.log").write_text(
+                            rl.lab.marsd_log(host))
                 rl.lab.marsd_stop("lab2")
             payload.unlink()
         rl.lab.clear_shape("lab2")

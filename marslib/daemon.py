@@ -35,7 +35,7 @@ from marslib.malloc_tuning import tune_malloc
 from marslib.meta import MetaStore
 from marslib.metasync import MetaSync
 from marslib.metrics import serve_metrics
-from marslib.net.conn import read_secret, serve
+from marslib.net.conn import CONGESTION_ENV, check_congestion_control, read_secret, serve
 from marslib.schema import ON, ResourceKeys, SyncStatus
 from marslib.secondary import NetConfig
 from marslib.sizes import format_size, parse_size
@@ -582,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="ADDRESS:PORT for Prometheus metrics, or 'off'")
     parser.add_argument("--connections", type=int, default=2,
                         help="connections bundled per peer for fetch and sync (1-8)")
+    parser.add_argument("--tcp-congestion", metavar="NAME",
+                        default=os.environ.get(CONGESTION_ENV, ""),
+                        help="TCP congestion control of marsd's connections, e.g. cubic "
+                             "(default $MARS_TCP_CONGESTION, else the host's default)")
     parser.add_argument("--workers", choices=["on", "off"], default="on",
                         help="run each resource in a worker process of its own (on, the "
                         "default: resources use several cores, a crash stays in its "
@@ -607,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                     int(args.metrics.rpartition(":")[2])),
                    workers=args.workers == "on", log_level=args.log_level)
     try:
+        if args.tcp_congestion:
+            check_congestion_control(args.tcp_congestion)
+            os.environ[CONGESTION_ENV] = args.tcp_congestion  # the workers' connections too
         if args.event_loop:
             os.environ["MARS_EVENT_LOOP"] = args.event_loop  # the workers' loop too
         eventloop.run(daemon.run(), args.event_loop)

@@ -9,7 +9,11 @@ behind. How much is in flight follows the rate the replies come in at
 in flight leave the link idle whenever either side waits for a CPU), about a quarter of
 a second of transfer, at least ``MIN_WINDOW``. A request waits as long as bytes keep
 coming. The data of a reply is sent from the logfile with ``sendfile``
-(:class:`marslib.net.conn.FileReply`), received in place and written as it arrived.
+(:class:`marslib.net.conn.FileReply`), received in place and written as it arrived, by
+a :class:`CopyAppender` in a thread: the window counts from what was received, so a
+write that waits for the disk (the replay's flush on the same filesystem) holds up the
+link only once about half a second of transfer (``FetchPace.store_ahead``) waits to be
+written.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +50,14 @@ WINDOW_BYTES = 16 << 20  # the most requested and not yet received while behind
 # --max-logfile-size at once and stall every other writer of the disk for a while
 WRITEOUT_BYTES = 8 << 20
 MIN_WINDOW = 4 << 20  # the least in flight while behind (what a 100 Mbit/s link needs)
+# received and not yet written to the local copy: the most before no more is requested is
+# STORE_SECONDS of transfer at the reply rate, between STORE_AHEAD_MIN and STORE_AHEAD_MAX
+# (a disk that stalls for a replay batch's flush on the same filesystem then holds up the
+# writes, not the link; the memory it takes grows with the rate, that is with the link
+# all fetchers of a host share)
+STORE_SECONDS = 0.5
+STORE_AHEAD_MIN = 16 << 20
+STORE_AHEAD_MAX = 64 << 20
 WINDOW_SECONDS = 0.25  # in flight: about this long a transfer at the recent reply rate
 MAX_WAIT = 10.0
 STALL_TIMEOUT = MAX_WAIT + 30  # no byte from the primary for so long while waiting: redial
@@ -209,6 +222,11 @@ class FetchPace:
     def window(self) -> int:
         return int(max(min(self.rate * WINDOW_SECONDS, self.window_max), self.window_min))
 
+    @property
+    def store_ahead(self) -> int:
+        """Received bytes that may wait to be written before no more is requested."""
+        return int(max(min(self.rate * STORE_SECONDS, STORE_AHEAD_MAX), STORE_AHEAD_MIN))
+
     def reply(self, nbytes: int, now: float, more_in_flight: bool) -> None:
         """A reply of ``nbytes`` was taken at ``now``; ``more_in_flight``: requests are
         still out after it."""
@@ -216,6 +234,117 @@ class FetchPace:
             seen = nbytes / max(now - self._since, 1e-3)
             self.rate = 0.75 * self.rate + 0.25 * seen
         self._since = now if more_in_flight else None
+
+
+@dataclass
+class InFlight:
+    """A request of the fetch in flight: its task, how many bytes it asked for, when."""
+
+    task: asyncio.Task[Frame]
+    length: int
+    issued: float = field(default_factory=time.monotonic)
+
+
+def _taken_ahead(pending: dict[int, InFlight]) -> int:
+    """Bytes asked for by the requests in flight whose replies are already here."""
+    return sum(f.length for f in pending.values()
+               if f.task.done() and not f.task.cancelled() and f.task.exception() is None)
+
+
+class CopyAppender:
+    """Writes the fetched replies of one logfile to its local copy strictly in order, in
+    a thread, while the fetch goes on receiving.
+
+    ``put`` hands over the bytes that follow what was handed over before; ``stored(first,
+    n)`` is called on the event loop once they are in the page cache, and returns False
+    when the copy no longer wants them (a refetch cut it, the fetch moved on): the bytes
+    still waiting are then dropped and the appender stops. A write that fails keeps its
+    OSError in ``error`` and stops the appender too. ``close`` stops it and closes the
+    file descriptor, right away or as soon as the write running in a thread ends (a
+    thread cannot be cancelled, and it must not write into a descriptor reused since)."""
+
+    def __init__(self, fd: int, start: int, stored: Callable[[int, int], bool]) -> None:
+        self.fd = fd
+        self.end = start  # where the next bytes handed over go
+        self.waiting = 0  # bytes handed over and not yet written
+        self.error: OSError | None = None
+        self.stopped = False
+        self._stored = stored
+        self._written_out = start  # the writeback of the bytes before it has been started
+        self._queue: deque[tuple[int, bytes | bytearray | memoryview]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[None] | None = None  # the write in its thread
+        self._changed = asyncio.Event()  # set when a write ended or the appender stopped
+
+    def put(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        if first != self.end:
+            raise ValueError(f"bytes at {first} handed over, the copy goes on at {self.end}")
+        if self.stopped:
+            return
+        self._queue.append((first, data))
+        self.end += len(data)
+        self.waiting += len(data)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def wait_room(self, most: int) -> None:
+        """Until at most ``most`` bytes wait to be written, or the appender stopped."""
+        while self.waiting > most and not self.stopped:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def drain(self) -> None:
+        """Until everything handed over is written, or the appender stopped."""
+        await self.wait_room(0)
+
+    async def _run(self) -> None:
+        try:
+            while self._queue and not self.stopped:
+                first, data = self._queue[0]
+                end = first + len(data)
+                writeout = end - self._written_out >= WRITEOUT_BYTES
+                self._running = asyncio.get_running_loop().run_in_executor(
+                    None, _store, self.fd, data, first, self._written_out if writeout else end)
+                try:
+                    await asyncio.shield(self._running)
+                except asyncio.CancelledError:
+                    self.close()
+                    raise
+                except OSError as exc:
+                    self.error = exc
+                    self._stop()
+                    break
+                if self.stopped:
+                    break  # closed meanwhile: written, but no longer accounted
+                if writeout:
+                    self._written_out = end
+                self._queue.popleft()
+                self.waiting -= len(data)
+                if not self._stored(first, len(data)):
+                    self._stop()
+                self._changed.set()
+        finally:
+            self._task = None
+
+    def _stop(self) -> None:
+        self.stopped = True
+        self._queue.clear()
+        self.waiting = 0
+        self._changed.set()
+
+    def close(self) -> None:
+        """Drop what still waits; close the descriptor now, or after the running write."""
+        self._stop()
+        running = self._running
+        if running is not None and not running.done():
+            running.add_done_callback(lambda _: self._close_fd())
+        else:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Fetcher:
@@ -236,6 +365,7 @@ class Fetcher:
         self.stall_timeout = stall_timeout  # no byte from the primary so long: redial
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
+        self.received_end = self.local_end  # received of it (written to it or about to be)
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
         self.remote_finished = False
         self.bytes_fetched = 0
@@ -246,6 +376,7 @@ class Fetcher:
         self.log = logging.LoggerAdapter(log, {"resource": resource, "host": host})
         self._restart = False
         self.refetches: dict[tuple[str, int], int] = {}
+        self.hedges = 0  # requests asked for again on another connection (see _take)
         self.diverged: tuple[str, int] | None = None  # (logfile, primary's end) on a fork
 
     def _path(self, name: str) -> Path:
@@ -310,52 +441,91 @@ class Fetcher:
 
     async def _request(self, offset: int, max_len: int, wait: float) -> Frame:
         # a generous timeout: a reply queued behind others on a slow link may take long;
-        # a silent primary is noticed by _reply
+        # a silent primary is noticed by _take
         return await self.bundle.request(Frame(FrameType.FETCH_REQ, {
             "resource": self.resource, "logfile": self.logfile, "offset": offset,
             "max_len": max_len, "wait": wait}), timeout=10 * STALL_TIMEOUT)
 
-    async def _reply(self, task: asyncio.Task[Frame], issued: float) -> Frame:
-        """The reply of ``task``, as long as bytes keep coming from the primary; after
-        ``stall_timeout`` without any (since ``issued`` at the earliest): ConnectionError,
-        the connections dropped."""
+    async def _take(self, first: int, pending: dict[int, InFlight]) -> Frame:
+        """The reply for the oldest request in flight, at ``first`` (taken out of
+        ``pending``), as long as bytes keep coming from the primary; after ``stall_timeout``
+        without any (since it was issued at the earliest): ConnectionError, the connections
+        dropped.
+
+        While it is missing and replies for at least half the window after it are already
+        here, its connection is the slow one (its congestion window still small after an
+        outage, or its rate estimate from a collapsed link): the same bytes are asked for
+        once more, on the least busy connection, and whichever reply comes first is taken."""
+        oldest = pending.pop(first)
+        waiting = {oldest.task}
+        hedged = False
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=min(1.0, self.stall_timeout))
-                if done:
-                    return task.result()
-                heard = max(self.bundle.last_received or 0.0, issued)
+                later = {f.task for off, f in pending.items() if not f.task.done()}
+                done, _ = await asyncio.wait(waiting | later, timeout=min(1.0, self.stall_timeout),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done & waiting:
+                    waiting.discard(task)
+                    if not task.cancelled() and task.exception() is None:
+                        return task.result()
+                    if not waiting:
+                        return task.result()  # raises its error
+                if not hedged and _taken_ahead(pending) >= max(self.pace.window // 2,
+                                                               2 * self.request_bytes):
+                    waiting.add(asyncio.create_task(self._request(first, oldest.length, 0.0)))
+                    hedged = True
+                    self.hedges += 1
+                heard = max(self.bundle.last_received or 0.0, oldest.issued)
                 if time.monotonic() - heard > self.stall_timeout:
                     self.bundle.close()
                     raise ConnectionError(
                         f"nothing from the primary for {self.stall_timeout:g} s")
         finally:
-            task.cancel()  # (done already, or no longer wanted)
+            for task in waiting:
+                task.cancel()  # (done already, or no longer wanted)
 
     async def _step(self) -> None:
-        """Fetch the current logfile: up to ``pace.window`` bytes requested while behind,
-        one long poll when caught up; replies are appended strictly in order. The
-        requests in flight always ask for ``[local_end, next_off)``."""
+        """Fetch the current logfile: up to ``pace.window`` bytes requested beyond what was
+        received while behind, one long poll when caught up; replies are handed to the
+        copy's appender strictly in order. The requests in flight always ask for
+        ``[received, next_off)``."""
         self._restart = False
         name = self.logfile
-        pending: dict[int, tuple[asyncio.Task[Frame], float]] = {}
-        next_off = self.local_end
+        pending: dict[int, InFlight] = {}
+        received = next_off = self.received_end = self.local_end
         pace = self.pace
         fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        written_out = self.local_end  # writeback of the bytes before it has been started
+
+        def stored(first: int, n: int) -> bool:
+            if self._restart or name != self.logfile or self.local_end != first:
+                return False  # a refetch cut the copy meanwhile: it starts over from its end
+            self.local_end += n
+            self.bytes_fetched += n
+            self._signal()
+            return True
+
+        copy = CopyAppender(fd, received, stored)
         try:
             while not self._restart and name == self.logfile and not self.paused:
+                if copy.error is not None:
+                    raise copy.error
+                if copy.stopped:
+                    return
                 # only bytes known to be durable on the primary are asked for in bulk
-                while next_off - self.local_end < pace.window and next_off < self.remote_end:
+                while next_off - received < pace.window and next_off < self.remote_end \
+                        and copy.waiting < pace.store_ahead:
                     n = min(self.request_bytes, self.remote_end - next_off)
-                    pending[next_off] = (asyncio.create_task(self._request(next_off, n, 0.0)),
-                                         time.monotonic())
+                    pending[next_off] = InFlight(
+                        asyncio.create_task(self._request(next_off, n, 0.0)), n)
                     next_off += n
                 if not pending:
-                    pending[next_off] = (asyncio.create_task(
-                        self._request(next_off, self.request_bytes, 5.0)), time.monotonic())
+                    if next_off < self.remote_end:  # behind, and the disk behind too
+                        await copy.wait_room(pace.store_ahead - 1)
+                        continue
+                    pending[next_off] = InFlight(asyncio.create_task(
+                        self._request(next_off, self.request_bytes, 5.0)), self.request_bytes)
                 first = min(pending)
-                reply = await self._reply(*pending.pop(first))
+                reply = await self._take(first, pending)
                 self.last_contact = time.monotonic()
                 pace.reply(len(reply.payload), self.last_contact, bool(pending))
                 if self._restart or name != self.logfile:
@@ -371,7 +541,7 @@ class Fetcher:
                 self.diverged = None  # the (possibly new) primary's copy goes on from here
                 if reply.get("missing"):
                     nxt = reply.get("next")
-                    if nxt and self.local_end == 0:
+                    if nxt and self.local_end == 0 and received == 0:
                         self.log.info("%s is gone on the primary; continuing with %s", name,
                                       nxt)
                         await self._switch(str(nxt))
@@ -379,25 +549,22 @@ class Fetcher:
                     await asyncio.sleep(1.0)
                     return
                 data = reply.payload
-                if int(reply.get("offset", -1)) != self.local_end:
+                if int(reply.get("offset", -1)) != received:
                     return  # out of step (cannot happen with in-order appends): start over
                 if data:
-                    end = first + len(data)
-                    writeout = end - written_out >= WRITEOUT_BYTES
-                    await asyncio.to_thread(_store, fd, data, first,
-                                            written_out if writeout else end)
-                    if writeout:
-                        written_out = end
-                    if self._restart or name != self.logfile or self.local_end != first:
-                        return  # a refetch cut the copy meanwhile: start over from its end
-                    self.local_end += len(data)
-                    self.bytes_fetched += len(data)
+                    copy.put(first, data)
+                    received = self.received_end = received + len(data)
                 self.remote_end = max(self.remote_end, int(reply.get("end", self.remote_end)))
                 self.remote_finished = bool(reply.get("finished"))
                 self._signal()
-                if next_off < self.local_end:
-                    next_off = self.local_end
-                if self.remote_finished and self.local_end >= self.remote_end and not pending:
+                if next_off < received:
+                    next_off = received
+                if self.remote_finished and received >= self.remote_end and not pending:
+                    await copy.drain()
+                    if copy.error is not None:
+                        raise copy.error
+                    if copy.stopped:
+                        return
                     nxt = reply.get("next")
                     if nxt:
                         # durable in the background: the next logfile need not wait
@@ -406,10 +573,12 @@ class Fetcher:
                         bg.add_done_callback(self._background.discard)
                         await self._switch(str(nxt))
                     return
+            if self.paused and not self._restart and name == self.logfile:
+                await copy.drain()  # what was received is kept
         finally:
-            for task, _ in pending.values():
-                task.cancel()
-            os.close(fd)
+            for flight in pending.values():
+                flight.task.cancel()
+            copy.close()
 
     async def _switch(self, name: str) -> None:
         # the copy's name survives a crash of this host before anything is fetched into
@@ -443,6 +612,7 @@ class Fetcher:
             fetch_connections=self.bundle.connections,
             fetch_error=self.bundle.last_error,
             fetch_contact_age=round(time.monotonic() - self.last_contact, 1),
+            fetch_hedges=self.hedges,
         )
 
 

@@ -47,6 +47,9 @@ class MarsCollector(Collector):
                                       labels=res_labels)
         replayed = CounterMetricFamily("mars_replay_bytes", "data bytes replayed",
                                        labels=res_labels)
+        hedged = CounterMetricFamily("mars_fetch_hedged_requests", "fetch requests asked "
+                                     "for again on another connection because theirs was "
+                                     "slow", labels=res_labels)
         written = CounterMetricFamily("mars_primary_write_bytes", "bytes written by "
                                       "applications on the primary", labels=res_labels)
         writes = CounterMetricFamily("mars_primary_writes", "write requests on the primary",
@@ -95,6 +98,7 @@ class MarsCollector(Collector):
                                   else 0.0)
             fetched.add_metric([name], float(r.fetcher.fetch_bytes if r.fetcher else 0))
             replayed.add_metric([name], float(r.replayer.replay_bytes if r.replayer else 0))
+            hedged.add_metric([name], float(r.fetcher.fetch_hedges if r.fetcher else 0))
             if r.syncer is not None:
                 sync_done.add_metric([name], float(r.syncer.sync_done))
                 sync_size.add_metric([name], float(r.syncer.sync_size))
@@ -102,9 +106,9 @@ class MarsCollector(Collector):
                 verify_done.add_metric([name], float(r.verifier.verify_done))
                 verify_size.add_metric([name], float(r.verifier.verify_size))
                 verify_diff.add_metric([name], float(r.verifier.verify_differing))
-        yield from (role, lagb, lags, consistent, fetched, replayed, written, writes, commits,
-                    pending, sync_done, sync_size, verify_done, verify_size, verify_diff,
-                    emergency, open_count, logfiles, log_bytes)
+        yield from (role, lagb, lags, consistent, fetched, replayed, hedged, written, writes,
+                    commits, pending, sync_done, sync_size, verify_done, verify_size,
+                    verify_diff, emergency, open_count, logfiles, log_bytes)
         free = GaugeMetricFamily("mars_free_bytes", "free bytes in /mars")
         free.add_metric([], float(st.space_free))
         level = GaugeMetricFamily("mars_space_level", "0 ok, 1 warn, 2 drop, 3 no-fetch, "

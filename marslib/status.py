@@ -161,6 +161,7 @@ class FetchStatus:
     fetch_connections: int = 0
     fetch_error: str | None = None
     fetch_contact_age: float = 0.0  # seconds since the primary last answered
+    fetch_hedges: int = 0  # requests asked for again on another connection (a slow one)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,8 +28,11 @@ from marslib import fetch
 from marslib.fetch import (
     MIN_WINDOW,
     REQUEST_BYTES,
+    STORE_AHEAD_MAX,
+    STORE_AHEAD_MIN,
     WINDOW_BYTES,
     WRITEOUT_BYTES,
+    CopyAppender,
     Fetcher,
     FetchPace,
     FetchService,
@@ -264,6 +268,7 @@ class HeldReplies:
     def __init__(self, service: FetchService) -> None:
         self.service = service
         self.gates: dict[int, asyncio.Event] = {}  # offset -> its release
+        self.again: dict[int, asyncio.Event] = {}  # offset -> release of a repeated request
         self.asked: list[tuple[int, int]] = []  # (offset, max_len) in arrival order
         self.waiting = 0
         self.most = 0
@@ -272,7 +277,8 @@ class HeldReplies:
 
     async def handle(self, frame: Frame, peer: PeerInfo) -> Reply:
         offset = int(frame.get("offset"))
-        gate = self.gates.setdefault(offset, asyncio.Event())
+        repeated = any(off == offset for off, _ in self.asked)
+        gate = (self.again if repeated else self.gates).setdefault(offset, asyncio.Event())
         async with self.changed:
             self.asked.append((offset, int(frame.get("max_len"))))
             self.waiting += 1
@@ -287,6 +293,10 @@ class HeldReplies:
 
     def release(self, offset: int) -> None:
         self.gates.setdefault(offset, asyncio.Event()).set()
+
+    def release_again(self, offset: int) -> None:
+        """Answer the request for ``offset`` asked again (not the first)."""
+        self.again.setdefault(offset, asyncio.Event()).set()
 
     async def wait_for(self, cond: Callable[[], bool]) -> None:
         async with self.changed:
@@ -329,13 +339,23 @@ def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path)
             firsts = [off for off, _ in held.asked[1:]]
             assert firsts == [REQUEST_BYTES * (i + 1) for i in range(per_window)]
             assert all(n == REQUEST_BYTES for _, n in held.asked[1:])
-            # released newest first: nothing can be appended before the oldest is here
+            # released newest first: nothing can be appended before the oldest is here;
+            # with the rest of the window here, its connection is the slow one: the oldest
+            # is asked for once more, and that frees no room
             for off in reversed(firsts[1:]):
                 held.release(off)
-            await held.wait_for(lambda: held.waiting == 1)
+            await held.wait_for(lambda: held.waiting == 2)
+            assert held.asked[-1] == (firsts[0], REQUEST_BYTES) and fetcher.hedges == 1
+            assert fetcher.received_end == REQUEST_BYTES
+            while fetcher.local_end < REQUEST_BYTES:
+                await fetcher.progress.wait()
             assert fetcher.local_end == REQUEST_BYTES
-            assert len(held.asked) == 1 + per_window  # none of them freed room
-            held.release(firsts[0])
+            assert len(held.asked) == 2 + per_window  # none of them freed room
+            # the second ask is answered first: its reply is taken, the first still waits
+            held.release_again(firsts[0])
+            while fetcher.local_end < REQUEST_BYTES + per_window * REQUEST_BYTES:
+                await fetcher.progress.wait()
+            assert held.waiting >= 1 and not held.gates[firsts[0]].is_set()
             # the rest: answered as they come
             held.hold = False
             for off, _ in held.asked:
@@ -344,10 +364,14 @@ def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path)
                 await fetcher.progress.wait()
             assert held.most == per_window
             asked = [off for off, _ in held.asked]
+            del asked[len(asked) - 1 - asked[::-1].index(firsts[0])]  # the second ask
             assert asked == sorted(asked) and len(set(asked)) == len(asked)
+            assert fetcher.hedges == 1
             assert secondary.logfile("r0", 1, HOST).read_bytes() == content
             assert fetcher.bytes_fetched == size
         finally:
+            for off, _ in held.asked:
+                held.release(off)
             task.cancel()
             bundle.close()
             server.close()
@@ -394,6 +418,161 @@ def test_the_fetcher_starts_the_writeback_of_what_it_stored_as_it_goes(
     assert all(n >= WRITEOUT_BYTES for _, n in started), started
     covered = started[-1][0] + started[-1][1]
     assert size - WRITEOUT_BYTES < covered <= size, (covered, size)
+
+
+class HeldStores:
+    """Stands in for ``fetch._store``: every write waits until the test opens the gate
+    (in the writing thread, as a disk stall would); counts the writes begun."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.begun = threading.Semaphore(0)  # released once per write begun
+        self.real = fetch._store
+
+    def __call__(self, fd: int, data: bytes | bytearray | memoryview, offset: int,
+                 writeout_from: int) -> None:
+        self.begun.release()
+        if not self.gate.wait(GUARD):
+            raise TimeoutError("the test never opened the gate")
+        self.real(fd, data, offset, writeout_from)
+
+
+def test_a_stalled_disk_holds_up_the_link_only_after_store_ahead_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the writes to the local copy wait for the disk, the fetch goes on receiving
+    up to ``store_ahead`` bytes beyond them (plus what is in flight then), no further;
+    once the disk goes on, the copy is complete and in order."""
+    size = STORE_AHEAD_MAX + WINDOW_BYTES + 4 * REQUEST_BYTES + 777
+    primary, secondary, content, end = two_hosts(tmp_path, size, 13)
+    stores = HeldStores()
+    monkeypatch.setattr(fetch, "_store", stores)
+
+    async def main() -> None:
+        log = StillLog(end)
+        held = HeldReplies(FetchService(primary, lambda _: log))
+        held.hold = False
+        server, ip, port = await _server(held.handle)
+        bundle = _bundle(ip, port)
+        fetcher = Fetcher("r0", "beta", secondary, bundle, end.logfile)
+        task = asyncio.create_task(fetcher.run())
+
+        def asked_end() -> int:
+            return max((off + n for off, n in held.asked), default=0)
+
+        try:
+            # all answered, all received, nothing in flight: the fetch waits for the disk
+            # (every reply taken signals progress, the last one among them)
+            while not (held.waiting == 0 and asked_end() > STORE_AHEAD_MIN
+                       and fetcher.received_end == asked_end()):
+                await fetcher.progress.wait()
+            assert fetcher.local_end == 0  # not one write ended
+            assert stores.begun.acquire(blocking=False)  # the first is stuck in its thread
+            assert STORE_AHEAD_MIN < fetcher.received_end \
+                <= STORE_AHEAD_MAX + WINDOW_BYTES + REQUEST_BYTES
+            assert fetcher.received_end < size  # the room ran out, not the log
+            stores.gate.set()
+            while fetcher.local_end < size:
+                await fetcher.progress.wait()
+            assert secondary.logfile("r0", 1, HOST).read_bytes() == content
+            assert fetcher.bytes_fetched == size
+            # each byte asked for once (two connections: they may arrive out of order)
+            ranges = sorted(held.asked)
+            assert all(o1 + n1 == o2 for (o1, n1), (o2, _) in zip(ranges, ranges[1:],
+                                                                  strict=False)), ranges
+        finally:
+            stores.gate.set()
+            task.cancel()
+            bundle.close()
+            server.close()
+    run(main())
+
+
+def test_the_appender_writes_in_order_and_stops_when_the_copy_is_cut(
+        tmp_path: Path) -> None:
+    path = tmp_path / "copy"
+    pieces = [random.Random(i).randbytes(1000 + i) for i in range(4)]
+
+    async def main() -> None:
+        # all of it, in order, each reported once it is written
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        seen: list[tuple[int, int]] = []
+
+        def stored(first: int, n: int) -> bool:
+            seen.append((first, n))
+            assert path.stat().st_size == first + n  # written before it is reported
+            return True
+
+        copy = CopyAppender(fd, 0, stored)
+        offset = 0
+        for piece in pieces:
+            copy.put(offset, piece)
+            offset += len(piece)
+        with pytest.raises(ValueError):
+            copy.put(offset + 1, b"x")  # a gap is refused
+        await copy.drain()
+        copy.close()
+        assert path.read_bytes() == b"".join(pieces)
+        assert [f for f, _ in seen] == [0, 1000, 2001, 3003] and copy.waiting == 0
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+
+        # the copy no longer wants them after the second: the rest is dropped
+        path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        calls: list[int] = []
+
+        def cut(first: int, n: int) -> bool:
+            calls.append(first)
+            return len(calls) < 2
+
+        copy = CopyAppender(fd, 0, cut)
+        offset = 0
+        for piece in pieces:
+            copy.put(offset, piece)
+            offset += len(piece)
+        await copy.drain()
+        assert copy.stopped and copy.waiting == 0 and copy.error is None
+        assert calls == [0, 1000]
+        copy.close()
+        assert path.read_bytes() == pieces[0] + pieces[1]
+
+        # a write that fails: its error is kept, nothing after it is tried
+        fd = os.open(path, os.O_RDONLY)
+        copy = CopyAppender(fd, 0, stored)
+        copy.put(0, pieces[0])
+        copy.put(len(pieces[0]), pieces[1])
+        await copy.drain()
+        assert copy.stopped and isinstance(copy.error, OSError)
+        copy.close()
+    run(main())
+
+
+def test_closing_the_appender_during_a_write_closes_the_descriptor_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write cannot be taken back from its thread: the descriptor stays open until it
+    ended (never reused under it), and the bytes it wrote are not reported."""
+    stores = HeldStores()
+    monkeypatch.setattr(fetch, "_store", stores)
+    path = tmp_path / "copy"
+
+    async def main() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        reported: list[int] = []
+        copy = CopyAppender(fd, 0, lambda first, n: reported.append(first) is None)
+        copy.put(0, b"a" * 4096)
+        copy.put(4096, b"b" * 4096)
+        await asyncio.to_thread(stores.begun.acquire)  # the first write is in its thread
+        copy.close()
+        os.fstat(fd)  # still open
+        running = copy._running
+        assert running is not None
+        stores.gate.set()
+        await running  # its callbacks, the close among them, ran before this resumes
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        assert reported == [] and copy.fd == -1
+        assert path.read_bytes() == b"a" * 4096  # written; the second never started
+    run(main())
 
 
 def test_connections_back_off_at_most_a_second_between_retransmissions() -> None:
@@ -458,6 +637,7 @@ def test_pace_follows_the_rate_of_a_busy_pipeline() -> None:
         t += 2.0
         pace.reply(250_000, t, more_in_flight=True)
     assert pace.window == MIN_WINDOW
+    assert pace.store_ahead == STORE_AHEAD_MIN
     # idle time (nothing in flight) is not mistaken for a slow link, nor is a long poll
     pace.reply(1000, t + 1, more_in_flight=False)
     rate = pace.rate
@@ -469,11 +649,13 @@ def test_pace_follows_the_rate_of_a_busy_pipeline() -> None:
         t += 0.005
         pace.reply(1 << 20, t, more_in_flight=True)
     assert pace.window == WINDOW_BYTES
-    # 40 MB/s: a quarter of a second of it
+    assert pace.store_ahead == STORE_AHEAD_MAX
+    # 40 MB/s: a quarter of a second of it in flight, half a second may wait for the disk
     for _ in range(40):
         t += 0.025
         pace.reply(1_000_000, t, more_in_flight=True)
     assert 9.5e6 < pace.window < 10.5e6
+    assert 19e6 < pace.store_ahead < 21e6
 
 
 def test_a_silent_primary_is_redialled(tmp_path: Path) -> None:

@@ -225,12 +225,47 @@ Handler = Callable[[Frame, PeerInfo], Awaitable[Reply]]
 TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
 RTO_MAX_MS = 1000
 
+# The TCP congestion control of marslib's own connections (``marsd --tcp-congestion``,
+# which sets it for its workers too): empty keeps the host's default. BBR (version 1, as
+# in Linux) keeps the rate it measured while a link was collapsed for many round trips
+# after the link came back, and its PROBE_RTT drops a busy connection to 4 packets for
+# 200 ms every 10 s; cubic grows back within a few round trips (docs/replication.md).
+CONGESTION_ENV = "MARS_TCP_CONGESTION"
+
+
+def available_congestion_controls() -> list[str]:
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    except OSError:
+        return []
+
+
+def check_congestion_control(name: str) -> None:
+    """MarsError unless this host's kernel lets a connection use congestion control
+    ``name`` (available, and allowed to this process)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError as exc:
+        raise MarsError(f"TCP congestion control {name!r} cannot be used here: "
+                        f"{exc.strerror}; available: "
+                        f"{' '.join(available_congestion_controls()) or 'unknown'} (one "
+                        f"that is not in net.ipv4.tcp_allowed_congestion_control needs "
+                        f"CAP_NET_ADMIN)") from exc
+    finally:
+        probe.close()
+
 
 def _tune_socket(sock: socket.socket | None) -> None:
     if sock is None:
         return
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RTO_MAX_MS)
+    if congestion := os.environ.get(CONGESTION_ENV):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+        except OSError as exc:  # checked when marsd started: a module unloaded since?
+            log.warning("TCP congestion control %r refused: %s", congestion, exc.strerror)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, opt):
