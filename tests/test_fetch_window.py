@@ -3,6 +3,9 @@
 - The fetcher keeps ``window_bytes`` requested against a server whose replies are held
   back, and appends replies released out of order strictly in order; how much it keeps
   in flight follows the reply rate (``FetchPace``); a silent primary is redialled.
+- The oldest reply, missing while the rest of the window is here, is asked for again; a
+  disk that stalls holds up the link only after ``store_ahead`` bytes (``CopyAppender``).
+- Connections take the congestion control marsd was told to use.
 - :class:`FrameReader` gives the same frames (and errors) as ``FrameParser`` whatever the
   pieces the bytes arrive in.
 - A :class:`FileReply` puts exactly the requested range of its file on the wire; one that
@@ -17,6 +20,8 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +30,7 @@ import pytest
 from conftest import loopback_ips
 
 from marslib import fetch
+from marslib.errors import MarsError
 from marslib.fetch import (
     MIN_WINDOW,
     REQUEST_BYTES,
@@ -40,6 +46,7 @@ from marslib.fetch import (
 from marslib.formats.frame import MAGIC, Frame, FrameError, FrameParser, FrameType, encode_frame
 from marslib.layout import MarsPaths
 from marslib.net.conn import (
+    CONGESTION_ENV,
     RTO_MAX_MS,
     TCP_RTO_MAX_MS,
     ConnectionClosed,
@@ -47,6 +54,8 @@ from marslib.net.conn import (
     FrameReader,
     PeerBundle,
     Reply,
+    available_congestion_controls,
+    check_congestion_control,
     connect,
     encode_head,
     serve,
@@ -605,6 +614,55 @@ def test_connections_back_off_at_most_a_second_between_retransmissions() -> None
 
     run(main())
     assert seen == [RTO_MAX_MS]
+
+
+def test_connections_use_the_congestion_control_marsd_was_told(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MARS_TCP_CONGESTION (set by ``marsd --tcp-congestion`` for itself and its workers)
+    reaches every connection; a name the kernel does not offer is refused with the ones
+    it does."""
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    others = [n for n in available_congestion_controls() if n != default]
+    if not others:
+        pytest.skip(f"this kernel offers no congestion control but {default}")
+    with pytest.raises(MarsError, match="available: .*" + others[0]):
+        check_congestion_control("no-such-congestion-control")
+    check_congestion_control(others[0])
+    monkeypatch.setenv(CONGESTION_ENV, others[0])
+    seen: list[str] = []
+
+    async def handler(frame: Frame, peer: PeerInfo) -> Reply:
+        return Frame(FrameType.PONG, {})
+
+    async def main() -> None:
+        server, ip, port = await _server(handler)
+        try:
+            conn = await connect(ip, port, host="beta", uuid=UUID, secret=SECRET,
+                                 channel="fetch")
+            try:
+                assert conn.protocol.transport is not None
+                ours = conn.protocol.transport.get_extra_info("socket")
+                name = ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+                seen.append(name.rstrip(b"\0").decode())
+            finally:
+                conn.close()
+        finally:
+            server.close()
+
+    run(main())
+    assert seen == [others[0]]
+
+
+def test_marsd_refuses_a_congestion_control_the_kernel_does_not_offer(
+        tmp_path: Path) -> None:
+    marsd = Path(sys.executable).parent / "marsd"
+    proc = subprocess.run(
+        [str(marsd), "--root", str(tmp_path / "mars"), "--run-dir", str(tmp_path / "run"),
+         "--host", "alpha", "--metrics", "off", "--tcp-congestion", "no-such-one"],
+        capture_output=True, text=True, timeout=GUARD)
+    assert proc.returncode == 1
+    assert "TCP congestion control 'no-such-one' cannot be used here" in proc.stderr
+    assert not (tmp_path / "run" / "marsd.sock").exists()
 
 
 def test_fetch_service_answers_with_the_file_range(tmp_path: Path) -> None:

@@ -49,8 +49,8 @@ SECONDARY_KEYS = COMMON | {"phase", "fetch_blocked_by_space", "error", "consiste
 SYNC_KEYS = {"sync_done", "sync_size", "sync_copied", "sync_rate", "sync_paused", "sync_eta"}
 REPLAYING_KEYS = SECONDARY_KEYS | {
     "fetch_logfile", "fetch_local_end", "fetch_remote_end", "fetch_bytes", "fetch_rate",
-    "fetch_paused", "fetch_connections", "fetch_error", "fetch_contact_age", "replay",
-    "replay_records", "replay_bytes", "replay_rate", "replay_paused", "replay_redo",
+    "fetch_paused", "fetch_connections", "fetch_error", "fetch_contact_age", "fetch_hedges",
+    "replay", "replay_records", "replay_bytes", "replay_rate", "replay_paused", "replay_redo",
     "replay_error", "corrupt_refetched", "replay_stamp_ns", "caught_up_at", "applied"}
 DAEMON_KEYS = {"ok", "host", "version", "workers", "peers", "space_free", "space_level",
                "space_level_number", "resources", "failures", "retry_in", "schema_version"}
