@@ -600,6 +600,7 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
             time.sleep(PROBE_INTERVAL)
         last = probe.sample()
         backlog, fetched_restore = last.end - last.fetched, last.fetched
+        hedges_before = int(rl.status("lab2").get("fetch_hedges", 0))
         rl.lab.shape("lab2", rate=rate)
         t_restore = time.monotonic()
         restored_at = time.time()  # to match samples taken outside (ss, diskstats)
@@ -634,6 +635,7 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
             time.sleep(PROBE_INTERVAL)
         catch_up = now - t_restore
         moved = s.fetched - fetched_restore
+        hedges = int(rl.status("lab2").get("fetch_hedges", 0)) - hedges_before
         t_after = time.monotonic()
         while time.monotonic() - t_after < 0.5:  # the steady state after it, for the timeline
             probe.sample()
@@ -678,7 +680,8 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
             # CPU seconds per GB fetched while recovering: independent of other load
             "cpu_s_per_gb": {k[:-4]: rec[k] / 100 / max(rec["fetch_rate"], 1.0) * 1e9
                              for k in rec if k.endswith(" cpu")},
-            "load": os.getloadavg()[0], "at_start": leftover, "restored_at": restored_at}
+            "load": os.getloadavg()[0], "at_start": leftover, "restored_at": restored_at,
+            "hedges": hedges}
 
 
 def dirty_pages_mb() -> dict[str, float]:
@@ -847,7 +850,8 @@ def report(results: list[dict[str, Any]], py_spy: Path | None, timeline: bool) -
     b.say("LAG RECOVERY after the link collapsed 100x for 3 s (caught up: fetch lag back to "
           "1.5x its steady 95th percentile, at least 1 MiB)")
     rows = [["link", "writes MB/s", "collapsed to", "backlog MB", "first MiB s", "catch-up s",
-             "recovery MB/s", "exp. at TCP s", "ratio", "exp. at marslib s", "ratio"]]
+             "recovery MB/s", "exp. at TCP s", "ratio", "exp. at marslib s", "ratio",
+             "hedged"]]
     for r in results_all:
         cr = r.get("collapse")
         if cr:
@@ -856,12 +860,14 @@ def report(results: list[dict[str, Any]], py_spy: Path | None, timeline: bool) -
                          f"{cr['catch_up_s']:.2f}", f"{cr['recovery_rate'] / MB:.1f}",
                          f"{cr['expected_s']:.2f}", _ratio(cr["catch_up_s"], cr["expected_s"]),
                          f"{cr['expected_marslib_s']:.2f}",
-                         _ratio(cr["catch_up_s"], cr["expected_marslib_s"])])
+                         _ratio(cr["catch_up_s"], cr["expected_marslib_s"]),
+                         str(cr.get("hedges", "-"))])
     b.say(b.table(rows))
     b.say("(exp.: (backlog - threshold) / (rate - writes), at the TCP baseline and at marslib's "
           "own backlog rate on that link; ratio = catch-up / exp., 1.0 = as fast as that rate "
           "allows; recovery MB/s: log fetched per second while catching up; first MiB: "
-          "until the fetch had moved 1 MiB after the restore)")
+          "until the fetch had moved 1 MiB after the restore; hedged: requests lab2 asked "
+          "for again on another connection while catching up)")
     for r in results_all:
         if r.get("collapse"):
             report_catch_up(r["link_name"], r["baseline"], r["collapse"], timeline)
