@@ -97,6 +97,75 @@ c.close()
 """
 
 
+# plain TCP under the same collapse: the sender "writes" at a steady rate into a backlog of
+# its own (like the primary's log) and sends it over N connections as fast as TCP lets it;
+# the receiver records (time, bytes received) every 10 ms
+STREAM_RECEIVER = r"""
+import json, socket, sys, threading, time
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ip, port))
+s.listen(n)
+print("ready", flush=True)
+conns = [s.accept()[0] for _ in range(n)]
+total, ended, lock = [0], [0], threading.Lock()
+def rx(c):
+    buf = bytearray(1 << 20)
+    while True:
+        k = c.recv_into(buf)
+        if not k:
+            break
+        with lock:
+            total[0] += k
+    with lock:
+        ended[0] += 1
+for c in conns:
+    threading.Thread(target=rx, args=(c,), daemon=True).start()
+samples = []
+while ended[0] < n:
+    samples.append((time.time(), total[0]))
+    time.sleep(0.01)
+samples.append((time.time(), total[0]))
+print(json.dumps(samples), flush=True)
+"""
+
+STREAM_SENDER = r"""
+import os, socket, sys, threading, time
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rate, seconds, congestion = float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+CHUNK = 256 << 10
+data = os.urandom(CHUNK)
+conns = []
+for _ in range(n):
+    c = socket.socket()
+    if congestion:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+    c.connect((ip, port))
+    conns.append(c)
+t0 = time.time()
+print(t0, flush=True)
+end = t0 + seconds
+sent, lock = [0], threading.Lock()
+def tx(c):
+    while time.time() < end:
+        with lock:
+            go = rate * (time.time() - t0) - sent[0] >= CHUNK
+            if go:
+                sent[0] += CHUNK
+        if go:
+            c.sendall(data)
+        else:
+            time.sleep(0.002)
+    c.close()
+threads = [threading.Thread(target=tx, args=(c,)) for c in conns]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
 # ------------------------------------------------------------------ lab plumbing
 def rate_bytes(rate: str) -> float:
     """'100mbit' -> bytes per second (10^6 bits per mbit, like tc)."""
@@ -684,6 +753,62 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
             "hedges": hedges}
 
 
+def measure_tcp_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
+                         collapse_s: float, link_rate: float, connections: int,
+                         recovery_s: float = 10.0, port: int = BASELINE_PORT
+                         ) -> dict[str, Any]:
+    """Plain TCP lab1 -> lab2 on ``connections`` connections under the same collapse as
+    :func:`measure_collapse`: a sender producing ``write_rate`` B/s into a backlog of its
+    own, the link 100x slower for ``collapse_s``; when the receiver caught up, judged
+    like marslib's catch-up (the lag back to 1.5x its steady 95th percentile, at least
+    1 MiB). What TCP itself allows after such a collapse. lab2's marsd must be stopped
+    (``port`` on its address)."""
+    slow = f"{rate_bytes(rate) * 8 / 100 / 1e6:g}mbit"
+    recv = rl.popen("lab2", SYSTEM_PYTHON, "-c", STREAM_RECEIVER, rl.l2.ip, str(port),
+                    str(connections), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
+    try:
+        assert recv.stdout is not None
+        if recv.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"TCP receiver failed: {recv.stderr.read() if recv.stderr else ''}")
+        total_s = 1.0 + steady_s + collapse_s + recovery_s
+        send = rl.popen("lab1", SYSTEM_PYTHON, "-c", STREAM_SENDER, rl.l2.ip, str(port),
+                        str(connections), str(write_rate), str(total_s), rl.congestion,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert send.stdout is not None
+        t0 = float(send.stdout.readline())
+        time.sleep(max(0.0, t0 + 1.0 + steady_s - time.time()))
+        t_slow = time.time()
+        rl.lab.shape("lab2", rate=slow)
+        time.sleep(collapse_s)
+        rl.lab.shape("lab2", rate=rate)
+        t_restore = time.time()
+        send.communicate(timeout=total_s + 60)
+        out, err = recv.communicate(timeout=60)
+        samples: list[tuple[float, int]] = [(float(t), int(n)) for t, n in json.loads(out)]
+    finally:
+        b.stop_process(recv, timeout=5)
+
+    def lag(t: float, n: int) -> float:
+        return write_rate * (min(t, t0 + total_s) - t0) - n
+
+    steady = sorted(lag(t, n) for t, n in samples if t0 + 1.0 <= t < t_slow)
+    threshold = max(1 << 20, int(1.5 * steady[int(0.95 * (len(steady) - 1))]))
+    at_restore = next((i for i, (t, _) in enumerate(samples) if t >= t_restore),
+                      len(samples) - 1)
+    t_r, n_r = samples[at_restore]
+    backlog = lag(t_r, n_r)
+    first_mib = next((t - t_restore for t, n in samples[at_restore:] if n - n_r >= 1 << 20),
+                     float("inf"))
+    caught = next((t - t_restore for t, n in samples[at_restore:] if lag(t, n) <= threshold),
+                  float("inf"))
+    spare = link_rate - write_rate
+    expected = (backlog - threshold) / spare if spare > 0 else float("inf")
+    return {"connections": connections, "slow": slow, "backlog_mb": backlog / MB,
+            "threshold_mb": threshold / MB, "first_mib_s": first_mib, "catch_up_s": caught,
+            "expected_s": expected, "collapse_s": t_restore - t_slow}
+
+
 def dirty_pages_mb() -> dict[str, float]:
     """The machine's dirty and under-writeback page cache (/proc/meminfo), in MB."""
     out: dict[str, float] = {}
@@ -722,6 +847,9 @@ def main() -> int:
     ap.add_argument("--tcp-congestion", default="", metavar="NAME",
                     help="both marsd's --tcp-congestion, and the TCP baseline's (default: "
                          "the host's congestion control)")
+    ap.add_argument("--tcp-collapse", action=argparse.BooleanOptionalAction, default=True,
+                    help="also put plain TCP through the same collapse: how fast TCP "
+                         "itself catches up (default: yes; about 17 s per rate)")
     ap.add_argument("--keep-logs", type=Path, metavar="DIR",
                     help="copy both marsd logs into DIR after each measurement (the lab's "
                          "directory is removed at the end)")
@@ -810,6 +938,16 @@ def main() -> int:
                             rl.lab.marsd_log(host))
                 rl.lab.marsd_stop("lab2")
             payload.unlink()
+            if args.tcp_collapse and link != float("inf"):
+                wr = (0.4 if link < 50e6 else 0.3) * link
+                tc = measure_tcp_collapse(rl, rate, wr, 1.5 if args.quick else 2.5, 3.0, base,
+                                          conns[0])
+                results[-1]["tcp_collapse"] = tc
+                b.say(f"[{rate}] plain TCP, {tc['connections']} connections, the same "
+                      f"collapse to {tc['slow']}: backlog {tc['backlog_mb']:.1f} MB, first MiB "
+                      f"{tc['first_mib_s']:.2f} s, caught up {tc['catch_up_s']:.2f} s after the "
+                      f"link came back (backlog / spare rate {tc['expected_s']:.2f} s), ratio "
+                      f"{_ratio(tc['catch_up_s'], tc['expected_s'])}")
         rl.lab.clear_shape("lab2")
 
     report(results, args.py_spy, args.timeline)

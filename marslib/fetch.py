@@ -60,6 +60,10 @@ STORE_AHEAD_MIN = 16 << 20
 STORE_AHEAD_MAX = 64 << 20
 WINDOW_SECONDS = 0.25  # in flight: about this long a transfer at the recent reply rate
 MAX_WAIT = 10.0
+# the oldest request's connection silent so long while it carries data: ask again elsewhere
+# (its retransmission timer may have backed off to a second while the link was down)
+HEDGE_SILENCE = 0.5
+HEDGE_CHECK = 0.1  # how often the oldest request's connection is looked at meanwhile
 STALL_TIMEOUT = MAX_WAIT + 30  # no byte from the primary for so long while waiting: redial
 NOT_YET = -2  # a logfile newer than its logger's end as last reported: wait for the report
 
@@ -238,10 +242,14 @@ class FetchPace:
 
 @dataclass
 class InFlight:
-    """A request of the fetch in flight: its task, how many bytes it asked for, when."""
+    """A request of the fetch in flight: its task, how many bytes it asked for, its frame
+    (whose ``rid`` the bundle sets when it sends it), whether it asked for bytes known to
+    be there (not a long poll at the end), when it was issued."""
 
     task: asyncio.Task[Frame]
     length: int
+    frame: Frame
+    bulk: bool
     issued: float = field(default_factory=time.monotonic)
 
 
@@ -353,7 +361,8 @@ class Fetcher:
     def __init__(self, resource: str, host: str, paths: MarsPaths, bundle: PeerBundle,
                  start_logfile: str, parallel: int = 2, window_bytes: int = WINDOW_BYTES,
                  request_bytes: int = REQUEST_BYTES,
-                 stall_timeout: float = STALL_TIMEOUT) -> None:
+                 stall_timeout: float = STALL_TIMEOUT,
+                 hedge_silence: float = HEDGE_SILENCE) -> None:
         self.resource = resource
         self.host = host
         self.paths = paths
@@ -363,6 +372,7 @@ class Fetcher:
         self.request_bytes = max(1, min(request_bytes, MAX_CHUNK))
         self.pace = FetchPace(max(window_bytes, self.request_bytes))
         self.stall_timeout = stall_timeout  # no byte from the primary so long: redial
+        self.hedge_silence = hedge_silence  # see _stalled
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
         self.received_end = self.local_end  # received of it (written to it or about to be)
@@ -439,12 +449,25 @@ class Fetcher:
                 self.log.error("fetch: cannot store %s: %s", self.logfile, exc.strerror)
                 await asyncio.sleep(2.0)
 
-    async def _request(self, offset: int, max_len: int, wait: float) -> Frame:
+    def _ask(self, offset: int, max_len: int, wait: float) -> InFlight:
+        """Send a request for ``[offset, offset + max_len)`` (a long poll of up to ``wait``
+        seconds at the end) on the least busy connection."""
+        frame = Frame(FrameType.FETCH_REQ, {
+            "resource": self.resource, "logfile": self.logfile, "offset": offset,
+            "max_len": max_len, "wait": wait})
         # a generous timeout: a reply queued behind others on a slow link may take long;
         # a silent primary is noticed by _take
-        return await self.bundle.request(Frame(FrameType.FETCH_REQ, {
-            "resource": self.resource, "logfile": self.logfile, "offset": offset,
-            "max_len": max_len, "wait": wait}), timeout=10 * STALL_TIMEOUT)
+        task = asyncio.create_task(self.bundle.request(frame, timeout=10 * STALL_TIMEOUT))
+        return InFlight(task, max_len, frame, bulk=wait == 0)
+
+    def _stalled(self, flight: InFlight) -> bool:
+        """Whether the connection of ``flight`` has received nothing for ``hedge_silence``
+        while it is known to carry data: in the middle of a reply, or the request asked
+        for bytes the primary had already reported durable."""
+        rid = flight.frame.header.get("rid")
+        quiet = self.bundle.silence(int(rid)) if rid is not None else None
+        return quiet is not None and quiet[0] >= self.hedge_silence and (quiet[1] or
+                                                                          flight.bulk)
 
     async def _take(self, first: int, pending: dict[int, InFlight]) -> Frame:
         """The reply for the oldest request in flight, at ``first`` (taken out of
@@ -452,27 +475,32 @@ class Fetcher:
         without any (since it was issued at the earliest): ConnectionError, the connections
         dropped.
 
-        While it is missing and replies for at least half the window after it are already
-        here, its connection is the slow one (its congestion window still small after an
-        outage, or its rate estimate from a collapsed link): the same bytes are asked for
-        once more, on the least busy connection, and whichever reply comes first is taken."""
+        Its connection is the slow one when the replies for at least half the window after
+        it are already here (its congestion window still small after an outage, or its
+        rate estimate from a collapsed link), or when it has received nothing for
+        HEDGE_SILENCE while known to carry data (waiting for a retransmission timer that
+        backed off while the link was down). Then the same bytes are asked for once more,
+        on the least busy connection, and whichever reply comes first is taken."""
         oldest = pending.pop(first)
         waiting = {oldest.task}
-        hedged = False
+        hedged = self.bundle.size < 2  # nowhere else to ask
         try:
             while True:
                 later = {f.task for off, f in pending.items() if not f.task.done()}
-                done, _ = await asyncio.wait(waiting | later, timeout=min(1.0, self.stall_timeout),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    waiting | later, timeout=min(1.0 if hedged else HEDGE_CHECK,
+                                                 self.stall_timeout),
+                    return_when=asyncio.FIRST_COMPLETED)
                 for task in done & waiting:
                     waiting.discard(task)
                     if not task.cancelled() and task.exception() is None:
                         return task.result()
                     if not waiting:
                         return task.result()  # raises its error
-                if not hedged and _taken_ahead(pending) >= max(self.pace.window // 2,
-                                                               2 * self.request_bytes):
-                    waiting.add(asyncio.create_task(self._request(first, oldest.length, 0.0)))
+                if not hedged and (_taken_ahead(pending) >= max(self.pace.window // 2,
+                                                                2 * self.request_bytes)
+                                   or self._stalled(oldest)):
+                    waiting.add(self._ask(first, oldest.length, 0.0).task)
                     hedged = True
                     self.hedges += 1
                 heard = max(self.bundle.last_received or 0.0, oldest.issued)
@@ -515,15 +543,13 @@ class Fetcher:
                 while next_off - received < pace.window and next_off < self.remote_end \
                         and copy.waiting < pace.store_ahead:
                     n = min(self.request_bytes, self.remote_end - next_off)
-                    pending[next_off] = InFlight(
-                        asyncio.create_task(self._request(next_off, n, 0.0)), n)
+                    pending[next_off] = self._ask(next_off, n, 0.0)
                     next_off += n
                 if not pending:
                     if next_off < self.remote_end:  # behind, and the disk behind too
                         await copy.wait_room(pace.store_ahead - 1)
                         continue
-                    pending[next_off] = InFlight(asyncio.create_task(
-                        self._request(next_off, self.request_bytes, 5.0)), self.request_bytes)
+                    pending[next_off] = self._ask(next_off, self.request_bytes, 5.0)
                 first = min(pending)
                 reply = await self._take(first, pending)
                 self.last_contact = time.monotonic()

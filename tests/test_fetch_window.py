@@ -336,7 +336,8 @@ def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path)
         held = HeldReplies(FetchService(primary, lambda _: log))
         server, ip, port = await _server(held.handle)
         bundle = _bundle(ip, port)
-        fetcher = Fetcher("r0", "beta", secondary, bundle, end.logfile)
+        # (no hedging for silence here: the test holds replies as long as it likes)
+        fetcher = Fetcher("r0", "beta", secondary, bundle, end.logfile, hedge_silence=GUARD)
         task = asyncio.create_task(fetcher.run())
         try:
             # first a long poll from 0: it learns the primary's end
@@ -427,6 +428,60 @@ def test_the_fetcher_starts_the_writeback_of_what_it_stored_as_it_goes(
     assert all(n >= WRITEOUT_BYTES for _, n in started), started
     covered = started[-1][0] + started[-1][1]
     assert size - WRITEOUT_BYTES < covered <= size, (covered, size)
+
+
+def test_a_request_whose_connection_stays_silent_is_asked_for_again(
+        tmp_path: Path) -> None:
+    """One request in flight at a time (nothing can arrive ahead of it): when its
+    connection has brought nothing for ``hedge_silence`` although the bytes are known to
+    be there, the same bytes are asked for again, and that reply is taken."""
+    size = 3 * REQUEST_BYTES
+    primary, secondary, content, end = two_hosts(tmp_path, size, 17)
+
+    async def main() -> None:
+        log = StillLog(end)
+        held = HeldReplies(FetchService(primary, lambda _: log))
+        for off in range(0, size + 1, REQUEST_BYTES):
+            held.release_again(off)  # a repeated request is answered at once
+        server, ip, port = await _server(held.handle)
+        bundle = _bundle(ip, port)
+        fetcher = Fetcher("r0", "beta", secondary, bundle, end.logfile,
+                          window_bytes=REQUEST_BYTES, hedge_silence=0.2)
+        task = asyncio.create_task(fetcher.run())
+        try:
+            await held.wait_for(lambda: held.waiting == 1)
+            held.release(0)  # the long poll: the fetcher learns the end
+            while fetcher.local_end < size:
+                await fetcher.progress.wait()
+            assert secondary.logfile("r0", 1, HOST).read_bytes() == content
+            # the two requests after the long poll: each asked twice, the first ask of
+            # each still held by the server
+            assert fetcher.hedges == 2
+            firsts = [off for off, _ in held.asked]
+            assert firsts[:5] == [0, REQUEST_BYTES, REQUEST_BYTES, 2 * REQUEST_BYTES,
+                                  2 * REQUEST_BYTES], firsts
+            assert all(off == size for off in firsts[5:]), firsts  # then long polls
+            assert held.waiting >= 2
+        finally:
+            for off, _ in held.asked:
+                held.release(off)
+            task.cancel()
+            bundle.close()
+            server.close()
+    run(main())
+
+
+def test_the_reader_says_when_a_payload_is_coming_in() -> None:
+    frame = Frame(FrameType.FETCH_DATA, {"rid": 4}, b"z" * 100_000)
+    data = encode_frame(frame)
+    reader = FrameReader(head_size=256)
+    assert not reader.in_frame
+    reader.feed(data[:300])
+    assert reader.in_frame  # header here, payload not
+    got = reader.feed(data[300:])
+    assert not reader.in_frame and len(got) == 1
+    assert PeerBundle("p", lambda: None, host="beta", uuid=UUID, secret=SECRET,
+                      channel="fetch").silence(1) is None  # no such request waiting
 
 
 class HeldStores:

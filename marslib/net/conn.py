@@ -77,6 +77,11 @@ class FrameReader:
         self._got = 0
         self._frame = Frame(0)  # the frame that the big payload belongs to
 
+    @property
+    def in_frame(self) -> bool:
+        """Whether a frame's big payload is coming in: its header is here, the rest not."""
+        return self._body is not None
+
     def get_buffer(self) -> memoryview:
         if self._body is not None:
             return memoryview(self._body)[self._got:]
@@ -561,6 +566,7 @@ class PeerBundle:
         self._conns: list[Connection] = []
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
         self._owner: dict[int, Connection] = {}
+        self._sent: dict[int, float] = {}  # rid -> when it was sent (time.monotonic())
         self._busy: dict[Connection, int] = {}
         self._rids = itertools.count(1)
         self._dial_lock = asyncio.Lock()
@@ -657,6 +663,17 @@ class PeerBundle:
                 if fut is not None and not fut.done():
                     fut.set_exception(ConnectionError(self.last_error or "connection lost"))
 
+    def silence(self, rid: int) -> tuple[float, bool] | None:
+        """For request ``rid`` still waiting for its reply: how long its connection has
+        received nothing (since the request was sent at the earliest), and whether that
+        connection is in the middle of a reply's payload (the peer is sending: its bytes
+        stopped coming). None if ``rid`` is not waiting here."""
+        conn = self._owner.get(rid)
+        if conn is None:
+            return None
+        since = max(conn.protocol.last_received or 0.0, self._sent.get(rid, 0.0))
+        return time.monotonic() - since, conn.protocol.reader.in_frame
+
     async def request(self, frame: Frame, timeout: float = 60.0) -> Frame:
         """Send ``frame`` and return its reply. ``timeout`` bounds silence, not size: the
         request fails once ``timeout`` seconds pass in which the connection delivers no
@@ -668,6 +685,7 @@ class PeerBundle:
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         self._owner[rid] = conn
+        self._sent[rid] = time.monotonic()
         self._busy[conn] = self._busy.get(conn, 0) + 1
         try:
             await conn.send(frame)
@@ -678,6 +696,7 @@ class PeerBundle:
         finally:
             self._waiting.pop(rid, None)
             self._owner.pop(rid, None)
+            self._sent.pop(rid, None)
             if conn in self._busy:
                 self._busy[conn] -= 1
         if reply.type == FrameType.ERROR:
