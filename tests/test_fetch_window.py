@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -466,6 +467,44 @@ def test_a_request_whose_connection_stays_silent_is_asked_for_again(
             for off, _ in held.asked:
                 held.release(off)
             task.cancel()
+            bundle.close()
+            server.close()
+    run(main())
+
+
+def test_a_request_given_up_keeps_its_connection_busy_until_its_reply_came() -> None:
+    """The peer still sends the reply of a request the caller gave up on (the other reply
+    of a hedged fetch came first): new requests go to the other connection meanwhile."""
+    gate = asyncio.Event()
+    asked: list[int] = []
+
+    async def handler(frame: Frame, peer: PeerInfo) -> Reply:
+        asked.append(int(frame.get("n")))
+        if frame.get("n") == 1:
+            await gate.wait()
+        return Frame(FrameType.STATUS, {"n": frame.get("n")})
+
+    async def main() -> None:
+        server, ip, port = await _server(handler)
+        bundle = _bundle(ip, port, size=2)
+        try:
+            assert (await bundle.request(Frame(FrameType.STATUS_REQ, {"n": 0}))).get("n") == 0
+            slow = asyncio.create_task(bundle.request(Frame(FrameType.STATUS_REQ, {"n": 1})))
+            while asked[-1:] != [1]:
+                await asyncio.sleep(0.01)
+            slow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await slow
+            assert bundle.in_flight == 1  # its reply is still to come
+            # the others go to the idle connection, not behind the reply still coming
+            for n in range(2, 6):
+                reply = await bundle.request(Frame(FrameType.STATUS_REQ, {"n": n}), timeout=GUARD)
+                assert reply.get("n") == n
+            assert bundle.connections == 2
+            gate.set()
+            while bundle.in_flight:  # the late reply arrives and frees its connection
+                await asyncio.sleep(0.01)
+        finally:
             bundle.close()
             server.close()
     run(main())

@@ -367,11 +367,13 @@ class Connection:
         self._send_lock = asyncio.Lock()
         self.bytes_out = 0
 
-    async def send(self, frame: Reply) -> None:
+    async def send(self, frame: Reply, written: Callable[[], None] | None = None) -> None:
         """Send ``frame`` whole: frames never interleave, and go out in the order of the
         calls. A :class:`FileReply` is read ahead while the replies before it are sent;
         one whose range cannot be sent whole breaks the framing: the connection is
-        closed and ConnectionError raised (the peer's requests on it fail at once)."""
+        closed and ConnectionError raised (the peer's requests on it fail at once).
+        ``written`` (a plain frame's) is called once the frame is handed to the transport
+        whole, before waiting for room: from then on the peer will get all of it."""
         if isinstance(frame, FileReply):
             # read ahead now, send in turn (the lock serves in the order of asking)
             ahead = asyncio.ensure_future(asyncio.to_thread(
@@ -401,6 +403,8 @@ class Connection:
                 self.protocol.write(head)
                 self.protocol.write(payload)
                 self.bytes_out += len(head) + len(payload)
+            if written is not None:
+                written()
             await self.protocol.drain()
 
     async def _send_file(self, reply: FileReply, f: BinaryIO) -> None:
@@ -567,6 +571,10 @@ class PeerBundle:
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
         self._owner: dict[int, Connection] = {}
         self._sent: dict[int, float] = {}  # rid -> when it was sent (time.monotonic())
+        # requests given up on before their reply came (a hedged fetch took the other
+        # reply): the peer still sends those replies, so their connections stay busy
+        # with them until they arrive
+        self._orphans: dict[int, Connection] = {}
         self._busy: dict[Connection, int] = {}
         self._rids = itertools.count(1)
         self._dial_lock = asyncio.Lock()
@@ -580,6 +588,11 @@ class PeerBundle:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose replies have not arrived yet, given up on or not."""
+        return sum(self._busy.values())
 
     @property
     def last_received(self) -> float | None:
@@ -641,9 +654,12 @@ class PeerBundle:
         try:
             while True:
                 frame = await conn.recv()
-                fut = self._waiting.pop(int(frame.get("rid") or 0), None)
+                rid = int(frame.get("rid") or 0)
+                fut = self._waiting.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(frame)
+                elif self._orphans.pop(rid, None) is conn and conn in self._busy:
+                    self._busy[conn] -= 1
         except (ConnectionError, OSError, FrameError) as exc:
             self.last_error = f"{self.channel} connection to {self.peer} lost: {exc}"
         finally:
@@ -654,6 +670,8 @@ class PeerBundle:
         if conn in self._conns:
             self._conns.remove(conn)
         self._busy.pop(conn, None)
+        for rid in [r for r, c in self._orphans.items() if c is conn]:
+            del self._orphans[rid]
         if not self._conns:
             self.connected_since = None
         for rid, owner in list(self._owner.items()):
@@ -687,8 +705,9 @@ class PeerBundle:
         self._owner[rid] = conn
         self._sent[rid] = time.monotonic()
         self._busy[conn] = self._busy.get(conn, 0) + 1
+        sent: list[bool] = []
         try:
-            await conn.send(frame)
+            await conn.send(frame, written=lambda: sent.append(True))
             reply = await _reply_while_bytes_arrive(conn, fut, timeout)
         except (OSError, TimeoutError) as exc:
             self._drop(conn)
@@ -697,7 +716,9 @@ class PeerBundle:
             self._waiting.pop(rid, None)
             self._owner.pop(rid, None)
             self._sent.pop(rid, None)
-            if conn in self._busy:
+            if sent and not fut.done() and conn in self._busy:
+                self._orphans[rid] = conn  # its reply is still on its way: busy until then
+            elif conn in self._busy:
                 self._busy[conn] -= 1
         if reply.type == FrameType.ERROR:
             raise RemoteError(str(reply.get("error")))
