@@ -305,7 +305,7 @@ def test_every_metric_marsd_exports_is_on_the_dashboard(
     queried = {ref.name for q in dashboard_queries(dashboard)
                for ref in parse_promql(q.expr).metrics}
     assert set(series) - queried == set(), "metrics marsd exports that no panel shows"
-    assert len(series) == 19
+    assert len(series) == 20
 
 
 def test_the_check_reports_unknown_metrics_counters_without_total_and_wrong_labels(
