@@ -26,6 +26,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import loopback_ips
@@ -304,6 +305,15 @@ class HeldReplies:
     def release(self, offset: int) -> None:
         self.gates.setdefault(offset, asyncio.Event()).set()
 
+    def end(self, task: asyncio.Task[None], bundle: PeerBundle, server: asyncio.Server
+            ) -> None:
+        """A test's end: every request answered, the fetcher stopped, all closed."""
+        for off, _ in self.asked:
+            self.release(off)
+        task.cancel()
+        bundle.close()
+        server.close()
+
     def release_again(self, offset: int) -> None:
         """Answer the request for ``offset`` asked again (not the first)."""
         self.again.setdefault(offset, asyncio.Event()).set()
@@ -381,11 +391,7 @@ def test_fetcher_keeps_its_window_in_flight_and_appends_in_order(tmp_path: Path)
             assert secondary.logfile("r0", 1, HOST).read_bytes() == content
             assert fetcher.bytes_fetched == size
         finally:
-            for off, _ in held.asked:
-                held.release(off)
-            task.cancel()
-            bundle.close()
-            server.close()
+            held.end(task, bundle, server)
     run(main())
 
 
@@ -464,11 +470,7 @@ def test_a_request_whose_connection_stays_silent_is_asked_for_again(
             assert all(off == size for off in firsts[5:]), firsts  # then long polls
             assert held.waiting >= 2
         finally:
-            for off, _ in held.asked:
-                held.release(off)
-            task.cancel()
-            bundle.close()
-            server.close()
+            held.end(task, bundle, server)
     run(main())
 
 
@@ -686,7 +688,13 @@ def test_connections_back_off_at_most_a_second_between_retransmissions() -> None
         pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux 6.15 and later)")
     finally:
         probe.close()
-    seen: list[int] = []
+    assert _dialled_option(TCP_RTO_MAX_MS) == RTO_MAX_MS
+
+
+def _dialled_option(option: int, buflen: int = 0) -> Any:
+    """TCP option ``option`` of a connection dialled to a server (both ends are a
+    FrameProtocol, which tunes its socket when connected)."""
+    seen: list[Any] = []
 
     async def handler(frame: Frame, peer: PeerInfo) -> Reply:
         return Frame(FrameType.PONG, {})
@@ -697,17 +705,17 @@ def test_connections_back_off_at_most_a_second_between_retransmissions() -> None
             conn = await connect(ip, port, host="beta", uuid=UUID, secret=SECRET,
                                  channel="fetch")
             try:
-                # both ends are a FrameProtocol, which tunes its socket when connected
                 assert conn.protocol.transport is not None
                 ours = conn.protocol.transport.get_extra_info("socket")
-                seen.append(ours.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS))
+                seen.append(ours.getsockopt(socket.IPPROTO_TCP, option, buflen) if buflen
+                            else ours.getsockopt(socket.IPPROTO_TCP, option))
             finally:
                 conn.close()
         finally:
             server.close()
 
     run(main())
-    assert seen == [RTO_MAX_MS]
+    return seen[0]
 
 
 def test_connections_use_the_congestion_control_marsd_was_told(
@@ -723,28 +731,8 @@ def test_connections_use_the_congestion_control_marsd_was_told(
         check_congestion_control("no-such-congestion-control")
     check_congestion_control(others[0])
     monkeypatch.setenv(CONGESTION_ENV, others[0])
-    seen: list[str] = []
-
-    async def handler(frame: Frame, peer: PeerInfo) -> Reply:
-        return Frame(FrameType.PONG, {})
-
-    async def main() -> None:
-        server, ip, port = await _server(handler)
-        try:
-            conn = await connect(ip, port, host="beta", uuid=UUID, secret=SECRET,
-                                 channel="fetch")
-            try:
-                assert conn.protocol.transport is not None
-                ours = conn.protocol.transport.get_extra_info("socket")
-                name = ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
-                seen.append(name.rstrip(b"\0").decode())
-            finally:
-                conn.close()
-        finally:
-            server.close()
-
-    run(main())
-    assert seen == [others[0]]
+    name = _dialled_option(socket.TCP_CONGESTION, 16)
+    assert name.rstrip(b"\0").decode() == others[0]
 
 
 def test_marsd_refuses_a_congestion_control_the_kernel_does_not_offer(
