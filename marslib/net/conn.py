@@ -231,10 +231,11 @@ TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
 RTO_MAX_MS = 1000
 
 # The TCP congestion control of marslib's own connections (``marsd --tcp-congestion``,
-# which sets it for its workers too): empty keeps the host's default. BBR (version 1, as
-# in Linux) keeps the rate it measured while a link was collapsed for many round trips
-# after the link came back, and its PROBE_RTT drops a busy connection to 4 packets for
-# 200 ms every 10 s; cubic grows back within a few round trips (docs/replication.md).
+# which sets it for its workers too): empty keeps the host's default. After a collapsed
+# link came back, BBR (version 1, as in Linux) kept the rate it had measured meanwhile
+# and its PROBE_RTT dropped a busy connection to 4 packets for 200 ms; cubic came out
+# with the window the losses had cut to 2-3 packets. Which catches up sooner depends on
+# the link (docs/replication.md).
 CONGESTION_ENV = "MARS_TCP_CONGESTION"
 
 
