@@ -38,7 +38,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -624,6 +624,24 @@ def set_rate(rl: ReplLab, rate: str) -> None:
         rl.lab.shape("lab2", rate=rate)
 
 
+def collapsed(rate: str) -> str:
+    """The link rate during a collapse: 100x slower than ``rate``."""
+    return f"{rate_bytes(rate) * 8 / 100 / 1e6:g}mbit"
+
+
+def caught_up_threshold(lags: Sequence[float]) -> int:
+    """The lag a catch-up must get back to: 1.5x the steady lags' 95th percentile, at
+    least 1 MiB (``lags`` sorted)."""
+    return max(1 << 20, int(1.5 * lags[int(0.95 * (len(lags) - 1))]))
+
+
+def ideal_catch_up(backlog: float, threshold: float, rate: float, write_rate: float) -> float:
+    """Seconds to get a ``backlog`` down to ``threshold`` with what ``rate`` leaves
+    beside the writes (inf if nothing)."""
+    spare = rate - write_rate
+    return (backlog - threshold) / spare if spare > 0 else float("inf")
+
+
 def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
                      collapse_s: float, link_rate: float, fetch_rate: float,
                      pause_replay: bool = False, spy: Path | None = None,
@@ -641,7 +659,7 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
                 **dirty_pages_mb()}
     if pause_replay:
         rl.lab.marsadm("lab2", "pause-replay", RES)
-    slow = f"{rate_bytes(rate) * 8 / 100 / 1e6:g}mbit"
+    slow = collapsed(rate)
     fio = rl.popen("lab1", "fio", "--name=steady", "--ioengine=nbd", f"--uri={rl.uri}",
                    "--rw=write", "--bs=256k", "--iodepth=2", f"--rate={int(write_rate)}",
                    "--size=1G", "--time_based", "--runtime=300", "--thread",
@@ -661,7 +679,7 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
             raise RuntimeError(f"fio ended early: {fio.stderr.read() if fio.stderr else ''}")
         measured_write = (steady[-1].end - steady[0].end) / (steady[-1].t - steady[0].t)
         lags = sorted(s.end - s.fetched for s in steady)
-        threshold = max(1 << 20, int(1.5 * lags[int(0.95 * (len(lags) - 1))]))
+        threshold = caught_up_threshold(lags)
         rl.lab.shape("lab2", rate=slow)
         t_slow = time.monotonic()
         while time.monotonic() - t_slow < collapse_s:
@@ -723,8 +741,7 @@ def measure_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: float,
     rl.wait_up_to_date(timeout=300)
 
     def expect(rate: float) -> float:
-        spare = rate - measured_write
-        return (backlog - threshold) / spare if spare > 0 else float("inf")
+        return ideal_catch_up(backlog, threshold, rate, measured_write)
 
     t_caught = t_restore + catch_up
     phases = {"steady": probe.window(steady[0].t, t_slow),
@@ -763,7 +780,7 @@ def measure_tcp_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: fl
     like marslib's catch-up (the lag back to 1.5x its steady 95th percentile, at least
     1 MiB). What TCP itself allows after such a collapse. lab2's marsd must be stopped
     (``port`` on its address)."""
-    slow = f"{rate_bytes(rate) * 8 / 100 / 1e6:g}mbit"
+    slow = collapsed(rate)
     recv = rl.popen("lab2", SYSTEM_PYTHON, "-c", STREAM_RECEIVER, rl.l2.ip, str(port),
                     str(connections), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     text=True)
@@ -793,7 +810,7 @@ def measure_tcp_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: fl
         return write_rate * (min(t, t0 + total_s) - t0) - n
 
     steady = sorted(lag(t, n) for t, n in samples if t0 + 1.0 <= t < t_slow)
-    threshold = max(1 << 20, int(1.5 * steady[int(0.95 * (len(steady) - 1))]))
+    threshold = caught_up_threshold(steady)
     at_restore = next((i for i, (t, _) in enumerate(samples) if t >= t_restore),
                       len(samples) - 1)
     t_r, n_r = samples[at_restore]
@@ -802,8 +819,7 @@ def measure_tcp_collapse(rl: ReplLab, rate: str, write_rate: float, steady_s: fl
                      float("inf"))
     caught = next((t - t_restore for t, n in samples[at_restore:] if lag(t, n) <= threshold),
                   float("inf"))
-    spare = link_rate - write_rate
-    expected = (backlog - threshold) / spare if spare > 0 else float("inf")
+    expected = ideal_catch_up(backlog, threshold, link_rate, write_rate)
     return {"connections": connections, "slow": slow, "backlog_mb": backlog / MB,
             "threshold_mb": threshold / MB, "first_mib_s": first_mib, "catch_up_s": caught,
             "expected_s": expected, "collapse_s": t_restore - t_slow}

@@ -80,7 +80,6 @@ class Marsd:
         self.metrics = metrics
         self.space_level = 0
         self.space_free = 0
-        self._space_level_unwritten = False  # the tree refused the last level (full disk)
         self.failures: dict[str, tuple[float, str]] = {}
         self._lock = asyncio.Lock()
         self._poke = asyncio.Event()
@@ -182,26 +181,24 @@ class Marsd:
 
     async def check_space(self) -> None:
         """Apply the emergency levels (docs/replication.md) to this host's resources, then
-        publish the level. A full disk may refuse that key: the resources have the level
-        already, and the key is written again at the next round."""
+        publish the level where the tree does not hold it yet. A full disk may refuse that
+        key: the resources have the level already, and the next round tries again."""
         try:
             free = free_bytes(self.paths.root)
         except OSError:
             return
         level = self.space.level(free)
         self.space_free = free
-        changed = level != self.space_level
-        if changed:
+        if level != self.space_level:
             log.warning("%s free in %s: space level %s (was %s)", format_size(free),
                         self.paths.root, LEVEL_NAMES[level], LEVEL_NAMES[self.space_level])
             self.space_level = level
         await self._apply_space_level(level, free)
-        if changed or self._space_level_unwritten:
+        key = schema.space_level(self.host)
+        if self.meta.get(key, "0") != str(level):  # no key: level 0, as before any
             try:
-                self.meta.set(schema.space_level(self.host), str(level))
-                self._space_level_unwritten = False
+                self.meta.set(key, str(level))
             except OSError as exc:
-                self._space_level_unwritten = True
                 log.warning("space level %s not written to the tree: %s",
                             LEVEL_NAMES[level], exc.strerror or exc)
 

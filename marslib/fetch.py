@@ -375,7 +375,7 @@ class Fetcher:
         self.hedge_silence = hedge_silence  # see _stalled
         self._background: set[asyncio.Task[None]] = set()
         self.local_end = self._local_size(start_logfile)  # complete bytes of self.logfile
-        self.received_end = self.local_end  # received of it (written to it or about to be)
+        self._copy: CopyAppender | None = None  # the writer of self.logfile's copy
         self.remote_end = -1  # the primary's durable end of self.logfile, as last seen
         self.remote_finished = False
         self.bytes_fetched = 0
@@ -397,6 +397,11 @@ class Fetcher:
             return self._path(name).stat().st_size
         except FileNotFoundError:
             return 0
+
+    @property
+    def received_end(self) -> int:
+        """Bytes of self.logfile received: written to the copy, or handed to its writer."""
+        return self._copy.end if self._copy is not None else self.local_end
 
     def complete_end(self, name: str) -> int | None:
         """How much of local logfile ``name`` is complete, or None if it is not fetched
@@ -465,7 +470,7 @@ class Fetcher:
         while it is known to carry data: in the middle of a reply, or the request asked
         for bytes the primary had already reported durable."""
         rid = flight.frame.header.get("rid")
-        quiet = self.bundle.silence(int(rid)) if rid is not None else None
+        quiet = self.bundle.silence(int(rid), flight.issued) if rid is not None else None
         return quiet is not None and quiet[0] >= self.hedge_silence and (quiet[1] or
                                                                           flight.bulk)
 
@@ -516,11 +521,11 @@ class Fetcher:
         """Fetch the current logfile: up to ``pace.window`` bytes requested beyond what was
         received while behind, one long poll when caught up; replies are handed to the
         copy's appender strictly in order. The requests in flight always ask for
-        ``[received, next_off)``."""
+        ``[received_end, next_off)``."""
         self._restart = False
         name = self.logfile
         pending: dict[int, InFlight] = {}
-        received = next_off = self.received_end = self.local_end
+        next_off = self.local_end
         pace = self.pace
         fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
@@ -532,7 +537,7 @@ class Fetcher:
             self._signal()
             return True
 
-        copy = CopyAppender(fd, received, stored)
+        copy = self._copy = CopyAppender(fd, self.local_end, stored)
         try:
             while not self._restart and name == self.logfile and not self.paused:
                 if copy.error is not None:
@@ -540,7 +545,7 @@ class Fetcher:
                 if copy.stopped:
                     return
                 # only bytes known to be durable on the primary are asked for in bulk
-                while next_off - received < pace.window and next_off < self.remote_end \
+                while next_off - copy.end < pace.window and next_off < self.remote_end \
                         and copy.waiting < pace.store_ahead:
                     n = min(self.request_bytes, self.remote_end - next_off)
                     pending[next_off] = self._ask(next_off, n, 0.0)
@@ -567,7 +572,7 @@ class Fetcher:
                 self.diverged = None  # the (possibly new) primary's copy goes on from here
                 if reply.get("missing"):
                     nxt = reply.get("next")
-                    if nxt and self.local_end == 0 and received == 0:
+                    if nxt and copy.end == 0:
                         self.log.info("%s is gone on the primary; continuing with %s", name,
                                       nxt)
                         await self._switch(str(nxt))
@@ -575,17 +580,16 @@ class Fetcher:
                     await asyncio.sleep(1.0)
                     return
                 data = reply.payload
-                if int(reply.get("offset", -1)) != received:
+                if int(reply.get("offset", -1)) != copy.end:
                     return  # out of step (cannot happen with in-order appends): start over
                 if data:
                     copy.put(first, data)
-                    received = self.received_end = received + len(data)
                 self.remote_end = max(self.remote_end, int(reply.get("end", self.remote_end)))
                 self.remote_finished = bool(reply.get("finished"))
                 self._signal()
-                if next_off < received:
-                    next_off = received
-                if self.remote_finished and received >= self.remote_end and not pending:
+                if next_off < copy.end:
+                    next_off = copy.end
+                if self.remote_finished and copy.end >= self.remote_end and not pending:
                     await copy.drain()
                     if copy.error is not None:
                         raise copy.error
@@ -605,6 +609,7 @@ class Fetcher:
             for flight in pending.values():
                 flight.task.cancel()
             copy.close()
+            self._copy = None
 
     async def _switch(self, name: str) -> None:
         # the copy's name survives a crash of this host before anything is fetched into

@@ -522,7 +522,7 @@ def test_the_reader_says_when_a_payload_is_coming_in() -> None:
     got = reader.feed(data[300:])
     assert not reader.in_frame and len(got) == 1
     assert PeerBundle("p", lambda: None, host="beta", uuid=UUID, secret=SECRET,
-                      channel="fetch").silence(1) is None  # no such request waiting
+                      channel="fetch").silence(1, 0.0) is None  # no such request waiting
 
 
 class HeldStores:

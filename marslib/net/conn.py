@@ -571,7 +571,6 @@ class PeerBundle:
         self._conns: list[Connection] = []
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
         self._owner: dict[int, Connection] = {}
-        self._sent: dict[int, float] = {}  # rid -> when it was sent (time.monotonic())
         # requests given up on before their reply came (a hedged fetch took the other
         # reply): the peer still sends those replies, so their connections stay busy
         # with them until they arrive
@@ -682,16 +681,17 @@ class PeerBundle:
                 if fut is not None and not fut.done():
                     fut.set_exception(ConnectionError(self.last_error or "connection lost"))
 
-    def silence(self, rid: int) -> tuple[float, bool] | None:
+    def silence(self, rid: int, since: float) -> tuple[float, bool] | None:
         """For request ``rid`` still waiting for its reply: how long its connection has
-        received nothing (since the request was sent at the earliest), and whether that
-        connection is in the middle of a reply's payload (the peer is sending: its bytes
-        stopped coming). None if ``rid`` is not waiting here."""
+        received nothing (``since`` at the earliest, a ``time.monotonic()``: when the
+        request was made), and whether that connection is in the middle of a reply's
+        payload (the peer is sending: its bytes stopped coming). None if ``rid`` is not
+        waiting here."""
         conn = self._owner.get(rid)
         if conn is None:
             return None
-        since = max(conn.protocol.last_received or 0.0, self._sent.get(rid, 0.0))
-        return time.monotonic() - since, conn.protocol.reader.in_frame
+        heard = max(conn.protocol.last_received or 0.0, since)
+        return time.monotonic() - heard, conn.protocol.reader.in_frame
 
     async def request(self, frame: Frame, timeout: float = 60.0) -> Frame:
         """Send ``frame`` and return its reply. ``timeout`` bounds silence, not size: the
@@ -704,7 +704,6 @@ class PeerBundle:
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         self._owner[rid] = conn
-        self._sent[rid] = time.monotonic()
         self._busy[conn] = self._busy.get(conn, 0) + 1
         sent: list[bool] = []
         try:
@@ -716,7 +715,6 @@ class PeerBundle:
         finally:
             self._waiting.pop(rid, None)
             self._owner.pop(rid, None)
-            self._sent.pop(rid, None)
             if sent and not fut.done() and conn in self._busy:
                 self._orphans[rid] = conn  # its reply is still on its way: busy until then
             elif conn in self._busy:
